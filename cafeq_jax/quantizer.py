@@ -1,0 +1,256 @@
+"""Uniform weight quantizer: specs, quantized arrays, round-to-nearest, STE.
+
+Conventions (SPEC §1). A linear layer computes ``y = x @ W`` with ``W`` of shape
+``(d_in, d_out)`` (Flax kernel layout). Quantization replaces ``W`` by
+``Ŵ = s * (q - z)`` with integer codes ``q`` and one scale ``s`` (and, when
+asymmetric, one zero point ``z``) per *group*: ``g`` consecutive rows of one
+column. Per-output-channel quantization is the special case ``g = d_in``.
+
+Every function accepts leading batch dimensions ``(..., d_in, d_out)`` so that
+stacks of same-shape matrices (layers, heads) are processed in one call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
+DEFAULT_CLIP_GRID = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))  # 1.0 .. 0.5
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+  """Static description of a uniform quantizer.
+
+  Attributes:
+    bits: code width, one of 2, 3, 4, 8.
+    group_size: rows of ``W`` sharing one scale, one of 32, 64, 128, 256; ``None``
+      means one scale per output channel (the whole column).
+    symmetric: codes in ``[-2^(b-1), 2^(b-1) - 1]`` with no zero point when True;
+      codes in ``[0, 2^b - 1]`` with a zero point when False.
+    clip_search: pick, per group, the clipping ratio from ``clip_grid`` that
+      minimises the group's squared rounding error (MSE-optimal clipping).
+    clip_grid: candidate ratios of the max-abs (symmetric) or of the min and max
+      (asymmetric) range.
+  """
+
+  bits: int = 4
+  group_size: int | None = 128
+  symmetric: bool = False
+  clip_search: bool = False
+  clip_grid: tuple[float, ...] = DEFAULT_CLIP_GRID
+
+  def __post_init__(self):
+    if self.bits not in SUPPORTED_BITS:
+      raise ValueError(
+          f'bits={self.bits!r} is not supported; expected one of {SUPPORTED_BITS}.')
+    if self.group_size is not None and self.group_size not in SUPPORTED_GROUP_SIZES:
+      raise ValueError(
+          f'group_size={self.group_size!r} is not supported; expected None '
+          f'(per output channel) or one of {SUPPORTED_GROUP_SIZES}.')
+    if not self.clip_grid or any(not 0.0 < r <= 1.0 for r in self.clip_grid):
+      raise ValueError(
+          f'clip_grid={self.clip_grid!r} must be non-empty with ratios in (0, 1].')
+    object.__setattr__(self, 'clip_grid', tuple(float(r) for r in self.clip_grid))
+
+  @property
+  def qmin(self) -> int:
+    return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+  @property
+  def qmax(self) -> int:
+    return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+  def groups(self, d_in: int) -> int:
+    """Number of groups along ``d_in`` (1 for per-channel)."""
+    return 1 if self.group_size is None else d_in // self.group_size
+
+  def effective_group_size(self, d_in: int) -> int:
+    return d_in if self.group_size is None else self.group_size
+
+  @property
+  def name(self) -> str:
+    gran = 'pc' if self.group_size is None else f'g{self.group_size}'
+    return f'w{self.bits}{gran}{"sym" if self.symmetric else "asym"}'
+
+
+@flax.struct.dataclass
+class QArray:
+  """A quantized matrix (or stack of matrices).
+
+  Invariant: ``dequantize(q) == scale[..., r // g, c] * (codes[..., r, c] -
+  zero[..., r // g, c])`` (``zero = 0`` when symmetric), with ``g`` the group
+  size (``d_in`` per channel) and ``qmin <= codes <= qmax``.
+
+  Attributes:
+    codes: ``(..., d_in, d_out)`` int8 (int16 for 8-bit asymmetric codes).
+    scale: ``(..., d_in // g, d_out)`` float32, positive.
+    zero: ``(..., d_in // g, d_out)`` float32 holding integers, or ``None`` when
+      symmetric.
+    spec: the static ``QuantSpec``.
+  """
+
+  codes: jax.Array
+  scale: jax.Array
+  zero: jax.Array | None
+  spec: QuantSpec = flax.struct.field(pytree_node=False)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.codes.shape
+
+
+def _code_dtype(spec: QuantSpec):
+  return jnp.int16 if spec.qmax > 127 else jnp.int8
+
+
+def validate_weight(w, spec: QuantSpec, *, check_finite: bool = True) -> None:
+  """Raises a ValueError naming the problem if ``w`` cannot be quantized by ``spec``.
+
+  Checks rank (>= 2), floating dtype, divisibility of ``d_in`` by the group size
+  and, when ``check_finite`` and ``w`` is concrete, NaN/Inf entries.
+  """
+  shape = tuple(w.shape)
+  if len(shape) < 2:
+    raise ValueError(
+        f'weight must have rank >= 2 with shape (..., d_in, d_out); got shape {shape}.')
+  if not jnp.issubdtype(w.dtype, jnp.floating):
+    raise ValueError(f'weight must be floating point; got dtype {w.dtype}.')
+  d_in = shape[-2]
+  if spec.group_size is not None and d_in % spec.group_size:
+    raise ValueError(
+        f'd_in={d_in} (weight shape {shape}) is not divisible by group_size='
+        f'{spec.group_size}; use a group size dividing d_in or group_size=None.')
+  if check_finite and not isinstance(w, jax.core.Tracer):
+    finite = np.isfinite(np.asarray(w, dtype=np.float32))
+    if not finite.all():
+      bad = np.argwhere(~finite)[0].tolist()
+      raise ValueError(
+          f'weight of shape {shape} has {int((~finite).sum())} NaN/Inf entries '
+          f'(first at index {bad}); refusing to quantize.')
+
+
+def _grouped(w: jax.Array, spec: QuantSpec) -> jax.Array:
+  """(..., d_in, d_out) -> (..., n_groups, g, d_out)."""
+  *lead, d_in, d_out = w.shape
+  g = spec.effective_group_size(d_in)
+  return w.reshape(*lead, d_in // g, g, d_out)
+
+
+def _scale_zero_from_range(lo, hi, spec: QuantSpec):
+  """Scale/zero for a group whose (clipped) range is [lo, hi]."""
+  tiny = jnp.finfo(jnp.float32).tiny
+  if spec.symmetric:
+    amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    scale = jnp.maximum(amax / spec.qmax, tiny)
+    return scale, None
+  lo = jnp.minimum(lo, 0.0)
+  hi = jnp.maximum(hi, 0.0)
+  scale = jnp.maximum((hi - lo) / (spec.qmax - spec.qmin), tiny)
+  zero = jnp.clip(jnp.round(-lo / scale), spec.qmin, spec.qmax)
+  return scale, zero
+
+
+def _round_grouped(wg, scale, zero, spec: QuantSpec):
+  """Codes for grouped weights ``wg`` (..., G, g, N) with scales (..., G, N)."""
+  z = 0.0 if zero is None else zero[..., None, :]
+  q = jnp.round(wg / scale[..., None, :]) + z
+  return jnp.clip(q, spec.qmin, spec.qmax)
+
+
+def _dequant_grouped(q, scale, zero):
+  z = 0.0 if zero is None else zero[..., None, :]
+  return (q - z) * scale[..., None, :]
+
+
+def compute_scale_zero(w: jax.Array, spec: QuantSpec):
+  """Per-group scale and zero point of ``w`` under ``spec``.
+
+  Args:
+    w: ``(..., d_in, d_out)`` float.
+    spec: the quantizer.
+
+  Returns:
+    ``(scale, zero)``, each ``(..., d_in // g, d_out)`` float32; ``zero`` is
+    ``None`` when symmetric. With ``spec.clip_search`` the range of each group is
+    shrunk by the ratio from ``spec.clip_grid`` minimising its squared error.
+  """
+  wg = _grouped(jnp.asarray(w, jnp.float32), spec)
+  lo, hi = wg.min(axis=-2), wg.max(axis=-2)
+  if not spec.clip_search:
+    return _scale_zero_from_range(lo, hi, spec)
+
+  def error(ratio):
+    s, z = _scale_zero_from_range(lo * ratio, hi * ratio, spec)
+    err = jnp.sum((_dequant_grouped(_round_grouped(wg, s, z, spec), s, z) - wg) ** 2, axis=-2)
+    return err, s, z
+
+  grid = jnp.asarray(spec.clip_grid, jnp.float32)
+  best_err, best_s, best_z = error(grid[0])
+
+  def body(carry, ratio):
+    best_err, best_s, best_z = carry
+    err, s, z = error(ratio)
+    better = err < best_err
+    best_s = jnp.where(better, s, best_s)
+    best_z = None if z is None else jnp.where(better, z, best_z)
+    return (jnp.minimum(err, best_err), best_s, best_z), None
+
+  (_, best_s, best_z), _ = jax.lax.scan(body, (best_err, best_s, best_z), grid[1:])
+  return best_s, best_z
+
+
+def round_with_scale(w: jax.Array, scale: jax.Array, zero: jax.Array | None,
+                     spec: QuantSpec) -> QArray:
+  """Round-to-nearest codes of ``w`` for given per-group ``scale``/``zero``."""
+  wg = _grouped(jnp.asarray(w, jnp.float32), spec)
+  q = _round_grouped(wg, scale, zero, spec).reshape(w.shape)
+  return QArray(codes=q.astype(_code_dtype(spec)), scale=scale, zero=zero, spec=spec)
+
+
+def quantize(w: jax.Array, spec: QuantSpec) -> QArray:
+  """Round-to-nearest quantization of ``w`` (..., d_in, d_out) under ``spec``."""
+  validate_weight(w, spec)
+  scale, zero = compute_scale_zero(w, spec)
+  return round_with_scale(w, scale, zero, spec)
+
+
+def dequantize(q: QArray, dtype=jnp.float32) -> jax.Array:
+  """Inverse of ``quantize`` up to rounding: ``(..., d_in, d_out)`` of ``dtype``."""
+  codes = q.codes.astype(jnp.float32)
+  qg = _grouped(codes, q.spec)
+  return _dequant_grouped(qg, q.scale, q.zero).reshape(codes.shape).astype(dtype)
+
+
+def quant_dequant(w: jax.Array, spec: QuantSpec) -> jax.Array:
+  """``dequantize(quantize(w))`` in ``w``'s dtype, without input validation.
+
+  Traceable (used inside jitted losses); validate concrete inputs up front with
+  ``validate_weight``.
+  """
+  validate_weight(w, spec, check_finite=False)
+  scale, zero = compute_scale_zero(w, spec)
+  wg = _grouped(jnp.asarray(w, jnp.float32), spec)
+  w_hat = _dequant_grouped(_round_grouped(wg, scale, zero, spec), scale, zero)
+  return w_hat.reshape(w.shape).astype(w.dtype)
+
+
+def fake_quant(w: jax.Array, spec: QuantSpec) -> jax.Array:
+  """Straight-through fake quantization: forward ``Q(w)``, gradient identity.
+
+  ``w + stop_gradient(Q(w) - w)``: the value equals ``quant_dequant(w, spec)``
+  and ``jax.grad`` sees the identity, exactly.
+  """
+  return w + jax.lax.stop_gradient(quant_dequant(w, spec) - w)
+
+
+def bits_per_weight(spec: QuantSpec, d_in: int, scale_bits: int = 16) -> float:
+  """Storage bits per weight: codes plus amortised scales (and zeros)."""
+  per_group = scale_bits * (1 if spec.symmetric else 2)
+  return spec.bits + per_group / spec.effective_group_size(d_in)
+
