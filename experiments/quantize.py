@@ -1,0 +1,35 @@
+r"""Quantize a model with several methods and print the quality table.
+
+    python -m experiments.quantize                       # SmolLM2-135M, w3 g128
+    python -m experiments.quantize --config=experiments/configs/quality_table.py
+    python -m experiments.quantize --config.methods=rtn,cafeq --config.columns=w4g128
+
+Results land in ``--config.output_dir`` (results.json, table.md, plots, models).
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from experiments import quantize_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', 'experiments/configs/quantize.py', 'Job configuration.', lock_config=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
+  logging.info('JAX process %d / %d, local devices: %s', jax.process_index(),
+               jax.process_count(), jax.local_devices())
+  results = quantize_lib.run(_CONFIG.value)
+  print(quantize_lib.format_table(results, quantize_lib._split(_CONFIG.value.methods),
+                                  list(results['columns'])))
+  print(f'\nwrote {_CONFIG.value.output_dir}/results.json '
+        f'(total {results["total_seconds"]:.0f}s)')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,305 @@
+"""The main job: quantize a model with several methods and compare them.
+
+For every column (a quantizer: bits, granularity, symmetry) each method (a row)
+quantizes the same fp params; all rows are then evaluated on the same tokens
+against the fp model (perplexity, KL divergence, top-1 agreement). Results go to
+``output_dir``: ``results.json`` (written atomically after every column, so an
+interrupted run resumes at the first unfinished column), ``table.md``, per-method
+proxy-loss reports, plots, and the chosen quantized models (Orbax, packed codes)
+or Hugging Face exports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import re
+import time
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cafeq_jax import atomic
+from cafeq_jax import packing
+from cafeq_jax import quantizer
+from cafeq_jax import eval as eval_lib
+from cafeq_jax.methods import QuantConfig, quantize
+from cafeq_jax.models import PRESETS, ModelConfig, QuantizedLinear, init_params
+from cafeq_jax.models import generate as generate_lib
+
+# Rows of the quality table: name -> QuantConfig fields (+ 'calib' for GPTQ).
+VARIANTS: dict[str, dict[str, Any]] = {
+    'rtn': dict(method='rtn'),
+    'hadamard': dict(method='hadamard', block_size=64),
+    'cafeq-single': dict(method='cafeq', use_single_transforms=True, use_pairs=False),
+    'cafeq-pairs': dict(method='cafeq', use_single_transforms=False, use_pairs=True),
+    'cafeq-pairs-ar': dict(method='cafeq', use_single_transforms=False, use_pairs=True,
+                           adaptive_rounding=True),
+    'cafeq': dict(method='cafeq', use_single_transforms=True, use_pairs=True,
+                  adaptive_rounding=True, rounding='gptq'),
+    'gptq': dict(method='gptq', calib='in-domain'),
+    'gptq-offdomain': dict(method='gptq', calib='code'),
+}
+
+# Standard-library modules whose source is the off-domain calibration text (code,
+# where the evaluation text is English prose).
+_CODE_MODULES = ('argparse', 'textwrap', 'functools', 'collections', 'json.decoder',
+                 'json.encoder', 'string', 'dataclasses', 'inspect', 'typing')
+
+_COLUMN = re.compile(r'^w(\d)(pc|g\d+)(sym|asym)?$')
+
+
+def parse_column(name: str, clip_search: bool = False) -> quantizer.QuantSpec:
+  """'w3g128' / 'w4pcsym' / 'w3g64asym' -> ``QuantSpec`` (asymmetric by default)."""
+  m = _COLUMN.match(name.strip())
+  if not m:
+    raise ValueError(f'column {name!r} is not of the form w<bits><pc|g<size>>[sym|asym], '
+                     f"e.g. 'w3g128' or 'w4pcsym'.")
+  bits, gran, sym = m.groups()
+  group = None if gran == 'pc' else int(gran[1:])
+  return quantizer.QuantSpec(bits=int(bits), group_size=group, symmetric=sym == 'sym',
+                             clip_search=clip_search)
+
+
+def column_name(spec: quantizer.QuantSpec) -> str:
+  return spec.name
+
+
+def _split(s: str) -> list[str]:
+  return [x.strip() for x in s.split(',') if x.strip()]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+  """Params, config and text codec of the model under study."""
+  name: str
+  params: Any
+  config: ModelConfig
+  encode: Callable[[str], list[int]]
+  decode: Callable[[list[int]], str]
+  eos_id: int | None = None
+
+
+def load_model(name: str, seed: int = 0) -> LoadedModel:
+  """The embedded SmolLM2, a .gguf file, a Hugging Face dir, or a random preset."""
+  if name == 'smollm2_135m' or name.endswith('.gguf'):
+    from cafeq_jax.loading import gguf, tokenizer  # pylint: disable=g-import-not-at-top
+    path = None if name == 'smollm2_135m' else name
+    params, cfg = gguf.load_gguf(path)
+    tok = tokenizer.load_gguf_tokenizer(path)
+    return LoadedModel(name, params, cfg, lambda t: tok.encode(t, add_bos=False),
+                       tok.decode, tok.eos_id)
+  if os.path.isdir(name):
+    from cafeq_jax.loading import hf  # pylint: disable=g-import-not-at-top
+    params, cfg = hf.load_hf(name)
+    try:
+      import tokenizers  # pylint: disable=g-import-not-at-top
+      tok = tokenizers.Tokenizer.from_file(os.path.join(name, 'tokenizer.json'))
+      return LoadedModel(name, params, cfg, lambda t: tok.encode(t).ids, tok.decode)
+    except Exception:  # pylint: disable=broad-except
+      logging.warning('%s has no usable tokenizer.json; using byte tokens.', name)
+      return _byte_codec(name, params, cfg)
+  if name in PRESETS:
+    cfg = PRESETS[name]
+    return _byte_codec(name, init_params(cfg, jax.random.PRNGKey(seed)), cfg)
+  raise ValueError(f'model {name!r} is neither smollm2_135m, a .gguf file, a Hugging '
+                   f'Face model dir, nor a preset ({sorted(PRESETS)}).')
+
+
+def _byte_codec(name, params, cfg) -> LoadedModel:
+  """Bytes as token ids (mod vocab): enough text handling for random test models."""
+  v = cfg.vocab_size
+  return LoadedModel(name, params, cfg, lambda t: [b % v for b in t.encode()],
+                     lambda ids: bytes(int(i) % 256 for i in ids).decode(errors='replace'))
+
+
+def code_text() -> str:
+  """Off-domain calibration text: Python standard-library source code."""
+  return '\n\n'.join(inspect.getsource(importlib.import_module(m)) for m in _CODE_MODULES)
+
+
+def calibration_tokens(kind: str, model: LoadedModel, config) -> np.ndarray:
+  """GPTQ calibration windows: 'in-domain' (eval text, disjoint windows), 'code', a file."""
+  n, t = config.calib_num_seqs, config.calib_seq_len
+  if kind == 'in-domain':
+    text = eval_lib.load_text(config.eval_text or None)
+    ids = np.asarray(model.encode(text))
+    # The evaluation windows start each of eval_num_seqs equal chunks; calibration
+    # windows are taken from the rest of those chunks, so they never overlap.
+    stride = ids.size // config.eval_num_seqs
+    rest = np.concatenate([ids[i * stride + config.eval_seq_len:(i + 1) * stride]
+                           for i in range(config.eval_num_seqs)])
+    return eval_lib.make_windows(rest, n, t)
+  text = code_text() if kind == 'code' else eval_lib.load_text(kind)
+  return eval_lib.make_windows(model.encode(text), n, t)
+
+
+def quant_config_for(variant: str, spec: quantizer.QuantSpec, config) -> tuple[QuantConfig, str | None]:
+  """The ``QuantConfig`` of a table row (and its calibration kind, for GPTQ)."""
+  if variant not in VARIANTS:
+    raise ValueError(f'method {variant!r} is unknown; expected some of {sorted(VARIANTS)}.')
+  fields = dict(VARIANTS[variant])
+  calib = fields.pop('calib', None)
+  if fields['method'] == 'cafeq':
+    fields.update(config.cafeq.to_dict())
+  return QuantConfig(spec=spec, seed=config.seed, progress=config.progress, **fields), calib
+
+
+def pack_params(qparams):
+  """Replaces every ``QuantizedLinear``'s ``QArray`` by its bit-packed form."""
+  def pack_leaf(x):
+    if isinstance(x, QuantizedLinear) and isinstance(x.weight, quantizer.QArray):
+      return x.replace(weight=packing.pack(x.weight, scale_dtype=jnp.bfloat16))
+    return x
+  return jax.tree.map(pack_leaf, qparams, is_leaf=lambda x: isinstance(x, QuantizedLinear))
+
+
+def storage(qparams) -> dict[str, float]:
+  """Bytes on disk of the quantized linears (packed codes + bf16 scales) vs bf16."""
+  packed = bf16 = n = 0
+  for leaf in jax.tree.leaves(qparams, is_leaf=lambda x: isinstance(x, QuantizedLinear)):
+    if isinstance(leaf, QuantizedLinear):
+      p = leaf.weight if isinstance(leaf.weight, packing.PackedArray) else packing.pack(
+          leaf.weight, scale_dtype=jnp.bfloat16)
+      packed += packing.nbytes(p)
+      if leaf.transform_inv is not None:
+        packed += 2 * leaf.transform_inv.size     # stored in bf16
+      bf16 += packing.bf16_nbytes(p.shape)
+      n += int(np.prod(p.shape))
+  return {'linear_bytes': packed, 'linear_bf16_bytes': bf16,
+          'bits_per_weight': 8 * packed / max(n, 1)}
+
+
+def _config_hash(config, model: LoadedModel) -> str:
+  keep = {k: v for k, v in config.to_dict().items()
+          if k not in ('output_dir', 'save_models', 'export_hf', 'progress', 'columns')}
+  return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Runs the job described by ``config`` (see experiments/configs/quantize.py)."""
+  methods, columns = _split(config.methods), _split(config.columns)
+  if not methods or not columns:
+    raise ValueError(f'config.methods={config.methods!r} and config.columns='
+                     f'{config.columns!r} must each name at least one entry.')
+  specs = [parse_column(c, config.clip_search) for c in columns]
+  for m in methods:
+    quant_config_for(m, specs[0], config)   # fail fast on bad names/overrides
+  os.makedirs(config.output_dir, exist_ok=True)
+
+  t0 = time.perf_counter()
+  model = load_model(config.model, config.seed)
+  logging.info('loaded %s in %.1fs', config.model, time.perf_counter() - t0)
+  text = eval_lib.load_text(config.eval_text or None)
+  tokens = eval_lib.make_windows(model.encode(text), config.eval_num_seqs, config.eval_seq_len)
+  apply_fn = eval_lib.model_apply_fn(model.config)
+
+  results_path = os.path.join(config.output_dir, 'results.json')
+  config_hash = _config_hash(config, model)
+  results = {'config_hash': config_hash, 'model': config.model, 'columns': {}}
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      previous = json.load(f)
+    if previous.get('config_hash') == config_hash:
+      results = previous
+      logging.info('resuming: columns already done: %s', sorted(results['columns']))
+
+  calib_cache: dict[str, np.ndarray] = {}
+  save, export = set(_split(config.save_models)), set(_split(config.export_hf))
+  for spec in specs:
+    col = column_name(spec)
+    if col in results['columns'] and set(methods) <= set(results['columns'][col]['methods']):
+      logging.info('column %s already done; skipping', col)
+      continue
+    candidates, rows = {}, {}
+    for m in methods:
+      qcfg, calib = quant_config_for(m, spec, config)
+      kwargs = {}
+      if calib is not None:
+        if calib not in calib_cache:
+          calib_cache[calib] = calibration_tokens(calib, model, config)
+        kwargs['calib_tokens'] = calib_cache[calib]
+      logging.info('[%s] quantizing with %s', col, m)
+      qparams, report = quantize(model.params, model.config, qcfg,
+                                 jax.random.PRNGKey(config.seed), **kwargs)
+      qparams = jax.block_until_ready(qparams)
+      candidates[m] = qparams
+      rows[m] = {'quantize_seconds': report.timings.get('total', float('nan')),
+                 'proxy_rtn': report.total('rtn'), 'proxy_final': report.total('final'),
+                 **storage(qparams)}
+      atomic.write_json(os.path.join(config.output_dir, 'reports', f'{col}_{m}.json'),
+                        report.to_dict())
+      logging.info('%s', report.summary())
+    metrics = eval_lib.evaluate(apply_fn, model.params, tokens, candidates,
+                                batch_size=config.eval_batch_size, progress=config.progress)
+    col_result = {'spec': dataclasses.asdict(spec), 'methods': {}}
+    for name, r in metrics.items():
+      col_result['methods'][name] = {**r, **rows.get(name, {})}
+    if config.prompt:
+      for name, r in col_result['methods'].items():
+        r['sample'] = sample_text(model, candidates.get(name, model.params), config)
+    for m in methods:
+      if m in save:
+        _save_model(config, model, col, m, candidates[m], qcfg_dict=quant_config_for(
+            m, spec, config)[0].to_dict())
+      if m in export:
+        from cafeq_jax.loading import hf  # pylint: disable=g-import-not-at-top
+        hf.save_hf(candidates[m], model.config,
+                   os.path.join(config.output_dir, 'hf', f'{col}_{m}'))
+    results['columns'][col] = col_result
+    atomic.write_json(results_path, results)
+    del candidates
+  results['total_seconds'] = time.perf_counter() - t0
+  atomic.write_json(results_path, results)
+  table = format_table(results, methods, [column_name(s) for s in specs])
+  atomic.write_text(os.path.join(config.output_dir, 'table.md'), table + '\n')
+  try:
+    from experiments import plots  # pylint: disable=g-import-not-at-top
+    plots.write_all(results, config.output_dir)
+  except ImportError:
+    pass
+  return results
+
+
+def _save_model(config, model, col, method, qparams, qcfg_dict):
+  from cafeq_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  path = os.path.join(config.output_dir, 'models', f'{col}_{method}')
+  checkpointing.save_quantized(path, pack_params(qparams), model_config=model.config,
+                               metadata={'quant_config': qcfg_dict}, overwrite=True)
+  logging.info('saved %s', path)
+
+
+def sample_text(model: LoadedModel, params, config) -> str:
+  """Greedy continuation of ``config.prompt``."""
+  prompt = jnp.asarray([model.encode(config.prompt)], jnp.int32)
+  out = generate_lib.generate(params, model.config, prompt,
+                              max_new_tokens=config.max_new_tokens, eos_id=model.eos_id)
+  return model.decode([int(t) for t in np.asarray(out)[0]])
+
+
+def format_table(results: dict[str, Any], methods: list[str], columns: list[str]) -> str:
+  """Markdown table: one row per method, ppl / KLD per column, and wall time."""
+  cols = [c for c in columns if c in results['columns']]
+  head = '| method | ' + ' | '.join(f'{c} ppl | {c} KLD' for c in cols) + ' | quantize s |'
+  sep = '|---|' + '---:|---:|' * len(cols) + '---:|'
+  lines = [head, sep]
+  for m in ['fp', *methods]:
+    cells, secs = [], []
+    for c in cols:
+      r = results['columns'][c]['methods'].get(m)
+      if r is None:
+        cells += ['', '']
+        continue
+      cells += [f'{r["ppl"]:.2f}', f'{r["kld"]:.4f}']
+      if 'quantize_seconds' in r:
+        secs.append(f'{r["quantize_seconds"]:.0f}')
+    lines.append(f'| {m} | ' + ' | '.join(cells) + f' | {" / ".join(secs)} |')
+  return '\n'.join(lines)
