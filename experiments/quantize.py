@@ -24,11 +24,11 @@ def main(argv):
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
   logging.info('JAX process %d / %d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
-  results = quantize_lib.run(_CONFIG.value)
-  print(quantize_lib.format_table(results, quantize_lib._split(_CONFIG.value.methods),
-                                  list(results['columns'])))
-  print(f'\nwrote {_CONFIG.value.output_dir}/results.json '
-        f'(total {results["total_seconds"]:.0f}s)')
+  config = _CONFIG.value
+  results = quantize_lib.run(config)
+  columns = [quantize_lib.parse_column(c).name for c in quantize_lib.split_names(config.columns)]
+  print(quantize_lib.format_table(results, quantize_lib.split_names(config.methods), columns))
+  print(f'\nwrote {config.output_dir}/results.json (this run: {results["total_seconds"]:.0f}s)')
 
 
 if __name__ == '__main__':

@@ -33,7 +33,7 @@ from cafeq_jax import quantizer
 from cafeq_jax import eval as eval_lib
 from cafeq_jax.methods import QuantConfig, quantize
 from cafeq_jax.models import PRESETS, ModelConfig, QuantizedLinear, init_params
-from cafeq_jax.models import generate as generate_lib
+from cafeq_jax.models.generate import generate
 
 # Rows of the quality table: name -> QuantConfig fields (+ 'calib' for GPTQ).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -73,7 +73,7 @@ def column_name(spec: quantizer.QuantSpec) -> str:
   return spec.name
 
 
-def _split(s: str) -> list[str]:
+def split_names(s: str) -> list[str]:
   return [x.strip() for x in s.split(',') if x.strip()]
 
 
@@ -178,15 +178,23 @@ def storage(qparams) -> dict[str, float]:
           'bits_per_weight': 8 * packed / max(n, 1)}
 
 
-def _config_hash(config, model: LoadedModel) -> str:
-  keep = {k: v for k, v in config.to_dict().items()
-          if k not in ('output_dir', 'save_models', 'export_hf', 'progress', 'columns')}
+def _row_hash(config, qcfg: QuantConfig, calib: str | None) -> str:
+  """Identity of one table cell's inputs: model, evaluation tokens, method config."""
+  keep = {k: config[k] for k in ('model', 'eval_text', 'eval_num_seqs', 'eval_seq_len')}
+  keep['quant_config'] = {k: v for k, v in qcfg.to_dict().items() if k != 'progress'}
+  if calib is not None:
+    keep['calib'] = [calib, config.calib_num_seqs, config.calib_seq_len]
   return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Runs the job described by ``config`` (see experiments/configs/quantize.py)."""
-  methods, columns = _split(config.methods), _split(config.columns)
+  """Runs the job described by ``config`` (see experiments/configs/quantize.py).
+
+  Cells (column, method) already in ``output_dir/results.json`` with the same
+  inputs (model, evaluation tokens, method config) are kept, not recomputed, so a
+  killed run resumes and a new method can be added to an existing table.
+  """
+  methods, columns = split_names(config.methods), split_names(config.columns)
   if not methods or not columns:
     raise ValueError(f'config.methods={config.methods!r} and config.columns='
                      f'{config.columns!r} must each name at least one entry.')
@@ -203,25 +211,28 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   apply_fn = eval_lib.model_apply_fn(model.config)
 
   results_path = os.path.join(config.output_dir, 'results.json')
-  config_hash = _config_hash(config, model)
-  results = {'config_hash': config_hash, 'model': config.model, 'columns': {}}
+  results = {'model': config.model, 'columns': {}}
   if os.path.exists(results_path):
     with open(results_path) as f:
-      previous = json.load(f)
-    if previous.get('config_hash') == config_hash:
-      results = previous
-      logging.info('resuming: columns already done: %s', sorted(results['columns']))
+      results = json.load(f)
 
   calib_cache: dict[str, np.ndarray] = {}
-  save, export = set(_split(config.save_models)), set(_split(config.export_hf))
+  save, export = set(split_names(config.save_models)), set(split_names(config.export_hf))
   for spec in specs:
     col = column_name(spec)
-    if col in results['columns'] and set(methods) <= set(results['columns'][col]['methods']):
-      logging.info('column %s already done; skipping', col)
-      continue
-    candidates, rows = {}, {}
+    done = results['columns'].setdefault(col, {'spec': dataclasses.asdict(spec), 'methods': {}})
+    todo = {}
     for m in methods:
       qcfg, calib = quant_config_for(m, spec, config)
+      h = _row_hash(config, qcfg, calib)
+      if done['methods'].get(m, {}).get('hash') == h:
+        logging.info('[%s] %s already done; keeping its result', col, m)
+      else:
+        todo[m] = (qcfg, calib, h)
+    if not todo:
+      continue
+    candidates, rows = {}, {}
+    for m, (qcfg, calib, h) in todo.items():
       kwargs = {}
       if calib is not None:
         if calib not in calib_cache:
@@ -232,7 +243,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                  jax.random.PRNGKey(config.seed), **kwargs)
       qparams = jax.block_until_ready(qparams)
       candidates[m] = qparams
-      rows[m] = {'quantize_seconds': report.timings.get('total', float('nan')),
+      rows[m] = {'hash': h, 'quantize_seconds': report.timings.get('total', float('nan')),
                  'proxy_rtn': report.total('rtn'), 'proxy_final': report.total('final'),
                  **storage(qparams)}
       atomic.write_json(os.path.join(config.output_dir, 'reports', f'{col}_{m}.json'),
@@ -240,21 +251,18 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       logging.info('%s', report.summary())
     metrics = eval_lib.evaluate(apply_fn, model.params, tokens, candidates,
                                 batch_size=config.eval_batch_size, progress=config.progress)
-    col_result = {'spec': dataclasses.asdict(spec), 'methods': {}}
     for name, r in metrics.items():
-      col_result['methods'][name] = {**r, **rows.get(name, {})}
-    if config.prompt:
-      for name, r in col_result['methods'].items():
-        r['sample'] = sample_text(model, candidates.get(name, model.params), config)
-    for m in methods:
+      done['methods'][name] = {**r, **rows.get(name, {})}
+      if config.prompt and (name in candidates or 'sample' not in done['methods'][name]):
+        done['methods'][name]['sample'] = sample_text(
+            model, candidates.get(name, model.params), config)
+    for m in candidates:
       if m in save:
-        _save_model(config, model, col, m, candidates[m], qcfg_dict=quant_config_for(
-            m, spec, config)[0].to_dict())
+        _save_model(config, model, col, m, candidates[m], todo[m][0].to_dict())
       if m in export:
         from cafeq_jax.loading import hf  # pylint: disable=g-import-not-at-top
         hf.save_hf(candidates[m], model.config,
                    os.path.join(config.output_dir, 'hf', f'{col}_{m}'))
-    results['columns'][col] = col_result
     atomic.write_json(results_path, results)
     del candidates
   results['total_seconds'] = time.perf_counter() - t0
@@ -263,9 +271,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   atomic.write_text(os.path.join(config.output_dir, 'table.md'), table + '\n')
   try:
     from experiments import plots  # pylint: disable=g-import-not-at-top
-    plots.write_all(results, config.output_dir)
   except ImportError:
-    pass
+    plots = None
+  if plots is not None:
+    plots.write_all(results, config.output_dir)
   return results
 
 
@@ -280,7 +289,7 @@ def _save_model(config, model, col, method, qparams, qcfg_dict):
 def sample_text(model: LoadedModel, params, config) -> str:
   """Greedy continuation of ``config.prompt``."""
   prompt = jnp.asarray([model.encode(config.prompt)], jnp.int32)
-  out = generate_lib.generate(params, model.config, prompt,
+  out = generate(params, model.config, prompt,
                               max_new_tokens=config.max_new_tokens, eos_id=model.eos_id)
   return model.decode([int(t) for t in np.asarray(out)[0]])
 

@@ -1,0 +1,304 @@
+"""Plots of a quantization job's outputs (``experiments.quantize``).
+
+``write_all(results, output_dir)`` reads ``results`` (the job's ``results.json``)
+and the per-method proxy-loss reports ``output_dir/reports/<column>_<method>.json``
+(``QuantReport.to_dict()``) and writes PNGs to ``output_dir/plots/``:
+
+  proxy_<column>.png   per matrix name (q, k, v, o, gate, up, down): the proxy
+                       loss ratio final / RTN per layer, one line per method
+                       (below 1 = better than round-to-nearest), and a last
+                       panel with the ratio summed over layers.
+  proxy_loss_<column>.png  the absolute proxy ``||W - Ŵ||²`` per layer (log
+                       scale), solid per method, RTN dashed.
+  ppl_vs_bits.png      perplexity and KL divergence against bits per weight of
+                       the quantized linears (packed codes + bf16 scales/zeros +
+                       online transforms; the top axis gives their megabytes on
+                       disk); fp is drawn at 16 bits.
+
+Figures are built with the object-oriented ``matplotlib.figure.Figure`` (Agg
+canvas): no pyplot state, safe in threads and notebooks.
+
+    python -m experiments.plots --output_dir=outputs/quantize   # redraw from disk
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import re
+from typing import Any, Iterable, Mapping
+
+import matplotlib
+from matplotlib.backends import backend_agg
+from matplotlib import figure as mpl_figure
+
+# Matrix names in model order; others (if any) follow alphabetically.
+_MATRIX_ORDER = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+_MARKERS = ('o', 's', '^', 'D', 'v', 'P', 'X', '*', '<', '>')
+_KEY = re.compile(r'^layer_(\d+)/(.+)$')
+
+
+def _new_figure(width: float, height: float) -> mpl_figure.Figure:
+  fig = mpl_figure.Figure(figsize=(width, height), dpi=110, layout='constrained')
+  backend_agg.FigureCanvasAgg(fig)
+  return fig
+
+
+def _save(fig: mpl_figure.Figure, path: str) -> str:
+  tmp = path + '.tmp.png'
+  fig.savefig(tmp, dpi=110)
+  os.replace(tmp, path)
+  return path
+
+
+def _colors(methods: Iterable[str]) -> dict[str, Any]:
+  cmap = matplotlib.colormaps['tab10']
+  return {m: cmap(i % 10) for i, m in enumerate(methods)}
+
+
+def _finite(x: Any) -> bool:
+  return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _matrix_names(names: Iterable[str]) -> list[str]:
+  names = set(names)
+  return ([n for n in _MATRIX_ORDER if n in names]
+          + sorted(n for n in names if n not in _MATRIX_ORDER))
+
+
+def load_reports(output_dir: str, results: Mapping[str, Any] | None = None
+                 ) -> dict[str, dict[str, dict[str, Any]]]:
+  """``{column: {method: report dict}}`` from ``output_dir/reports/*.json``.
+
+  With ``results``, only the (column, method) cells present in
+  ``results['columns']`` are kept (stale reports of other runs are ignored).
+  File names are ``<column>_<method>.json``; columns contain no underscore.
+  """
+  report_dir = os.path.join(output_dir, 'reports')
+  out: dict[str, dict[str, dict[str, Any]]] = collections.defaultdict(dict)
+  if not os.path.isdir(report_dir):
+    return {}
+  cols = (results or {}).get('columns')
+  for fname in sorted(os.listdir(report_dir)):
+    if not fname.endswith('.json') or '_' not in fname:
+      continue
+    col, method = fname[:-len('.json')].split('_', 1)
+    if cols is not None and method not in cols.get(col, {}).get('methods', {}):
+      continue
+    try:
+      with open(os.path.join(report_dir, fname)) as f:
+        report = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if isinstance(report.get('per_matrix'), dict):
+      out[col][method] = report
+  return dict(out)
+
+
+def _per_layer(report: Mapping[str, Any], key: str) -> dict[str, dict[int, float]]:
+  """``{matrix name: {layer: loss}}`` of one loss (e.g. 'rtn', 'final')."""
+  out: dict[str, dict[int, float]] = collections.defaultdict(dict)
+  for k, losses in report['per_matrix'].items():
+    m = _KEY.match(k)
+    if m and _finite(losses.get(key)):
+      out[m.group(2)][int(m.group(1))] = float(losses[key])
+  return dict(out)
+
+
+def plot_proxy_ratio(column: str, reports: Mapping[str, Mapping[str, Any]], path: str) -> str:
+  """Per matrix name: final / RTN proxy loss per layer, a line per method."""
+  methods = list(reports)
+  colors = _colors(methods)
+  per = {m: (_per_layer(r, 'final'), _per_layer(r, 'rtn')) for m, r in reports.items()}
+  names = _matrix_names(n for fin, _ in per.values() for n in fin)
+  ncols = 4
+  nrows = max(1, math.ceil((len(names) + 1) / ncols))
+  fig = _new_figure(3.2 * ncols, 2.6 * nrows + 0.4)
+  axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+  for ax, name in zip(axes, names):
+    for i, m in enumerate(methods):
+      fin, rtn = per[m][0].get(name, {}), per[m][1].get(name, {})
+      layers = sorted(l for l in fin if rtn.get(l, 0) > 0)
+      if layers:
+        ax.plot(layers, [fin[l] / rtn[l] for l in layers], marker=_MARKERS[i % len(_MARKERS)],
+                ms=3.5, lw=1.2, color=colors[m], label=m)
+    ax.axhline(1.0, color='0.4', lw=0.8, ls='--')
+    ax.set_title(name)
+    ax.set_xlabel('layer')
+    ax.set_ylabel('final / RTN proxy')
+    ax.grid(alpha=0.3)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+  # Summary panel: ratio of the losses summed over layers, per matrix name.
+  ax = axes[len(names)]
+  width = 0.8 / max(len(methods), 1)
+  for i, m in enumerate(methods):
+    fin, rtn = per[m]
+    xs, ys = [], []
+    for j, name in enumerate(names):
+      layers = [l for l in fin.get(name, {}) if l in rtn.get(name, {})]
+      total_rtn = sum(rtn[name][l] for l in layers)
+      if layers and total_rtn > 0:
+        xs.append(j + (i - (len(methods) - 1) / 2) * width)
+        ys.append(sum(fin[name][l] for l in layers) / total_rtn)
+    ax.bar(xs, ys, width=width, color=colors[m], label=m)
+  ax.axhline(1.0, color='0.4', lw=0.8, ls='--')
+  ax.set_xticks(range(len(names)), names)
+  ax.set_title('all layers')
+  ax.set_ylabel('Σ final / Σ RTN')
+  ax.grid(alpha=0.3, axis='y')
+  for ax in axes[len(names) + 1:]:
+    ax.set_visible(False)
+  handles, labels = axes[len(names)].get_legend_handles_labels()
+  fig.legend(handles, labels, loc='outside upper center', ncols=min(len(methods), 6),
+             frameon=False)
+  fig.suptitle(f'{column}: proxy loss ||W - Ŵ||² relative to round-to-nearest '
+               f'(< 1 is better)', fontsize=11)
+  return _save(fig, path)
+
+
+def plot_proxy_loss(column: str, reports: Mapping[str, Mapping[str, Any]], path: str) -> str:
+  """Per matrix name: absolute proxy loss per layer (log scale); RTN dashed."""
+  methods = list(reports)
+  colors = _colors(methods)
+  finals = {m: _per_layer(r, 'final') for m, r in reports.items()}
+  rtn = {}
+  for r in reports.values():   # RTN loss is the same in every report: take the first
+    for name, by_layer in _per_layer(r, 'rtn').items():
+      rtn.setdefault(name, by_layer)
+  names = _matrix_names(set(rtn) | {n for f in finals.values() for n in f})
+  ncols = 4
+  nrows = max(1, math.ceil(len(names) / ncols))
+  fig = _new_figure(3.2 * ncols, 2.6 * nrows + 0.4)
+  axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+  for ax, name in zip(axes, names):
+    if name in rtn:
+      layers = sorted(rtn[name])
+      ax.plot(layers, [rtn[name][l] for l in layers], color='k', ls='--', lw=1.0,
+              label='RTN (no transform)')
+    for i, m in enumerate(methods):
+      fin = finals[m].get(name, {})
+      layers = sorted(l for l in fin if fin[l] > 0)
+      if layers:
+        ax.plot(layers, [fin[l] for l in layers], marker=_MARKERS[i % len(_MARKERS)], ms=3.5,
+                lw=1.2, color=colors[m], label=m)
+    ax.set_yscale('log')
+    ax.set_title(name)
+    ax.set_xlabel('layer')
+    ax.set_ylabel('||W - Ŵ||²')
+    ax.grid(alpha=0.3, which='both')
+    ax.xaxis.get_major_locator().set_params(integer=True)
+  for ax in axes[len(names):]:
+    ax.set_visible(False)
+  if names:
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc='outside upper center', ncols=min(len(labels), 6),
+               frameon=False)
+  fig.suptitle(f'{column}: per-matrix proxy loss', fontsize=11)
+  return _save(fig, path)
+
+
+def plot_ppl_vs_bits(results: Mapping[str, Any], path: str) -> str | None:
+  """Perplexity and KLD against bits per weight, one series per method."""
+  series: dict[str, list[tuple[float, float, float, str]]] = collections.defaultdict(list)
+  fp_ppl, num_weights = None, None
+  for col, col_result in results.get('columns', {}).items():
+    for m, r in col_result.get('methods', {}).items():
+      if m == 'fp':
+        if _finite(r.get('ppl')):
+          fp_ppl = r['ppl']
+        continue
+      if not (_finite(r.get('bits_per_weight')) and _finite(r.get('ppl'))):
+        continue
+      series[m].append((r['bits_per_weight'], r['ppl'], r.get('kld', float('nan')), col))
+      if _finite(r.get('linear_bf16_bytes')) and r['linear_bf16_bytes'] > 0:
+        num_weights = r['linear_bf16_bytes'] / 2
+  if not series and fp_ppl is None:
+    return None
+  methods = list(series)
+  colors = _colors(methods)
+  fig = _new_figure(11, 4.4)
+  ax_ppl, ax_kld = fig.subplots(1, 2)
+  for i, m in enumerate(methods):
+    pts = sorted(series[m])
+    kw = dict(color=colors[m], marker=_MARKERS[i % len(_MARKERS)], ms=6, lw=1.2, label=m)
+    ax_ppl.plot([p[0] for p in pts], [p[1] for p in pts], **kw)
+    kpts = [p for p in pts if _finite(p[2]) and p[2] > 0]
+    if kpts:
+      ax_kld.plot([p[0] for p in kpts], [p[2] for p in kpts], **kw)
+    for b, ppl, kld, col in pts:
+      ax_ppl.annotate(col, (b, ppl), textcoords='offset points', xytext=(4, 3), fontsize=7,
+                      color=colors[m])
+      if _finite(kld) and kld > 0:
+        ax_kld.annotate(col, (b, kld), textcoords='offset points', xytext=(4, 3), fontsize=7,
+                        color=colors[m])
+  if fp_ppl is not None:
+    ax_ppl.plot([16.0], [fp_ppl], color='k', marker='*', ms=11, ls='none', label='fp (bf16)')
+    ax_ppl.axhline(fp_ppl, color='k', lw=0.8, ls=':')
+    ax_ppl.annotate(f'fp {fp_ppl:.2f}', (16.0, fp_ppl), textcoords='offset points',
+                    xytext=(-10, 6), fontsize=8, ha='right')
+  ax_ppl.set_yscale('log')
+  ax_ppl.set_ylabel('perplexity (log scale)')
+  ax_ppl.set_title('perplexity vs bits per weight')
+  ax_kld.set_yscale('log')
+  ax_kld.set_ylabel('KL(fp || method), nats/token (log scale)')
+  ax_kld.set_title('KL divergence vs bits per weight')
+  for ax in (ax_ppl, ax_kld):
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel('bits per weight of the quantized linears')
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:g}'))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.grid(alpha=0.3, which='both')
+    if num_weights:
+      mb = num_weights / 8 / 1e6
+      top = ax.secondary_xaxis('top', functions=(lambda b: b * mb, lambda y: y / mb))
+      top.set_xlabel('MB on disk (linears)', fontsize=8)
+      top.tick_params(labelsize=7)
+  ax_ppl.legend(fontsize=8)
+  model = results.get('model', '')
+  fig.suptitle(f'{model}: quality vs size' if model else 'quality vs size', fontsize=11)
+  return _save(fig, path)
+
+
+def write_all(results: Mapping[str, Any], output_dir: str) -> list[str]:
+  """Writes every plot of a job's outputs to ``output_dir/plots``.
+
+  Args:
+    results: the job's results dict (``results.json``): ``{'model', 'columns':
+      {column: {'methods': {method: {'ppl', 'kld', 'bits_per_weight',
+      'linear_bytes', ...}}}}}``.
+    output_dir: the job's output dir (reports are read from ``reports/``).
+
+  Returns:
+    Paths of the PNGs written (missing inputs are skipped, never an error).
+  """
+  plot_dir = os.path.join(output_dir, 'plots')
+  os.makedirs(plot_dir, exist_ok=True)
+  written = []
+  for col, reports in sorted(load_reports(output_dir, results).items()):
+    written.append(plot_proxy_ratio(col, reports, os.path.join(plot_dir, f'proxy_{col}.png')))
+    written.append(plot_proxy_loss(col, reports,
+                                   os.path.join(plot_dir, f'proxy_loss_{col}.png')))
+  p = plot_ppl_vs_bits(results, os.path.join(plot_dir, 'ppl_vs_bits.png'))
+  if p is not None:
+    written.append(p)
+  return written
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description='Redraw the plots of a quantize job.')
+  parser.add_argument('--output_dir', required=True,
+                      help='the job output dir holding results.json and reports/')
+  args = parser.parse_args(argv)
+  with open(os.path.join(args.output_dir, 'results.json')) as f:
+    results = json.load(f)
+  paths = write_all(results, args.output_dir)
+  for p in paths:
+    print(p)
+  return paths
+
+
+if __name__ == '__main__':
+  main()
