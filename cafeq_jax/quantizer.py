@@ -37,6 +37,10 @@ class QuantSpec:
       minimises the group's squared rounding error (MSE-optimal clipping).
     clip_grid: candidate ratios of the max-abs (symmetric) or of the min and max
       (asymmetric) range.
+    group_fallback: when ``d_in`` is not divisible by ``group_size``, use the
+      largest supported group size that divides ``d_in`` (e.g. 64 for SmolLM2's
+      ``d_in = 576`` under g128) instead of raising. The ``QArray`` records the
+      group size actually used.
   """
 
   bits: int = 4
@@ -44,6 +48,7 @@ class QuantSpec:
   symmetric: bool = False
   clip_search: bool = False
   clip_grid: tuple[float, ...] = DEFAULT_CLIP_GRID
+  group_fallback: bool = False
 
   def __post_init__(self):
     if self.bits not in SUPPORTED_BITS:
@@ -68,10 +73,30 @@ class QuantSpec:
 
   def groups(self, d_in: int) -> int:
     """Number of groups along ``d_in`` (1 for per-channel)."""
-    return 1 if self.group_size is None else d_in // self.group_size
+    return d_in // self.effective_group_size(d_in)
 
   def effective_group_size(self, d_in: int) -> int:
-    return d_in if self.group_size is None else self.group_size
+    """Rows per group for a matrix with ``d_in`` rows (see ``group_fallback``)."""
+    if self.group_size is None:
+      return d_in
+    if d_in % self.group_size == 0:
+      return self.group_size
+    if self.group_fallback:
+      for g in sorted(SUPPORTED_GROUP_SIZES, reverse=True):
+        if g < self.group_size and d_in % g == 0:
+          return g
+    raise ValueError(
+        f'd_in={d_in} is not divisible by group_size={self.group_size}'
+        + ('' if self.group_fallback else
+           '; use a group size dividing d_in, group_size=None, or group_fallback=True')
+        + '.')
+
+  def for_rows(self, d_in: int) -> QuantSpec:
+    """This spec with the group size actually used for ``d_in`` rows."""
+    g = self.effective_group_size(d_in)
+    if self.group_size is None or g == self.group_size:
+      return self
+    return dataclasses.replace(self, group_size=g, group_fallback=False)
 
   @property
   def name(self) -> str:
@@ -121,11 +146,10 @@ def validate_weight(w, spec: QuantSpec, *, check_finite: bool = True) -> None:
         f'weight must have rank >= 2 with shape (..., d_in, d_out); got shape {shape}.')
   if not jnp.issubdtype(w.dtype, jnp.floating):
     raise ValueError(f'weight must be floating point; got dtype {w.dtype}.')
-  d_in = shape[-2]
-  if spec.group_size is not None and d_in % spec.group_size:
-    raise ValueError(
-        f'd_in={d_in} (weight shape {shape}) is not divisible by group_size='
-        f'{spec.group_size}; use a group size dividing d_in or group_size=None.')
+  try:
+    spec.effective_group_size(shape[-2])
+  except ValueError as e:
+    raise ValueError(f'weight shape {shape}: {e}') from None
   if check_finite and not isinstance(w, jax.core.Tracer):
     finite = np.isfinite(np.asarray(w, dtype=np.float32))
     if not finite.all():
@@ -210,7 +234,8 @@ def round_with_scale(w: jax.Array, scale: jax.Array, zero: jax.Array | None,
   """Round-to-nearest codes of ``w`` for given per-group ``scale``/``zero``."""
   wg = _grouped(jnp.asarray(w, jnp.float32), spec)
   q = _round_grouped(wg, scale, zero, spec).reshape(w.shape)
-  return QArray(codes=q.astype(_code_dtype(spec)), scale=scale, zero=zero, spec=spec)
+  return QArray(codes=q.astype(_code_dtype(spec)), scale=scale, zero=zero,
+                spec=spec.for_rows(w.shape[-2]))
 
 
 def quantize(w: jax.Array, spec: QuantSpec) -> QArray:

@@ -37,6 +37,7 @@ from matplotlib import figure as mpl_figure
 # Matrix names in model order; others (if any) follow alphabetically.
 _MATRIX_ORDER = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 _MARKERS = ('o', 's', '^', 'D', 'v', 'P', 'X', '*', '<', '>')
+_BIT_TICKS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32)
 _KEY = re.compile(r'^layer_(\d+)/(.+)$')
 
 
@@ -60,6 +61,22 @@ def _colors(methods: Iterable[str]) -> dict[str, Any]:
 
 def _finite(x: Any) -> bool:
   return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _fmt(v, _=None) -> str:
+  return f'{v:.3g}'
+
+
+def _auto_log(ax, values: Iterable[float], axis: str = 'y', min_ratio: float = 10.0) -> None:
+  """Log scale (plain decimal tick labels) when the positive ``values`` span more
+  than ``min_ratio``; linear otherwise."""
+  vals = [v for v in values if _finite(v) and v > 0]
+  log = bool(vals) and max(vals) / min(vals) > min_ratio
+  a = ax.yaxis if axis == 'y' else ax.xaxis
+  if log:
+    (ax.set_yscale if axis == 'y' else ax.set_xscale)('log')
+    a.set_major_formatter(matplotlib.ticker.FuncFormatter(_fmt))
+    a.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def _matrix_names(names: Iterable[str]) -> list[str]:
@@ -107,8 +124,18 @@ def _per_layer(report: Mapping[str, Any], key: str) -> dict[str, dict[int, float
   return dict(out)
 
 
-def plot_proxy_ratio(column: str, reports: Mapping[str, Mapping[str, Any]], path: str) -> str:
-  """Per matrix name: final / RTN proxy loss per layer, a line per method."""
+def proxy_ratio_figure(column: str, reports: Mapping[str, Mapping[str, Any]]
+                       ) -> mpl_figure.Figure:
+  """Per matrix name: final / RTN proxy loss per layer, a line per method.
+
+  Args:
+    column: the quantizer's name (title only).
+    reports: ``{method: QuantReport.to_dict()}``.
+
+  Returns:
+    A figure with one axes per matrix name (title = name; a line per method,
+    x = layer, y = final / rtn) and a last bar panel ('all layers').
+  """
   methods = list(reports)
   colors = _colors(methods)
   per = {m: (_per_layer(r, 'final'), _per_layer(r, 'rtn')) for m, r in reports.items()}
@@ -151,14 +178,15 @@ def plot_proxy_ratio(column: str, reports: Mapping[str, Mapping[str, Any]], path
   for ax in axes[len(names) + 1:]:
     ax.set_visible(False)
   handles, labels = axes[len(names)].get_legend_handles_labels()
-  fig.legend(handles, labels, loc='outside upper center', ncols=min(len(methods), 6),
+  fig.legend(handles, labels, loc='outside lower center', ncols=min(len(methods), 6),
              frameon=False)
   fig.suptitle(f'{column}: proxy loss ||W - Ŵ||² relative to round-to-nearest '
                f'(< 1 is better)', fontsize=11)
-  return _save(fig, path)
+  return fig
 
 
-def plot_proxy_loss(column: str, reports: Mapping[str, Mapping[str, Any]], path: str) -> str:
+def proxy_loss_figure(column: str, reports: Mapping[str, Mapping[str, Any]]
+                      ) -> mpl_figure.Figure:
   """Per matrix name: absolute proxy loss per layer (log scale); RTN dashed."""
   methods = list(reports)
   colors = _colors(methods)
@@ -176,14 +204,14 @@ def plot_proxy_loss(column: str, reports: Mapping[str, Mapping[str, Any]], path:
     if name in rtn:
       layers = sorted(rtn[name])
       ax.plot(layers, [rtn[name][l] for l in layers], color='k', ls='--', lw=1.0,
-              label='RTN (no transform)')
+              label='RTN (no transform)', zorder=5)
     for i, m in enumerate(methods):
       fin = finals[m].get(name, {})
       layers = sorted(l for l in fin if fin[l] > 0)
       if layers:
         ax.plot(layers, [fin[l] for l in layers], marker=_MARKERS[i % len(_MARKERS)], ms=3.5,
                 lw=1.2, color=colors[m], label=m)
-    ax.set_yscale('log')
+    _auto_log(ax, [y for line in ax.get_lines() for y in line.get_ydata()])
     ax.set_title(name)
     ax.set_xlabel('layer')
     ax.set_ylabel('||W - Ŵ||²')
@@ -193,14 +221,18 @@ def plot_proxy_loss(column: str, reports: Mapping[str, Mapping[str, Any]], path:
     ax.set_visible(False)
   if names:
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc='outside upper center', ncols=min(len(labels), 6),
+    fig.legend(handles, labels, loc='outside lower center', ncols=min(len(labels), 6),
                frameon=False)
   fig.suptitle(f'{column}: per-matrix proxy loss', fontsize=11)
-  return _save(fig, path)
+  return fig
 
 
-def plot_ppl_vs_bits(results: Mapping[str, Any], path: str) -> str | None:
-  """Perplexity and KLD against bits per weight, one series per method."""
+def ppl_vs_bits_figure(results: Mapping[str, Any]) -> mpl_figure.Figure | None:
+  """Perplexity and KLD against bits per weight, one series per method.
+
+  Returns None when ``results`` has no evaluated method. Axes 0 is perplexity,
+  axes 1 KLD; each method's line has its points sorted by bits per weight.
+  """
   series: dict[str, list[tuple[float, float, float, str]]] = collections.defaultdict(list)
   fp_ppl, num_weights = None, None
   for col, col_result in results.get('columns', {}).items():
@@ -238,27 +270,34 @@ def plot_ppl_vs_bits(results: Mapping[str, Any], path: str) -> str | None:
     ax_ppl.axhline(fp_ppl, color='k', lw=0.8, ls=':')
     ax_ppl.annotate(f'fp {fp_ppl:.2f}', (16.0, fp_ppl), textcoords='offset points',
                     xytext=(-10, 6), fontsize=8, ha='right')
-  ax_ppl.set_yscale('log')
-  ax_ppl.set_ylabel('perplexity (log scale)')
+  _auto_log(ax_ppl, [y for line in ax_ppl.get_lines() for y in line.get_ydata()], min_ratio=2)
+  _auto_log(ax_kld, [y for line in ax_kld.get_lines() for y in line.get_ydata()])
+  ax_ppl.set_ylabel('perplexity' + (' (log scale)' if ax_ppl.get_yscale() == 'log' else ''))
   ax_ppl.set_title('perplexity vs bits per weight')
-  ax_kld.set_yscale('log')
-  ax_kld.set_ylabel('KL(fp || method), nats/token (log scale)')
+  ax_kld.set_ylabel('KL(fp || method), nats/token'
+                    + (' (log scale)' if ax_kld.get_yscale() == 'log' else ''))
   ax_kld.set_title('KL divergence vs bits per weight')
   for ax in (ax_ppl, ax_kld):
     ax.set_xscale('log', base=2)
-    ax.set_xlabel('bits per weight of the quantized linears')
+    ax.set_xlabel('bits per weight of the quantized linears (log scale)')
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(_BIT_TICKS))
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:g}'))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.grid(alpha=0.3, which='both')
     if num_weights:
       mb = num_weights / 8 / 1e6
-      top = ax.secondary_xaxis('top', functions=(lambda b: b * mb, lambda y: y / mb))
-      top.set_xlabel('MB on disk (linears)', fontsize=8)
+      top = ax.secondary_xaxis('top', functions=(lambda b, mb=mb: b * mb,
+                                                 lambda y, mb=mb: y / mb))
+      top.set_xlabel('MB on disk of the quantized linears', fontsize=8)
+      top.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(
+          [b * mb for b in _BIT_TICKS]))
+      top.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_fmt))
+      top.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
       top.tick_params(labelsize=7)
   ax_ppl.legend(fontsize=8)
   model = results.get('model', '')
   fig.suptitle(f'{model}: quality vs size' if model else 'quality vs size', fontsize=11)
-  return _save(fig, path)
+  return fig
 
 
 def write_all(results: Mapping[str, Any], output_dir: str) -> list[str]:
@@ -277,12 +316,13 @@ def write_all(results: Mapping[str, Any], output_dir: str) -> list[str]:
   os.makedirs(plot_dir, exist_ok=True)
   written = []
   for col, reports in sorted(load_reports(output_dir, results).items()):
-    written.append(plot_proxy_ratio(col, reports, os.path.join(plot_dir, f'proxy_{col}.png')))
-    written.append(plot_proxy_loss(col, reports,
-                                   os.path.join(plot_dir, f'proxy_loss_{col}.png')))
-  p = plot_ppl_vs_bits(results, os.path.join(plot_dir, 'ppl_vs_bits.png'))
-  if p is not None:
-    written.append(p)
+    written.append(_save(proxy_ratio_figure(col, reports),
+                         os.path.join(plot_dir, f'proxy_{col}.png')))
+    written.append(_save(proxy_loss_figure(col, reports),
+                         os.path.join(plot_dir, f'proxy_loss_{col}.png')))
+  fig = ppl_vs_bits_figure(results)
+  if fig is not None:
+    written.append(_save(fig, os.path.join(plot_dir, 'ppl_vs_bits.png')))
   return written
 
 

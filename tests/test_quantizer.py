@@ -153,3 +153,14 @@ def test_bad_weights_raise_naming_the_problem():
 def test_bits_per_weight_counts_codes_and_group_metadata():
   assert qz.bits_per_weight(qz.QuantSpec(bits=3, group_size=128), 512) == 3 + 32 / 128
   assert qz.bits_per_weight(qz.QuantSpec(bits=4, group_size=None, symmetric=True), 512) == 4 + 16 / 512
+
+
+def test_group_fallback_uses_the_largest_dividing_group_size():
+  w = jax.random.normal(jax.random.key(5), (576, 8))
+  with pytest.raises(ValueError, match='d_in=576 is not divisible by group_size=128'):
+    qz.quantize(w, qz.QuantSpec(bits=3, group_size=128))
+  q = qz.quantize(w, qz.QuantSpec(bits=3, group_size=128, group_fallback=True))
+  assert q.spec.group_size == 64 and q.scale.shape == (9, 8)
+  np.testing.assert_array_equal(
+      np.asarray(qz.dequantize(q)),
+      np.asarray(qz.quant_dequant(w, qz.QuantSpec(bits=3, group_size=64))))

@@ -1,0 +1,222 @@
+"""Multi-process runs through ``jax.distributed``: init, work split, gather.
+
+On a TPU pod slice (one process per host) or a multi-node GPU job every
+process runs the same program. ``initialize_from_env`` connects them; each
+process then owns a contiguous share of every stack of same-shape matrices
+(``process_share``), optimises and quantizes it with its local devices, and
+``gather_stacks`` reassembles the full stacks on every process (through
+``multihost_utils.process_allgather``), so the quantized model is identical on
+all processes and equal to the single-process result.
+
+Environment / flags read by ``initialize_from_env`` (explicit arguments win):
+  ``JAX_COORDINATOR_ADDRESS``  host:port of process 0's coordinator service.
+  ``JAX_NUM_PROCESSES``        total number of processes.
+  ``JAX_PROCESS_ID``           this process's index in [0, num_processes).
+  ``JAX_LOCAL_DEVICE_IDS``     optional comma-separated local device ids.
+On Cloud TPU, Slurm and Open MPI these are auto-detected by
+``jax.distributed.initialize()``; set ``CAFEQ_DISTRIBUTED=1`` (or pass
+``force=True``) to call it with no arguments there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+_ENV_ADDRESS = 'JAX_COORDINATOR_ADDRESS'
+_ENV_NUM = 'JAX_NUM_PROCESSES'
+_ENV_ID = 'JAX_PROCESS_ID'
+_ENV_LOCAL = 'JAX_LOCAL_DEVICE_IDS'
+_ENV_FORCE = 'CAFEQ_DISTRIBUTED'
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessInfo:
+  """Where this process sits in the job (all 1 / 0 for a single process)."""
+  process_index: int
+  process_count: int
+  local_device_count: int
+  device_count: int
+  initialized: bool  # whether jax.distributed.initialize was called
+
+  def describe(self) -> str:
+    return (f'process {self.process_index}/{self.process_count}, '
+            f'{self.local_device_count} local / {self.device_count} global devices '
+            f'({jax.default_backend()})')
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  if value in (None, ''):
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f'environment variable {name}={value!r} must be an integer.') from None
+
+
+def initialize_from_env(coordinator_address: str | None = None,
+                        num_processes: int | None = None,
+                        process_id: int | None = None,
+                        local_device_ids: list[int] | None = None, *,
+                        force: bool = False,
+                        initialization_timeout: int = 300) -> ProcessInfo:
+  """Calls ``jax.distributed.initialize`` when the job has several processes.
+
+  Arguments left as None are read from the environment (see module docstring).
+  Nothing is initialised for a single-process run (no address and
+  ``num_processes`` in (None, 1)) unless ``force`` or ``CAFEQ_DISTRIBUTED=1``,
+  which calls ``jax.distributed.initialize()`` with whatever was given, letting
+  JAX auto-detect the rest (Cloud TPU pods, Slurm, Open MPI). Must run before
+  any JAX computation. Idempotent.
+
+  Returns:
+    The resulting ``ProcessInfo``.
+  """
+  address = coordinator_address or os.environ.get(_ENV_ADDRESS) or None
+  num = num_processes if num_processes is not None else _env_int(_ENV_NUM)
+  pid = process_id if process_id is not None else _env_int(_ENV_ID)
+  if local_device_ids is None and os.environ.get(_ENV_LOCAL):
+    local_device_ids = [int(i) for i in os.environ[_ENV_LOCAL].split(',')]
+  force = force or os.environ.get(_ENV_FORCE, '') not in ('', '0')
+  if num is not None and num < 1:
+    raise ValueError(f'num_processes={num} must be >= 1.')
+  if pid is not None and num is not None and not 0 <= pid < num:
+    raise ValueError(f'process_id={pid} must be in [0, num_processes={num}).')
+  multi = force or address is not None or (num is not None and num > 1)
+  if multi and not _is_initialized():
+    if not force and (address is None or num is None or pid is None):
+      raise ValueError(
+          'a multi-process run needs coordinator_address, num_processes and '
+          f'process_id (got {address!r}, {num!r}, {pid!r}); set '
+          f'{_ENV_ADDRESS}/{_ENV_NUM}/{_ENV_ID} or {_ENV_FORCE}=1 to let JAX '
+          'auto-detect them (Cloud TPU, Slurm, Open MPI).')
+    kwargs = dict(coordinator_address=address, num_processes=num, process_id=pid,
+                  local_device_ids=local_device_ids,
+                  initialization_timeout=initialization_timeout)
+    jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
+  info = process_info()
+  logging.info('cafeq_jax: %s', info.describe())
+  return info
+
+
+def _is_initialized() -> bool:
+  try:
+    from jax._src import distributed as _dist  # pylint: disable=g-import-not-at-top
+    return _dist.global_state.client is not None
+  except (ImportError, AttributeError):  # pragma: no cover - JAX internals moved
+    return jax.process_count() > 1
+
+
+def process_info() -> ProcessInfo:
+  return ProcessInfo(process_index=jax.process_index(),
+                     process_count=jax.process_count(),
+                     local_device_count=jax.local_device_count(),
+                     device_count=jax.device_count(),
+                     initialized=_is_initialized())
+
+
+def process_share(n: int, process_index: int | None = None,
+                  process_count: int | None = None) -> slice:
+  """The contiguous slice of ``range(n)`` owned by one process.
+
+  Shares differ by at most one (the first ``n % process_count`` processes get
+  the extra item), like ``np.array_split``; a process may own nothing when
+  ``n < process_count``.
+  """
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if not 0 <= index < count:
+    raise ValueError(f'process_index={index} must be in [0, process_count={count}).')
+  base, extra = divmod(n, count)
+  start = index * base + min(index, extra)
+  return slice(start, start + base + (1 if index < extra else 0))
+
+
+def _allgather(x: np.ndarray) -> np.ndarray:
+  """(…) per process -> (process_count, …) on every process."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=False))
+
+
+def gather_stacks(local: PyTree, n: int, process_count: int | None = None) -> PyTree:
+  """Reassembles stacks split by ``process_share`` on every process.
+
+  Args:
+    local: pytree whose leaves are this process's share, leading dim
+      ``len(process_share(n))`` (leaves with no leading stack dim are not
+      allowed; gather those separately).
+    n: the full stack size.
+    process_count: defaults to ``jax.process_count()``.
+
+  Returns:
+    The same pytree with leaves of leading dim ``n`` as numpy arrays, in stack
+    order. Single-process: ``local`` itself (as numpy).
+  """
+  count = jax.process_count() if process_count is None else process_count
+  shares = [process_share(n, i, count) for i in range(count)]
+  width = max(s.stop - s.start for s in shares)
+
+  def gather(x):
+    x = np.asarray(x)
+    mine = shares[jax.process_index()] if count > 1 else shares[0]
+    if x.shape[:1] != (mine.stop - mine.start,):
+      raise ValueError(
+          f'leaf of shape {x.shape} is not a share of the stack: expected leading '
+          f'dim {mine.stop - mine.start} (process {jax.process_index()} of {count}, n={n}).')
+    if count == 1:
+      return x
+    dtype = x.dtype
+    if dtype.itemsize < 1 or dtype.kind not in 'biuf':  # int4 etc.: widen for transport
+      x = x.astype(np.int8 if dtype.kind == 'i' else np.uint8)
+    padded = np.zeros((width,) + x.shape[1:], x.dtype)
+    padded[:x.shape[0]] = x
+    allx = _allgather(padded)  # (count, width, ...)
+    full = np.concatenate([allx[i, :s.stop - s.start] for i, s in enumerate(shares)])
+    return full.astype(dtype)
+
+  return jax.tree.map(gather, local)
+
+
+def map_stack_shares(fn: Callable[[PyTree], PyTree], stack: PyTree,
+                     n: int | None = None) -> PyTree:
+  """Runs ``fn`` on this process's share of ``stack`` and gathers the results.
+
+  Args:
+    fn: ``share -> result``, where every leaf of ``share`` (and of the result)
+      has the share's length as leading dim (a vmapped optimise-and-quantize
+      over a stack of same-shape matrices). Called on every process, also with
+      an empty share when ``n < process_count``, so it must handle a leading 0.
+    stack: pytree with leaves ``(n, ...)``; each process needs only its own
+      share to be real data (pass the full stack if it is cheap to load).
+    n: stack size (default: leading dim of the first leaf).
+
+  Returns:
+    ``fn``'s results for the whole stack, identical on every process, as numpy.
+  """
+  leaves = jax.tree.leaves(stack)
+  n = int(np.shape(leaves[0])[0]) if n is None else n
+  share = process_share(n)
+  local = jax.tree.map(lambda x: x[share], stack)
+  return gather_stacks(fn(local), n)
+
+
+def map_named_stacks(fn: Callable[[str, PyTree], PyTree],
+                     stacks: Mapping[str, PyTree]) -> dict[str, PyTree]:
+  """``map_stack_shares`` over a dict of named stacks (``get_linears`` output)."""
+  return {name: map_stack_shares(lambda s, name=name: fn(name, s), stack)
+          for name, stack in stacks.items()}
+
+
+def to_device(tree: PyTree) -> PyTree:
+  """numpy results -> ``jax.Array``s on this process's default device."""
+  return jax.tree.map(jnp.asarray, tree)

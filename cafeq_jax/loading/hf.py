@@ -1,0 +1,359 @@
+"""Hugging Face checkpoints (safetensors + config.json) for Gemma 2 and Llama models.
+
+``load_hf(dir)`` reads a ``Gemma2ForCausalLM`` / ``LlamaForCausalLM`` checkpoint into
+our param tree (``cafeq_jax.models.decoder``); ``save_hf(params, cfg, dir)`` writes one
+that ``transformers.AutoModelForCausalLM.from_pretrained`` loads, with quantized
+leaves exported as their effective weights (dequantized, online transform folded in).
+
+Name mapping (torch ``Linear.weight`` is ``(d_out, d_in)``)::
+
+  model.embed_tokens.weight (V, D)           embedder/input_embedding
+  layers.i.self_attn.q_proj (H*hd, D)        attn/q_einsum/w (H, D, hd)
+  layers.i.self_attn.{k,v}_proj (K*hd, D)    attn/kv_einsum/w[0|1] (K, D, hd)
+  layers.i.self_attn.o_proj (D, H*hd)        attn/attn_vec_einsum/w (H, hd, D)
+  layers.i.mlp.{gate,up}_proj (F, D)         mlp/gating_einsum[0|1] (F, D)
+  layers.i.mlp.down_proj (D, F)              mlp/linear (F, D)
+  layers.i.input_layernorm                   pre_attention_norm
+  Gemma 2: post_attention_layernorm -> post_attention_norm,
+           pre_feedforward_layernorm -> pre_ffw_norm,
+           post_feedforward_layernorm -> post_ffw_norm
+  Llama:   post_attention_layernorm -> pre_ffw_norm
+  model.norm                                 final_norm
+  lm_head.weight (V, D)                      unembed/w (D, V) (untied only)
+
+RoPE needs no permutation: HF Gemma 2 / Llama use the same half-split convention.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+
+from cafeq_jax.models import linears as linears_lib
+from cafeq_jax.models.config import ModelConfig
+
+CONFIG_FILE = 'config.json'
+WEIGHTS_FILE = 'model.safetensors'
+_ARCHS = {'gemma2': 'Gemma2ForCausalLM', 'llama': 'LlamaForCausalLM'}
+_LAYER_TYPES = {'sliding_attention': 'local', 'full_attention': 'global'}
+_GELU_TANH = ('gelu_pytorch_tanh', 'gelu_tanh', 'gelu_new')
+
+
+def _family(d: dict) -> str:
+  model_type = d.get('model_type')
+  archs = d.get('architectures') or []
+  if model_type == 'gemma2' or 'Gemma2ForCausalLM' in archs:
+    return 'gemma2'
+  if model_type == 'llama' or 'LlamaForCausalLM' in archs:
+    return 'llama'
+  raise ValueError(
+      f'unsupported Hugging Face model: model_type={model_type!r}, architectures={archs!r}; '
+      f'expected model_type "gemma2" or "llama" ({sorted(_ARCHS.values())}).')
+
+
+def _rope_theta(d: dict) -> float:
+  rp = d.get('rope_parameters') or {}
+  scaling = d.get('rope_scaling')
+  rope_type = rp.get('rope_type', rp.get('type', 'default'))
+  if scaling or rope_type not in ('default', None):
+    raise ValueError(
+        f'RoPE scaling {scaling or rp!r} is not supported; only default RoPE '
+        f'(rope_type "default").')
+  theta = rp.get('rope_theta', d.get('rope_theta', 10_000.0))
+  return float(theta)
+
+
+def _smallest_period(types: tuple[str, ...]) -> tuple[str, ...]:
+  for p in range(1, len(types) + 1):
+    if all(types[i] == types[i % p] for i in range(len(types))):
+      return types[:p]
+  return types
+
+
+def config_from_hf(d: dict) -> ModelConfig:
+  """``ModelConfig`` from a Hugging Face ``config.json`` dict (Gemma 2 or Llama)."""
+  family = _family(d)
+  try:
+    D, H = int(d['hidden_size']), int(d['num_attention_heads'])
+    common = dict(
+        vocab_size=int(d['vocab_size']), num_layers=int(d['num_hidden_layers']),
+        embed_dim=D, hidden_dim=int(d['intermediate_size']), num_heads=H,
+        num_kv_heads=int(d.get('num_key_value_heads') or H),
+        head_dim=int(d.get('head_dim') or D // H), rope_base=_rope_theta(d),
+        max_seq_len=int(d.get('max_position_embeddings', 8192)), family=family)
+  except KeyError as e:
+    raise ValueError(f'Hugging Face config is missing field {e.args[0]!r}.') from None
+  if family == 'gemma2':
+    act = d.get('hidden_activation') or d.get('hidden_act') or 'gelu_pytorch_tanh'
+    if act not in _GELU_TANH:
+      raise ValueError(f'Gemma 2 activation {act!r} is not supported; expected one of '
+                       f'{_GELU_TANH}.')
+    layer_types = d.get('layer_types')
+    if layer_types:
+      bad = [t for t in layer_types if t not in _LAYER_TYPES]
+      if bad:
+        raise ValueError(f'unknown layer_types {bad}; expected {sorted(_LAYER_TYPES)}.')
+      pattern = _smallest_period(tuple(_LAYER_TYPES[t] for t in layer_types))
+    else:
+      pattern = ('local', 'global')
+    return ModelConfig(
+        **common, norm_eps=float(d.get('rms_norm_eps', 1e-6)), activation='gelu_tanh',
+        norm_scale_plus_one=True, use_post_norms=True,
+        query_pre_attn_scalar=d.get('query_pre_attn_scalar'),
+        attn_logits_softcap=d.get('attn_logit_softcapping'),
+        final_logit_softcap=d.get('final_logit_softcapping'),
+        sliding_window_size=d.get('sliding_window') if 'local' in pattern else None,
+        attention_pattern=pattern, tie_embeddings=bool(d.get('tie_word_embeddings', True)),
+        scale_embeddings=True)
+  act = d.get('hidden_act', 'silu')
+  if act != 'silu':
+    raise ValueError(f'Llama activation {act!r} is not supported; expected "silu".')
+  for flag in ('attention_bias', 'mlp_bias'):
+    if d.get(flag):
+      raise ValueError(f'Llama config has {flag}=True; biases are not supported.')
+  return ModelConfig(
+      **common, norm_eps=float(d.get('rms_norm_eps', 1e-6)), activation='silu',
+      norm_scale_plus_one=False, use_post_norms=False, query_pre_attn_scalar=None,
+      attn_logits_softcap=None, final_logit_softcap=None, sliding_window_size=None,
+      attention_pattern=('global',), tie_embeddings=bool(d.get('tie_word_embeddings', False)),
+      scale_embeddings=False)
+
+
+def config_to_hf(cfg: ModelConfig, **extra: Any) -> dict:
+  """Hugging Face ``config.json`` dict for ``cfg`` (``extra`` fields override)."""
+  common = dict(
+      architectures=[_ARCHS[cfg.family]], model_type=cfg.family,
+      vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim,
+      intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+      head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
+      rope_theta=cfg.rope_base, rope_parameters={'rope_theta': cfg.rope_base,
+                                                 'rope_type': 'default'},
+      max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=cfg.tie_embeddings,
+      torch_dtype='float32', dtype='float32', attention_bias=False)
+  if cfg.family == 'gemma2':
+    inv = {v: k for k, v in _LAYER_TYPES.items()}
+    common.update(
+        hidden_activation='gelu_pytorch_tanh', hidden_act='gelu_pytorch_tanh',
+        query_pre_attn_scalar=(cfg.head_dim if cfg.query_pre_attn_scalar is None
+                               else cfg.query_pre_attn_scalar),
+        attn_logit_softcapping=cfg.attn_logits_softcap,
+        final_logit_softcapping=cfg.final_logit_softcap,
+        sliding_window=cfg.sliding_window_size or cfg.max_seq_len,
+        layer_types=[inv[t] for t in cfg.attention_types])
+  else:
+    common.update(hidden_act='silu', mlp_bias=False)
+  common.update(extra)
+  return common
+
+
+def _check_llama_like(cfg: ModelConfig) -> None:
+  if cfg.family == 'llama' and (cfg.use_post_norms or cfg.norm_scale_plus_one or
+                                cfg.scale_embeddings or cfg.attn_logits_softcap or
+                                cfg.final_logit_softcap or 'local' in cfg.attention_types):
+    raise ValueError(f'config {cfg} is not expressible as a Hugging Face Llama model.')
+
+
+def _hf_names(cfg: ModelConfig, i: int) -> dict[str, str]:
+  """Our per-layer norm name -> HF tensor name."""
+  p = f'model.layers.{i}.'
+  if cfg.family == 'gemma2':
+    return {'pre_attention_norm': p + 'input_layernorm.weight',
+            'post_attention_norm': p + 'post_attention_layernorm.weight',
+            'pre_ffw_norm': p + 'pre_feedforward_layernorm.weight',
+            'post_ffw_norm': p + 'post_feedforward_layernorm.weight'}
+  return {'pre_attention_norm': p + 'input_layernorm.weight',
+          'pre_ffw_norm': p + 'post_attention_layernorm.weight'}
+
+
+def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Name -> shape of every tensor of the HF checkpoint for ``cfg``."""
+  D, F, V = cfg.embed_dim, cfg.hidden_dim, cfg.vocab_size
+  Hd, Kd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  shapes = {'model.embed_tokens.weight': (V, D), 'model.norm.weight': (D,)}
+  if not cfg.tie_embeddings:
+    shapes['lm_head.weight'] = (V, D)
+  for i in range(cfg.num_layers):
+    p = f'model.layers.{i}.'
+    shapes.update({p + 'self_attn.q_proj.weight': (Hd, D), p + 'self_attn.k_proj.weight': (Kd, D),
+                   p + 'self_attn.v_proj.weight': (Kd, D), p + 'self_attn.o_proj.weight': (D, Hd),
+                   p + 'mlp.gate_proj.weight': (F, D), p + 'mlp.up_proj.weight': (F, D),
+                   p + 'mlp.down_proj.weight': (D, F)})
+    for name in _hf_names(cfg, i).values():
+      shapes[name] = (D,)
+  return shapes
+
+
+def _is_ignorable(name: str) -> bool:
+  return name.endswith('rotary_emb.inv_freq')
+
+
+def params_from_hf(state_dict: dict[str, Any], cfg: ModelConfig) -> dict:
+  """Our param tree (float32 numpy leaves) from an HF state dict.
+
+  Args:
+    state_dict: tensor name -> array (numpy, jax or anything ``np.asarray`` takes).
+    cfg: the model config (e.g. from ``config_from_hf``).
+
+  Raises:
+    ValueError: a tensor is missing, unexpected, or has the wrong shape (the message
+      names the tensor and both shapes).
+  """
+  _check_llama_like(cfg)
+  expected = expected_hf_shapes(cfg)
+  sd = dict(state_dict)
+  if cfg.tie_embeddings:
+    sd.pop('lm_head.weight', None)  # some exports store the tied copy
+  missing = sorted(set(expected) - set(sd))
+  if missing:
+    raise ValueError(f'checkpoint is missing {len(missing)} tensor(s) for {cfg.family} '
+                     f'with {cfg.num_layers} layers: {missing[:8]}')
+  unexpected = sorted(n for n in set(sd) - set(expected) if not _is_ignorable(n))
+  if unexpected:
+    raise ValueError(f'checkpoint has {len(unexpected)} unexpected tensor(s) for this config '
+                     f'(wrong num_layers or architecture?): {unexpected[:8]}')
+
+  def get(name):
+    a = sd[name]
+    a = np.asarray(jax.numpy.asarray(a, jax.numpy.float32)) if not isinstance(
+        a, np.ndarray) else a.astype(np.float32)
+    if tuple(a.shape) != expected[name]:
+      raise ValueError(f'tensor {name!r} has shape {tuple(a.shape)} but the config expects '
+                       f'{expected[name]}.')
+    return a
+
+  H, K, hd, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
+  params: dict[str, Any] = {'embedder': {'input_embedding': get('model.embed_tokens.weight')}}
+  for i in range(cfg.num_layers):
+    p = f'model.layers.{i}.'
+    q = get(p + 'self_attn.q_proj.weight').reshape(H, hd, D).transpose(0, 2, 1)
+    k = get(p + 'self_attn.k_proj.weight').reshape(K, hd, D).transpose(0, 2, 1)
+    v = get(p + 'self_attn.v_proj.weight').reshape(K, hd, D).transpose(0, 2, 1)
+    o = get(p + 'self_attn.o_proj.weight').T.reshape(H, hd, D)
+    layer: dict[str, Any] = {
+        'attn': {'q_einsum': {'w': np.ascontiguousarray(q)},
+                 'kv_einsum': {'w': np.ascontiguousarray(np.stack([k, v]))},
+                 'attn_vec_einsum': {'w': np.ascontiguousarray(o)}},
+        'mlp': {'gating_einsum': np.stack([get(p + 'mlp.gate_proj.weight'),
+                                           get(p + 'mlp.up_proj.weight')]),
+                'linear': np.ascontiguousarray(get(p + 'mlp.down_proj.weight').T)},
+    }
+    for ours, theirs in _hf_names(cfg, i).items():
+      layer[ours] = {'scale': get(theirs)}
+    params[f'layer_{i}'] = layer
+  params['final_norm'] = {'scale': get('model.norm.weight')}
+  if not cfg.tie_embeddings:
+    params['unembed'] = {'w': np.ascontiguousarray(get('lm_head.weight').T)}
+  return params
+
+
+def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """HF state dict (float32 numpy, contiguous) from our params; inverse of
+  ``params_from_hf``. ``QuantizedLinear`` leaves are exported as effective weights."""
+  _check_llama_like(cfg)
+  fp = linears_lib.dequantize_params(params, cfg)
+  f32 = lambda a: np.asarray(a, np.float32)
+  H, K, hd, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
+  sd = {'model.embed_tokens.weight': f32(fp['embedder']['input_embedding']),
+        'model.norm.weight': f32(fp['final_norm']['scale'])}
+  for i in range(cfg.num_layers):
+    p = f'model.layers.{i}.'
+    layer = fp[f'layer_{i}']
+    q = f32(layer['attn']['q_einsum']['w'])
+    kv = f32(layer['attn']['kv_einsum']['w'])
+    o = f32(layer['attn']['attn_vec_einsum']['w'])
+    gating = f32(layer['mlp']['gating_einsum'])
+    sd.update({
+        p + 'self_attn.q_proj.weight': q.transpose(0, 2, 1).reshape(H * hd, D),
+        p + 'self_attn.k_proj.weight': kv[0].transpose(0, 2, 1).reshape(K * hd, D),
+        p + 'self_attn.v_proj.weight': kv[1].transpose(0, 2, 1).reshape(K * hd, D),
+        p + 'self_attn.o_proj.weight': o.reshape(H * hd, D).T,
+        p + 'mlp.gate_proj.weight': gating[0],
+        p + 'mlp.up_proj.weight': gating[1],
+        p + 'mlp.down_proj.weight': f32(layer['mlp']['linear']).T,
+    })
+    for ours, theirs in _hf_names(cfg, i).items():
+      sd[theirs] = f32(layer[ours]['scale'])
+  if not cfg.tie_embeddings:
+    sd['lm_head.weight'] = f32(fp['unembed']['w']).T
+  return {k: np.ascontiguousarray(v) for k, v in sd.items()}
+
+
+def save_hf(params: dict, cfg: ModelConfig, out_dir: str | os.PathLike,
+            **config_extra: Any) -> str:
+  """Writes ``model.safetensors`` + ``config.json`` to ``out_dir`` atomically.
+
+  The files are written to a temporary sibling directory that is then renamed to
+  ``out_dir`` (an existing ``out_dir`` is replaced). Returns ``out_dir``.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  out_dir = os.fspath(out_dir)
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  sd = params_to_hf(params, cfg)
+  tmp = tempfile.mkdtemp(prefix='.tmp_hf_', dir=parent)
+  try:
+    save_file(sd, os.path.join(tmp, WEIGHTS_FILE), metadata={'format': 'pt'})
+    with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
+      json.dump(config_to_hf(cfg, **config_extra), f, indent=2)
+    if os.path.exists(out_dir):
+      old = tempfile.mkdtemp(prefix='.old_hf_', dir=parent)
+      os.rename(out_dir, os.path.join(old, 'd'))
+      os.rename(tmp, out_dir)
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out_dir
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """All tensors of a safetensors file as float32-safe numpy arrays (bf16 via jax)."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  out = {}
+  with safe_open(os.fspath(path), framework='flax') as f:
+    for name in f.keys():
+      out[name] = np.asarray(f.get_tensor(name).astype(jax.numpy.float32))
+  return out
+
+
+def load_hf(model_dir: str | os.PathLike) -> tuple[dict, ModelConfig]:
+  """Reads an HF checkpoint directory: ``(params, cfg)``.
+
+  Needs ``config.json`` and ``model.safetensors`` or sharded ``model-*.safetensors``
+  with ``model.safetensors.index.json``.
+  """
+  model_dir = os.fspath(model_dir)
+  if not os.path.isdir(model_dir):
+    raise FileNotFoundError(f'Hugging Face checkpoint directory {model_dir!r} does not exist.')
+  config_path = os.path.join(model_dir, CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f'{config_path!r} not found: an HF checkpoint needs config.json.')
+  with open(config_path) as f:
+    try:
+      cfg = config_from_hf(json.load(f))
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{config_path!r} is not valid JSON: {e}') from None
+  single = os.path.join(model_dir, WEIGHTS_FILE)
+  index = os.path.join(model_dir, WEIGHTS_FILE + '.index.json')
+  if os.path.isfile(single):
+    files = [single]
+  elif os.path.isfile(index):
+    with open(index) as f:
+      files = sorted({os.path.join(model_dir, v) for v in json.load(f)['weight_map'].values()})
+  else:
+    raise FileNotFoundError(
+        f'no {WEIGHTS_FILE} (or {WEIGHTS_FILE}.index.json) in {model_dir!r}; found '
+        f'{sorted(os.listdir(model_dir))}.')
+  sd: dict[str, np.ndarray] = {}
+  for path in files:
+    sd.update(read_safetensors(path))
+  return params_from_hf(sd, cfg), cfg

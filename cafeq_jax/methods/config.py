@@ -1,0 +1,212 @@
+"""Configuration of a quantization method (``QuantConfig``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, Mapping
+
+from cafeq_jax import quantizer
+from cafeq_jax.core import optimize
+from cafeq_jax.core import proxy
+
+MATRICES = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+# Matrices stored stacked in one param leaf: selected together or not at all.
+LEAF_GROUPS = (('q',), ('k', 'v'), ('o',), ('gate', 'up'), ('down',))
+PAIR_KINDS = ('vo', 'qk', 'updown')
+PAIR_LOSSES = ('lse', 'product')
+ROUNDINGS = ('rtn', 'gptq')
+
+
+class Method(str, enum.Enum):
+  """Registered methods (``QuantConfig.method`` accepts the enum or its string)."""
+  RTN = 'rtn'            # round-to-nearest, no transform
+  HADAMARD = 'hadamard'  # fixed random block Hadamard rotation (online) + RTN
+  CAFEQ = 'cafeq'        # learned transforms (pairs folded, single online) + rounding
+  GPTQ = 'gptq'          # GPTQ with calibration activations (comparison only)
+
+
+def _spec_from(value: Any) -> quantizer.QuantSpec:
+  if isinstance(value, quantizer.QuantSpec):
+    return value
+  if isinstance(value, Mapping):
+    d = dict(value)
+    if 'clip_grid' in d:
+      d['clip_grid'] = tuple(d['clip_grid'])
+    return quantizer.QuantSpec(**d)
+  raise TypeError(f'spec must be a QuantSpec or a mapping of its fields; got '
+                  f'{type(value).__name__}: {value!r}.')
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+  """What to quantize and how.
+
+  Attributes:
+    method: one of ``Method`` ('rtn', 'hadamard', 'cafeq', 'gptq').
+    spec: the uniform quantizer (bits, group size, symmetric, clip search).
+    matrices: which per-layer linears to quantize (subset of ``MATRICES``; 'k'
+      and 'v', 'gate' and 'up' share a param leaf and go together).
+    block_size: ``k`` of the block-diagonal online transform (divides every
+      quantized ``d_in``; a power of two for 'hadamard'; best ``k | g`` or
+      ``g | k``).
+    transform_init: 'identity' or 'hadamard' init of learned transforms.
+    steps: optimisation steps of the single-matrix transforms.
+    learning_rate: peak learning rate of those transforms.
+    optimizer: 'adam' or 'adamw'.
+    schedule: 'cosine' or 'constant'.
+    weight_decay: AdamW weight decay.
+    log_scale_bound: bound ``c`` of the transforms' log-scales (cond <= e^{4c}).
+    learn_scales: learn the diagonal scales of the transforms (else orthogonal).
+    right_scales: also learn a right diagonal, ``M = D1 R D2`` (slower steps).
+    columns_per_step: optimise transforms on random subsets of this many output
+      columns per step (None: all); the full loss is checked every ``eval_every``.
+    eval_every: steps between full-loss evaluations when subsampling.
+    ste: gradient through the quantizer: 'round' (STE on rounding, scales
+      differentiable) or 'full' (``fake_quant``).
+    share_transforms: one online transform per param leaf (k/v and gate/up share
+      it: one ``x M⁻¹`` per leaf) instead of one per matrix.
+    use_single_transforms: cafeq: learn online single-matrix transforms.
+    use_pairs: cafeq: fold paired transforms first (``methods.paired``).
+    adaptive_rounding: cafeq with pairs: alternating adaptive rounding of the
+      pairs (``methods.paired.adaptive_round_pairs``).
+    rounding: single matrices under their transform: 'rtn' or 'gptq' (GPTQ-form
+      rounding with ``H = M⁻ᵀ M⁻¹``, ``core.rounding.gptq_round``).
+    pairs: which pair kinds to transform ('vo', 'qk', 'updown').
+    pair_loss: 'lse' (smooth max of the ranges, the paper) or 'product' (STE
+      product error).
+    pair_steps, pair_learning_rate, pair_temperature: pair optimisation.
+    ar_rounds: alternations of the pair adaptive rounding.
+    ar_solver: rounding inside pair adaptive rounding: 'rtn' or 'gptq'.
+    gptq_damp: GPTQ relative damping of ``H``'s diagonal.
+    seed: PRNG seed used when ``quantize`` gets no key.
+    progress: show progress bars.
+  """
+
+  method: Method = Method.CAFEQ
+  spec: quantizer.QuantSpec = dataclasses.field(
+      default_factory=lambda: quantizer.QuantSpec(bits=4, group_size=128))
+  matrices: tuple[str, ...] = MATRICES
+  block_size: int = 64
+  transform_init: str = 'identity'
+  steps: int = 150
+  learning_rate: float = 2e-3
+  optimizer: str = 'adam'
+  schedule: str = 'cosine'
+  weight_decay: float = 0.0
+  log_scale_bound: float = 0.5
+  learn_scales: bool = True
+  right_scales: bool = False
+  columns_per_step: int | None = 256
+  eval_every: int = 10
+  ste: str = 'round'
+  share_transforms: bool = False
+  use_single_transforms: bool = True
+  use_pairs: bool = False
+  adaptive_rounding: bool = False
+  rounding: str = 'rtn'
+  pairs: tuple[str, ...] = PAIR_KINDS
+  pair_loss: str = 'lse'
+  pair_steps: int = 200
+  pair_learning_rate: float = 5e-3
+  pair_temperature: float = 0.05
+  ar_rounds: int = 3
+  ar_solver: str = 'gptq'
+  gptq_damp: float = 0.01
+  seed: int = 0
+  progress: bool = False
+
+  def __post_init__(self):
+    try:
+      method = Method(self.method)
+    except ValueError:
+      raise ValueError(f'method={self.method!r} is not supported; expected one of '
+                       f'{[m.value for m in Method]}.') from None
+    object.__setattr__(self, 'method', method)
+    object.__setattr__(self, 'spec', _spec_from(self.spec))
+    if isinstance(self.matrices, str):
+      raise TypeError(f'matrices must be a sequence of names, not the string '
+                      f'{self.matrices!r}; e.g. ("q", "k", "v").')
+    matrices = tuple(self.matrices)
+    unknown = [m for m in matrices if m not in MATRICES]
+    if unknown or not matrices or len(set(matrices)) != len(matrices):
+      raise ValueError(f'matrices={matrices!r} must be a non-empty subset of '
+                       f'{MATRICES} without repeats (unknown: {unknown}).')
+    for group in LEAF_GROUPS:
+      chosen = [m for m in group if m in matrices]
+      if chosen and len(chosen) != len(group):
+        raise ValueError(
+            f'matrices {group} share one param leaf and must be quantized together; '
+            f'got {chosen} without {[m for m in group if m not in chosen]}.')
+    object.__setattr__(self, 'matrices', tuple(m for m in MATRICES if m in matrices))
+    object.__setattr__(self, 'pairs', tuple(self.pairs))
+    bad = [p for p in self.pairs if p not in PAIR_KINDS]
+    if bad:
+      raise ValueError(f'pairs={self.pairs!r} has unknown kinds {bad}; expected a '
+                       f'subset of {PAIR_KINDS}.')
+    if self.pair_loss not in PAIR_LOSSES:
+      raise ValueError(f'pair_loss={self.pair_loss!r}; expected one of {PAIR_LOSSES}.')
+    for name in ('rounding', 'ar_solver'):
+      if getattr(self, name) not in ROUNDINGS:
+        raise ValueError(f'{name}={getattr(self, name)!r}; expected one of {ROUNDINGS}.')
+    if self.ste not in proxy.STE_MODES:
+      raise ValueError(f'ste={self.ste!r}; expected one of {proxy.STE_MODES}.')
+    for name in ('pair_steps', 'ar_rounds', 'seed'):
+      v = getattr(self, name)
+      if not isinstance(v, int) or v < 0:
+        raise ValueError(f'{name}={v!r} must be an int >= 0.')
+    for name in ('pair_learning_rate', 'pair_temperature'):
+      if not getattr(self, name) > 0:
+        raise ValueError(f'{name}={getattr(self, name)!r} must be > 0.')
+    if not 0 <= self.gptq_damp < 1:
+      raise ValueError(f'gptq_damp={self.gptq_damp!r} must be in [0, 1).')
+    if self.method == Method.HADAMARD and self.block_size & (self.block_size - 1):
+      raise ValueError(f'method=hadamard needs a power-of-two block_size; got '
+                       f'{self.block_size}.')
+    if self.method == Method.CAFEQ:
+      if not (self.use_single_transforms or self.use_pairs or self.adaptive_rounding
+              or self.rounding != 'rtn'):
+        raise ValueError(
+            'method=cafeq with use_single_transforms=False, use_pairs=False, '
+            "adaptive_rounding=False and rounding='rtn' is plain RTN; use method='rtn'.")
+      if self.adaptive_rounding and not self.use_pairs:
+        raise ValueError('adaptive_rounding=True rounds transformed pairs and needs '
+                         'use_pairs=True (single matrices: set rounding="gptq").')
+    self.transform_config()  # validates the transform fields
+
+  def transform_config(self, init: str | None = None) -> optimize.TransformConfig:
+    """The ``core.optimize.TransformConfig`` of the single-matrix transforms."""
+    return optimize.TransformConfig(
+        block_size=self.block_size, init=init or self.transform_init,
+        optimizer=self.optimizer, learning_rate=self.learning_rate, steps=self.steps,
+        schedule=self.schedule, weight_decay=self.weight_decay,
+        log_scale_bound=self.log_scale_bound, learn_scales=self.learn_scales,
+        right_scales=self.right_scales, columns_per_step=self.columns_per_step,
+        eval_every=self.eval_every, ste=self.ste)
+
+  def replace(self, **kwargs) -> QuantConfig:
+    return dataclasses.replace(self, **kwargs)
+
+  def to_dict(self) -> dict[str, Any]:
+    """Plain (JSON/ml_collections-friendly) dict; inverse of ``from_dict``."""
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    d['method'] = self.method.value
+    d['spec'] = dataclasses.asdict(self.spec)
+    d['spec']['clip_grid'] = list(self.spec.clip_grid)
+    for k in ('matrices', 'pairs'):
+      d[k] = list(d[k])
+    return d
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> QuantConfig:
+    """From a mapping (e.g. an ``ml_collections.ConfigDict.to_dict()``)."""
+    d = dict(d)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f'unknown QuantConfig fields {unknown}; expected some of '
+                       f'{sorted(names)}.')
+    for k in ('matrices', 'pairs'):
+      if k in d and not isinstance(d[k], str):
+        d[k] = tuple(d[k])
+    return cls(**d)

@@ -1,0 +1,184 @@
+"""Quantized linear layers: the leaf type of a quantized model's param tree.
+
+A quantized model has the same param tree as the fp model, with each quantized weight
+leaf replaced by a ``QuantizedLinear``. The leaf stores the *matrix view* of the
+weight, ``(d_in, d_out)`` with ``y = x @ W`` (see ``cafeq_jax.models.linears`` for the
+mapping from each leaf's own layout), optionally with leading stack dims (``kv_einsum``
+holds ``(2, D, K*hd)``: key then value; ``gating_einsum`` holds ``(2, D, F)``: gate then
+up), and an optional online transform: the layer computes
+
+    y = (x @ blockdiag(M_1^-1, ..., M_nb^-1)) @ dequant(W)
+
+so the effective fp weight is ``W_eff = blockdiag(M^-1) @ dequant(W)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from cafeq_jax import packing
+from cafeq_jax import quantizer
+
+BACKENDS = ('xla', 'pallas')
+
+
+@flax.struct.dataclass
+class QuantizedLinear:
+  """A quantized weight leaf.
+
+  Attributes:
+    weight: ``QArray`` or ``PackedArray`` of shape ``(*lead, d_in, d_out)`` (the
+      matrix view of the leaf; ``lead`` is ``(2,)`` for ``kv_einsum`` and
+      ``gating_einsum``, empty otherwise).
+    transform_inv: ``(d_in // k, k, k)`` float32 blocks of ``M^-1`` applied online to
+      the input (shared by the stacked matrices), ``(*lead, d_in // k, k, k)`` for one
+      transform per stacked matrix, or None.
+    shape: static; the shape of the original fp leaf this replaces.
+  """
+
+  weight: Any
+  transform_inv: jax.Array | None
+  shape: tuple[int, ...] = flax.struct.field(pytree_node=False)
+
+  @property
+  def matrix_shape(self) -> tuple[int, ...]:
+    """``(*lead, d_in, d_out)`` of the matrix view."""
+    return _matrix_shape(self.weight)
+
+
+def _is_packed(w) -> bool:
+  return isinstance(w, packing.PackedArray)
+
+
+def _matrix_shape(w) -> tuple[int, ...]:
+  if isinstance(w, quantizer.QArray):
+    return tuple(w.codes.shape)
+  if _is_packed(w):
+    return tuple(w.shape)
+  raise TypeError(
+      f'QuantizedLinear.weight must be a QArray or PackedArray; got {type(w).__name__}.')
+
+
+def _qarray(w) -> quantizer.QArray:
+  """The weight as a ``QArray`` (unpacking a ``PackedArray``)."""
+  if isinstance(w, quantizer.QArray):
+    return w
+  if _is_packed(w):
+    return packing.unpack(w)
+  raise TypeError(
+      f'QuantizedLinear.weight must be a QArray or PackedArray; got {type(w).__name__}.')
+
+
+def apply_transform(x: jax.Array, transform_inv: jax.Array) -> jax.Array:
+  """``x @ blockdiag(transform_inv)``.
+
+  Args:
+    x: ``(..., d_in)``.
+    transform_inv: ``(nb, k, k)`` with ``nb * k == d_in``.
+
+  Returns:
+    ``(..., d_in)`` in ``x``'s dtype.
+  """
+  nb, k, k2 = transform_inv.shape
+  if k != k2 or nb * k != x.shape[-1]:
+    raise ValueError(
+        f'transform_inv of shape {transform_inv.shape} does not match input width '
+        f'd_in={x.shape[-1]}; expected (d_in // k, k, k).')
+  xb = x.reshape(*x.shape[:-1], nb, k)
+  y = jnp.einsum('...bk,bkl->...bl', xb, transform_inv.astype(x.dtype))
+  return y.reshape(x.shape)
+
+
+def dequantize_weight(ql: QuantizedLinear, dtype=jnp.float32) -> jax.Array:
+  """``dequant(W)``: ``(*lead, d_in, d_out)`` of ``dtype`` (transform not folded)."""
+  return quantizer.dequantize(_qarray(ql.weight), dtype)
+
+
+def effective_weight(ql: QuantizedLinear, dtype=jnp.float32) -> jax.Array:
+  """``W_eff = blockdiag(M^-1) @ dequant(W)``: ``(*lead, d_in, d_out)`` of ``dtype``.
+
+  ``x @ W_eff`` equals ``matmul(x, ql)`` up to float rounding.
+  """
+  w = dequantize_weight(ql, jnp.float32)
+  t = ql.transform_inv
+  if t is not None:
+    t = jnp.asarray(t, jnp.float32)
+    nb, k = t.shape[-3], t.shape[-1]
+    wb = w.reshape(*w.shape[:-2], nb, k, w.shape[-1])
+    w = jnp.einsum('...bkl,...bld->...bkd', t, wb).reshape(w.shape)
+  return w.astype(dtype)
+
+
+def _transform_for(ql: QuantizedLinear, index):
+  t = ql.transform_inv
+  if t is None or t.ndim == 3:
+    return t
+  return t[index]
+
+
+def _index(w, i: int):
+  """Matrix ``i`` of a stacked ``QArray`` / ``PackedArray`` (leading dim)."""
+  if isinstance(w, quantizer.QArray):
+    return quantizer.QArray(codes=w.codes[i], scale=w.scale[i],
+                            zero=None if w.zero is None else w.zero[i], spec=w.spec)
+  return w.replace(data=w.data[i], scale=w.scale[i],
+                   zero=None if w.zero is None else w.zero[i], shape=tuple(w.shape[1:]))
+
+
+def _pallas():
+  try:
+    import kernels_pallas  # pylint: disable=g-import-not-at-top
+    return kernels_pallas
+  except ImportError as e:
+    raise ImportError(
+        "backend='pallas' needs the kernels_pallas package (quantized_matmul), which "
+        f"could not be imported ({e}); use backend='xla'.") from e
+
+
+def _matmul_one(x, weight, transform_inv, backend):
+  if backend == 'xla':
+    if transform_inv is not None:
+      x = apply_transform(x, transform_inv)
+    w = packing.dequantize(weight, x.dtype) if _is_packed(weight) else quantizer.dequantize(
+        weight, x.dtype)
+    return x @ w
+  kp = _pallas()
+  if transform_inv is not None:
+    x = kp.blockdiag_matmul(x, transform_inv)
+  if not _is_packed(weight):
+    weight = packing.pack(weight)
+  return kp.quantized_matmul(x, weight)
+
+
+def matmul(x: jax.Array, ql: QuantizedLinear, backend: str = 'xla') -> jax.Array:
+  """``(x @ blockdiag(M^-1)) @ dequant(W)``.
+
+  Args:
+    x: ``(..., d_in)`` activations (float32 or bfloat16).
+    ql: the quantized weight.
+    backend: 'xla' (dequantize, then a plain matmul) or 'pallas'
+      (``kernels_pallas.blockdiag_matmul`` then ``kernels_pallas.quantized_matmul``,
+      dequantization fused in the kernel; a ``QArray`` weight is packed first).
+
+  Returns:
+    ``(..., d_out)`` in ``x``'s dtype, or ``(*lead, ..., d_out)`` for a stacked
+    weight (``lead`` first: ``y[0]`` uses matrix 0).
+  """
+  if backend not in BACKENDS:
+    raise ValueError(f'backend={backend!r}; expected one of {BACKENDS}.')
+  shape = _matrix_shape(ql.weight)
+  if x.shape[-1] != shape[-2]:
+    raise ValueError(
+        f'input width {x.shape[-1]} (x shape {x.shape}) does not match the quantized '
+        f'weight of shape {shape} (expected (..., d_in, d_out)).')
+  lead = shape[:-2]
+  if not lead:
+    return _matmul_one(x, ql.weight, ql.transform_inv, backend)
+  if len(lead) != 1:
+    raise ValueError(f'QuantizedLinear supports at most one stack dim; got shape {shape}.')
+  return jnp.stack([_matmul_one(x, _index(ql.weight, i), _transform_for(ql, i), backend)
+                    for i in range(lead[0])])

@@ -1,0 +1,127 @@
+"""Tests of cafeq_jax.core.optimize (learned single-matrix transforms)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cafeq_jax import quantizer
+from cafeq_jax.core import optimize
+from cafeq_jax.core import proxy
+
+SPEC = quantizer.QuantSpec(bits=3, group_size=32)
+CFG = optimize.TransformConfig(block_size=32, steps=40, learning_rate=1e-2)
+CFG_H = dataclasses.replace(CFG, init='hadamard', steps=25)  # shared: one compile
+
+
+def _outlier_stack(seed=0, b=2, d_in=64, d_out=32):
+  key = jax.random.PRNGKey(seed)
+  w = 0.02 * jax.random.normal(key, (b, d_in, d_out))
+  return w.at[:, 5, :].mul(15.0).at[:, 40, :].mul(8.0)  # outlier input rows
+
+
+@pytest.fixture(scope='module')
+def identity_run():
+  w = _outlier_stack()
+  best, state = optimize.run(w, SPEC, CFG, jax.random.PRNGKey(0))
+  return w, best, state
+
+
+def test_learned_transform_beats_rtn_on_matrix_with_outliers(identity_run):
+  w, _, state = identity_run
+  rtn = np.asarray(proxy.rtn_loss(w, SPEC))
+  np.testing.assert_allclose(np.asarray(state.rtn_loss), rtn, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(state.init_loss), rtn, rtol=1e-5)  # identity init
+  assert np.all(np.asarray(state.best_loss) < 0.7 * rtn)
+
+
+def test_best_loss_is_the_actual_quantized_loss_of_the_returned_transform(identity_run):
+  w, best, state = identity_run
+  m, m_inv = (np.asarray(a, np.float64) for a in best.matrix_and_inverse())
+  for b in range(w.shape[0]):
+    dense = np.zeros((64, 64))
+    dense_inv = np.zeros((64, 64))
+    for i in range(2):
+      dense[32 * i:32 * i + 32, 32 * i:32 * i + 32] = m[b, i]
+      dense_inv[32 * i:32 * i + 32, 32 * i:32 * i + 32] = m_inv[b, i]
+    v_hat = quantizer.quant_dequant(jnp.asarray(dense @ np.asarray(w[b]), jnp.float32), SPEC)
+    loss = ((np.asarray(w[b]) - dense_inv @ np.asarray(v_hat, np.float64)) ** 2).sum()
+    assert loss == pytest.approx(float(state.best_loss[b]), rel=1e-3)
+  assert np.all(np.asarray(state.best_loss) <= np.asarray(state.init_loss))
+  assert int(state.step) == CFG.steps
+
+
+def test_hadamard_init_then_learning_improves_on_the_rotation():
+  w = _outlier_stack(seed=1, b=1)
+  _, state = optimize.run(w, SPEC, CFG_H, jax.random.PRNGKey(1))
+  assert float(state.init_loss[0]) < float(state.rtn_loss[0])  # rotation helps outliers
+  assert float(state.best_loss[0]) < float(state.init_loss[0])
+
+
+def test_same_key_gives_identical_transforms_and_different_key_differs():
+  w = _outlier_stack(seed=2, b=1)
+  a, _ = optimize.run(w, SPEC, CFG_H, jax.random.PRNGKey(7))
+  b, _ = optimize.run(w, SPEC, CFG_H, jax.random.PRNGKey(7))
+  c, _ = optimize.run(w, SPEC, CFG_H, jax.random.PRNGKey(8))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert not np.array_equal(np.asarray(a.base), np.asarray(c.base))
+
+
+def test_fixed_scales_keep_the_transform_orthogonal_and_shared_stacks_sum_losses():
+  w = _outlier_stack(seed=3, b=2).reshape(1, 2, 64, 32)  # two matrices share a transform
+  cfg = dataclasses.replace(CFG, learn_scales=False, steps=3, optimizer='adamw',
+                            weight_decay=1e-3, schedule='constant', right_scales=True)
+  best, state = optimize.run(w, SPEC, cfg, jax.random.PRNGKey(0))
+  m = np.asarray(best.matrix(), np.float64)
+  assert m.shape == (1, 2, 32, 32)
+  np.testing.assert_allclose(m @ np.swapaxes(m, -1, -2), np.broadcast_to(np.eye(32), m.shape),
+                             atol=1e-5)
+  assert float(state.rtn_loss[0]) == pytest.approx(float(proxy.rtn_loss(w[0], SPEC).sum()), rel=1e-6)
+
+
+def test_zero_steps_returns_the_initial_transform():
+  w = _outlier_stack(seed=4, b=1)
+  best, state = optimize.run(w, SPEC, dataclasses.replace(CFG, steps=0), jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(np.asarray(best.matrix()), np.broadcast_to(np.eye(32), (1, 2, 32, 32)))
+  assert int(state.step) == 0
+
+
+def test_step_function_is_resumable_from_the_state_pytree():
+  w = _outlier_stack(seed=5)  # same shape and config as the fixture: no recompile
+  step = optimize.make_step(SPEC, CFG)
+  s = optimize.init_state(w, SPEC, CFG, jax.random.PRNGKey(0))
+  for _ in range(2):
+    s = step(s, w)
+  leaves, treedef = jax.tree.flatten(s)
+  s2 = jax.tree.unflatten(treedef, [np.asarray(x) for x in leaves])  # e.g. a checkpoint
+  a, b = step(step(s, w), w), step(step(s2, w), w)
+  np.testing.assert_array_equal(np.asarray(a.best_loss), np.asarray(b.best_loss))
+  assert int(a.step) == 4
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(optimizer='sgd'), 'optimizer='),
+    (dict(schedule='linear'), 'schedule='),
+    (dict(learning_rate=0.0), 'learning_rate='),
+    (dict(steps=-1), 'steps='),
+    (dict(init='hadamard', block_size=48), 'power-of-two'),
+    (dict(log_scale_bound=0.0), 'log_scale_bound='),
+    (dict(ste='none'), 'ste='),
+    (dict(warmup_steps=500), 'warmup_steps='),
+])
+def test_bad_transform_configs_raise_clear_errors(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    optimize.TransformConfig(**kwargs)
+
+
+def test_run_rejects_block_size_not_dividing_d_in_and_bad_ranks():
+  with pytest.raises(ValueError, match='does not divide d_in=64'):
+    optimize.run(jnp.ones((1, 64, 8)), SPEC, dataclasses.replace(CFG, block_size=48),
+                 jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match=r'\(B, d_in, d_out\)'):
+    optimize.run(jnp.ones((64, 8)), SPEC, CFG, jax.random.PRNGKey(0))

@@ -1,0 +1,114 @@
+"""Tests of cafeq_jax.core.transforms against numpy references."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cafeq_jax.core import transforms
+
+
+def _random_transform(key, d_in, k, batch=(), scale=1.0, init='identity', bound=0.5):
+  t = transforms.init_transform(key, d_in, k, init=init, batch_shape=batch,
+                                log_scale_bound=bound)
+  k1, k2, k3 = jax.random.split(jax.random.fold_in(key, 1), 3)
+  return t.replace(
+      skew=scale * jax.random.normal(k1, t.skew.shape),
+      log_row=3 * scale * jax.random.normal(k2, t.log_row.shape),
+      log_col=3 * scale * jax.random.normal(k3, t.log_col.shape))
+
+
+@pytest.mark.parametrize('k', [1, 2, 8, 64])
+def test_sylvester_hadamard_rows_are_orthogonal(k):
+  h = transforms.hadamard_matrix(k)
+  assert set(np.unique(h)) <= {-1.0, 1.0}
+  np.testing.assert_array_equal(h @ h.T, k * np.eye(k))
+
+
+@pytest.mark.parametrize('k', [0, 3, 12, 96])
+def test_hadamard_rejects_non_power_of_two(k):
+  with pytest.raises(ValueError, match='powers of two'):
+    transforms.hadamard_matrix(k)
+
+
+def test_random_hadamard_blocks_are_orthogonal_with_random_signs():
+  m = np.asarray(transforms.random_hadamard_blocks(jax.random.PRNGKey(0), 3, 16, (2,)))
+  assert m.shape == (2, 3, 16, 16)
+  np.testing.assert_allclose(m @ np.swapaxes(m, -1, -2), np.broadcast_to(np.eye(16), m.shape),
+                             atol=1e-6)
+  assert not np.allclose(m[0, 0], m[0, 1])  # independent signs per block
+
+
+@pytest.mark.parametrize('init', ['identity', 'hadamard'])
+def test_closed_form_inverse_matches_numpy_inverse(init):
+  t = _random_transform(jax.random.PRNGKey(3), 48, 16, batch=(2,), init=init)
+  m, m_inv = (np.asarray(a, np.float64) for a in t.matrix_and_inverse())
+  np.testing.assert_allclose(m_inv, np.linalg.inv(m), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(t.inverse()), m_inv, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(t.matrix()), m, rtol=1e-6)
+
+
+@pytest.mark.parametrize('bound', [0.25, 0.5, 1.0])
+def test_condition_number_is_bounded_for_extreme_parameters(bound):
+  t = _random_transform(jax.random.PRNGKey(4), 64, 32, batch=(3,), scale=30.0, bound=bound)
+  conds = np.linalg.cond(np.asarray(t.matrix(), np.float64))
+  assert conds.max() <= t.condition_bound() * (1 + 1e-4)
+  assert conds.max() > 1.5  # the parameters do move away from orthogonal
+
+
+def test_zero_parameters_give_the_base_rotation():
+  t = transforms.init_transform(jax.random.PRNGKey(0), 32, 8, init='identity')
+  np.testing.assert_allclose(np.asarray(t.matrix()), np.broadcast_to(np.eye(8), (4, 8, 8)))
+  th = transforms.init_transform(jax.random.PRNGKey(0), 32, 8, init='hadamard')
+  np.testing.assert_allclose(np.asarray(th.matrix()), np.asarray(th.base), atol=1e-6)
+
+
+def test_apply_left_matches_dense_block_diagonal_product():
+  key = jax.random.PRNGKey(5)
+  t = _random_transform(key, 24, 8, batch=(2,))
+  m = np.asarray(t.matrix(), np.float64)
+  w = np.asarray(jax.random.normal(key, (2, 24, 5)), np.float64)
+  dense = np.zeros((2, 24, 24))
+  for b in range(2):
+    for i in range(3):
+      dense[b, 8 * i:8 * i + 8, 8 * i:8 * i + 8] = m[b, i]
+  np.testing.assert_allclose(np.asarray(transforms.apply_left(jnp.asarray(m, jnp.float32), w)),
+                             dense @ w, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(transforms.block_diag(jnp.asarray(m))), dense, atol=1e-7)
+
+
+def test_online_transform_leaves_the_layer_output_unchanged():
+  key = jax.random.PRNGKey(6)
+  t = _random_transform(key, 32, 16)
+  m, m_inv = t.matrix_and_inverse()
+  w = jax.random.normal(jax.random.fold_in(key, 1), (32, 7))
+  x = jax.random.normal(jax.random.fold_in(key, 2), (3, 5, 32))
+  y = transforms.apply_to_activations(x, m_inv) @ transforms.apply_left(m, w)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(x @ w), rtol=1e-4, atol=1e-4)
+
+
+def test_block_size_must_divide_d_in():
+  with pytest.raises(ValueError, match='does not divide d_in=48'):
+    transforms.init_transform(jax.random.PRNGKey(0), 48, 32)
+  with pytest.raises(ValueError, match='init='):
+    transforms.init_transform(jax.random.PRNGKey(0), 48, 16, init='qr')
+  with pytest.raises(ValueError, match='cannot act on a matrix with d_in=40'):
+    transforms.apply_left(jnp.zeros((3, 16, 16)), jnp.zeros((40, 4)))
+
+
+def test_online_overhead_is_k_over_d_out():
+  assert transforms.online_overhead(576, 1536, 64) == pytest.approx(64 / 1536)
+
+
+@pytest.mark.parametrize('scale', [0.0, 0.01, 0.3, 3.0, 100.0])
+def test_expm_skew_matches_scipy_and_is_orthogonal(scale):
+  import scipy.linalg  # pylint: disable=g-import-not-at-top
+  p = scale * np.asarray(jax.random.normal(jax.random.PRNGKey(9), (3, 16, 16)), np.float64)
+  a = 0.5 * (p - np.swapaxes(p, -1, -2))
+  r = np.asarray(transforms.expm_skew(jnp.asarray(a, jnp.float32)), np.float64)
+  np.testing.assert_allclose(r @ np.swapaxes(r, -1, -2), np.broadcast_to(np.eye(16), r.shape),
+                             atol=2e-5)
+  if np.linalg.norm(a[0]) <= 32:  # beyond, the generator is clipped (still orthogonal)
+    np.testing.assert_allclose(r, np.stack([scipy.linalg.expm(x) for x in a]), atol=5e-5)

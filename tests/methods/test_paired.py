@@ -1,0 +1,116 @@
+"""Tests for cafeq_jax.methods.paired on tiny decoder presets (fp32)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cafeq_jax import quantizer as qz
+from cafeq_jax.core import pairs as pairs_lib
+from cafeq_jax.core import rounding
+from cafeq_jax.methods import paired
+from cafeq_jax.models import config as model_config_lib
+from cafeq_jax.models import decoder
+from cafeq_jax.models import linears
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Stand-in for QuantConfig carrying only the fields methods.paired reads."""
+  spec: qz.QuantSpec = qz.QuantSpec(bits=3, group_size=32)
+  matrices: tuple[str, ...] = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+  pairs: tuple[str, ...] = ('vo', 'qk', 'updown')
+  pair_loss: str = 'product'
+  pair_steps: int = 20
+  pair_learning_rate: float = 1e-2
+  ar_rounds: int = 2
+  ar_solver: str = 'gptq'
+
+
+def _model(name):
+  cfg = model_config_lib.get_config(name)
+  params = decoder.init_params(cfg, jax.random.PRNGKey(0))
+  # Make the weights far from isotropic so transforms matter (and folds are not ~I).
+  rng = np.random.default_rng(0)
+  mats = {n: np.asarray(w) * (1 + 3 * rng.random(size=(1, 1, w.shape[-1]))) for n, w in
+          linears.get_linears(params, cfg).items()}
+  return cfg, linears.set_linears(params, cfg, {n: jnp.asarray(w, jnp.float32)
+                                               for n, w in mats.items()})
+
+
+def _random_transforms(cfg, rng):
+  L, K, hd, F = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_dim
+  return {
+      'vo': jnp.asarray(np.eye(hd) + 0.3 * rng.normal(size=(L, K, hd, hd)), jnp.float32),
+      'qk': (jnp.asarray(0.5 * rng.normal(size=(L, K, hd // 2)), jnp.float32),
+             jnp.asarray(rng.uniform(-3, 3, size=(L, K, hd // 2)), jnp.float32)),
+      'updown': jnp.asarray(0.5 * rng.normal(size=(L, F)), jnp.float32),
+  }
+
+
+@pytest.mark.parametrize('name', ['tiny_llama', 'tiny_gemma2'])
+def test_random_pair_transforms_leave_model_logits_unchanged(name):
+  cfg, params = _model(name)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, cfg.vocab_size)
+  want = decoder.forward(params, cfg, tokens)
+  mats = linears.get_linears(params, cfg)
+  geom = paired._geometry(cfg)  # pylint: disable=protected-access
+  for kind, p in _random_transforms(cfg, np.random.default_rng(2)).items():
+    na, nb = paired.PAIR_MATRICES[kind]
+    a2, b2 = pairs_lib.fold(kind, geom, mats[na], mats[nb], p)
+    assert float(jnp.abs(a2 - mats[na]).max()) > 1e-2
+    mats[na], mats[nb] = a2, b2
+  got = decoder.forward(linears.set_linears(params, cfg, mats), cfg, tokens)
+  scale = float(jnp.abs(want).max())
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4 * scale)
+
+
+def test_apply_pair_transforms_is_exact_and_reduces_product_error():
+  cfg, params = _model('tiny_llama')
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 10), 0, cfg.vocab_size)
+  new, report = paired.apply_pair_transforms(params, cfg, _Config(), jax.random.PRNGKey(0))
+  want, got = decoder.forward(params, cfg, tokens), decoder.forward(new, cfg, tokens)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want),
+                             atol=2e-4 * float(jnp.abs(want).max()))
+  assert set(report) == {'vo', 'qk', 'updown'}
+  for kind, r in report.items():
+    assert len(r['before']) == cfg.num_layers
+    assert all(a <= b for a, b in zip(r['after'], r['before'])), (kind, r)
+  assert sum(r['total_after'] for r in report.values()) < 0.97 * sum(
+      r['total_before'] for r in report.values())
+
+
+def test_apply_pair_transforms_skips_pairs_of_unquantized_matrices():
+  cfg, params = _model('tiny_llama')
+  qc = dataclasses.replace(_Config(), matrices=('gate', 'up', 'down'), pair_steps=2)
+  _, report = paired.apply_pair_transforms(params, cfg, qc)
+  assert set(report) == {'updown'}
+
+
+def test_adaptive_round_pairs_beats_rtn_per_layer():
+  cfg, params = _model('tiny_gemma2')
+  qc = _Config()
+  out, hist = paired.adaptive_round_pairs(params, cfg, qc, return_history=True)
+  assert set(out) == {(l, n) for l in range(cfg.num_layers) for n in ('v', 'o')}
+  mats = linears.get_linears(params, cfg)
+  for l in range(cfg.num_layers):
+    v, o = mats['v'][l], mats['o'][l]
+    assert out[(l, 'v')].codes.shape == v.shape and out[(l, 'o')].codes.shape == o.shape
+    err = rounding.pair_product_error(
+        v, o, qz.dequantize(out[(l, 'v')]), qz.dequantize(out[(l, 'o')]),
+        n1=cfg.num_kv_heads, n2=cfg.num_heads)
+    rtn = rounding.pair_product_error(
+        v, o, qz.quant_dequant(v, qc.spec), qz.quant_dequant(o, qc.spec),
+        n1=cfg.num_kv_heads, n2=cfg.num_heads)
+    np.testing.assert_allclose(float(rtn), hist[l, 0], rtol=1e-4)
+    assert float(err) < 0.95 * float(rtn)
+
+
+def test_adaptive_round_pairs_needs_both_v_and_o():
+  cfg, params = _model('tiny_llama')
+  qc = dataclasses.replace(_Config(), matrices=('q',))
+  assert paired.adaptive_round_pairs(params, cfg, qc) == {}
