@@ -20,6 +20,7 @@ Tile sweep example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -136,7 +137,7 @@ def main(argv):
                                  ('split_k', _SPLIT_K.value)) if v is not None}
   variant_default = (matmul_lib.DEFAULT_TPU_CONFIG if backend == 'tpu'
                      else matmul_lib.DEFAULT_GPU_CONFIG)
-  config = (matmul_lib.dataclasses.replace(variant_default, **overrides)
+  config = (dataclasses.replace(variant_default, **overrides)
             if overrides else None)
   bits_list = [int(b) for b in _BITS.value]
   key = jax.random.PRNGKey(0)
@@ -205,11 +206,13 @@ def main(argv):
             r = np.asarray(check(*args).astype(jnp.float32))
             row['max_rel_err'] = float(np.abs(y - r).max() / (np.abs(r).max() + 1e-30))
             err = f'{row["max_rel_err"]:.1e}'
+          speedup = (f'{row["speedup_vs_bf16"]:.2f}' if 'speedup_vs_bf16' in row
+                     else '')
           roof = ('unknown' if 'roofline_frac' not in row
                   else f'{row["roofline_frac"]:.2f}')
           print(f'{model:10s} {proj:8s} {k:6d} {n:6d} {m:4d} {name:14s} '
                 f'{row["time_us"]:9.1f} {row["gbps"]:8.1f} {roof:>8s} '
-                f'{row.get("speedup_vs_bf16", float("nan")):7.2f} {err:>8s}')
+                f'{speedup:>7s} {err:>8s}')
           rows.append(row)
   os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
   path = os.path.join(_OUTPUT_DIR.value, 'bench_kernels.json')

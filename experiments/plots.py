@@ -38,6 +38,7 @@ from matplotlib import figure as mpl_figure
 _MATRIX_ORDER = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 _MARKERS = ('o', 's', '^', 'D', 'v', 'P', 'X', '*', '<', '>')
 _BIT_TICKS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32)
+_COLUMN_FAMILY = re.compile(r'^w\d+')   # 'w3g128asym' -> family 'g128asym'
 _KEY = re.compile(r'^layer_(\d+)/(.+)$')
 
 
@@ -67,6 +68,18 @@ def _fmt(v, _=None) -> str:
   return f'{v:.3g}'
 
 
+class _PlainFormatter(matplotlib.ticker.Formatter):
+  """Decimal tick labels with just enough digits for the axis range (no offset or
+  '1e-7' multiplier text, which would collide with a top axis)."""
+
+  def __call__(self, x, pos=None):
+    lo, hi = self.axis.get_view_interval()
+    span = abs(hi - lo) or abs(hi) or 1.0
+    scale = max(abs(lo), abs(hi), 1e-300)
+    digits = max(2, int(math.ceil(math.log10(scale / span))) + 2)
+    return f'{x:.{min(digits, 12)}g}'
+
+
 def _auto_log(ax, values: Iterable[float], axis: str = 'y', min_ratio: float = 10.0) -> None:
   """Log scale (plain decimal tick labels) when the positive ``values`` span more
   than ``min_ratio``; linear otherwise."""
@@ -75,8 +88,12 @@ def _auto_log(ax, values: Iterable[float], axis: str = 'y', min_ratio: float = 1
   a = ax.yaxis if axis == 'y' else ax.xaxis
   if log:
     (ax.set_yscale if axis == 'y' else ax.set_xscale)('log')
+    if max(vals) / min(vals) < 1e3:   # a few decades: label 1, 2, 5 of each
+      a.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     a.set_major_formatter(matplotlib.ticker.FuncFormatter(_fmt))
     a.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  else:
+    a.set_major_formatter(_PlainFormatter())
 
 
 def _matrix_names(names: Iterable[str]) -> list[str]:
@@ -134,13 +151,14 @@ def proxy_ratio_figure(column: str, reports: Mapping[str, Mapping[str, Any]]
 
   Returns:
     A figure with one axes per matrix name (title = name; a line per method,
-    x = layer, y = final / rtn) and a last bar panel ('all layers').
+    x = layer, y = final / rtn) and a last panel 'all layers' (a marker per
+    method and matrix name: summed final / summed rtn).
   """
   methods = list(reports)
   colors = _colors(methods)
   per = {m: (_per_layer(r, 'final'), _per_layer(r, 'rtn')) for m, r in reports.items()}
   names = _matrix_names(n for fin, _ in per.values() for n in fin)
-  ncols = 4
+  ncols = min(4, len(names) + 1)
   nrows = max(1, math.ceil((len(names) + 1) / ncols))
   fig = _new_figure(3.2 * ncols, 2.6 * nrows + 0.4)
   axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
@@ -157,9 +175,10 @@ def proxy_ratio_figure(column: str, reports: Mapping[str, Mapping[str, Any]]
     ax.set_ylabel('final / RTN proxy')
     ax.grid(alpha=0.3)
     ax.xaxis.get_major_locator().set_params(integer=True)
-  # Summary panel: ratio of the losses summed over layers, per matrix name.
+  # Summary panel: ratio of the losses summed over layers, per matrix name (dots,
+  # offset per method: the interesting range is near 1, not down to 0).
   ax = axes[len(names)]
-  width = 0.8 / max(len(methods), 1)
+  width = 0.6 / max(len(methods), 1)
   for i, m in enumerate(methods):
     fin, rtn = per[m]
     xs, ys = [], []
@@ -169,12 +188,13 @@ def proxy_ratio_figure(column: str, reports: Mapping[str, Mapping[str, Any]]
       if layers and total_rtn > 0:
         xs.append(j + (i - (len(methods) - 1) / 2) * width)
         ys.append(sum(fin[name][l] for l in layers) / total_rtn)
-    ax.bar(xs, ys, width=width, color=colors[m], label=m)
+    ax.plot(xs, ys, ls='none', marker=_MARKERS[i % len(_MARKERS)], ms=6, color=colors[m],
+            label=m)
   ax.axhline(1.0, color='0.4', lw=0.8, ls='--')
   ax.set_xticks(range(len(names)), names)
   ax.set_title('all layers')
   ax.set_ylabel('Σ final / Σ RTN')
-  ax.grid(alpha=0.3, axis='y')
+  ax.grid(alpha=0.3)
   for ax in axes[len(names) + 1:]:
     ax.set_visible(False)
   handles, labels = axes[len(names)].get_legend_handles_labels()
@@ -196,7 +216,7 @@ def proxy_loss_figure(column: str, reports: Mapping[str, Mapping[str, Any]]
     for name, by_layer in _per_layer(r, 'rtn').items():
       rtn.setdefault(name, by_layer)
   names = _matrix_names(set(rtn) | {n for f in finals.values() for n in f})
-  ncols = 4
+  ncols = max(1, min(4, len(names)))
   nrows = max(1, math.ceil(len(names) / ncols))
   fig = _new_figure(3.2 * ncols, 2.6 * nrows + 0.4)
   axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
@@ -231,7 +251,9 @@ def ppl_vs_bits_figure(results: Mapping[str, Any]) -> mpl_figure.Figure | None:
   """Perplexity and KLD against bits per weight, one series per method.
 
   Returns None when ``results`` has no evaluated method. Axes 0 is perplexity,
-  axes 1 KLD; each method's line has its points sorted by bits per weight.
+  axes 1 KLD. A method's points are joined, sorted by bits per weight, within
+  each quantizer family (columns equal up to their bit width, e.g. w3g128asym
+  and w4g128asym); each point is labelled with its column.
   """
   series: dict[str, list[tuple[float, float, float, str]]] = collections.defaultdict(list)
   fp_ppl, num_weights = None, None
@@ -253,13 +275,19 @@ def ppl_vs_bits_figure(results: Mapping[str, Any]) -> mpl_figure.Figure | None:
   fig = _new_figure(11, 4.4)
   ax_ppl, ax_kld = fig.subplots(1, 2)
   for i, m in enumerate(methods):
-    pts = sorted(series[m])
-    kw = dict(color=colors[m], marker=_MARKERS[i % len(_MARKERS)], ms=6, lw=1.2, label=m)
-    ax_ppl.plot([p[0] for p in pts], [p[1] for p in pts], **kw)
-    kpts = [p for p in pts if _finite(p[2]) and p[2] > 0]
-    if kpts:
-      ax_kld.plot([p[0] for p in kpts], [p[2] for p in kpts], **kw)
-    for b, ppl, kld, col in pts:
+    # One line per quantizer family (same granularity and symmetry, different bits).
+    families: dict[str, list] = collections.defaultdict(list)
+    for p in series[m]:
+      families[_COLUMN_FAMILY.sub('', p[3])].append(p)
+    for f, (family, fpts) in enumerate(sorted(families.items())):
+      fpts = sorted(fpts)
+      kw = dict(color=colors[m], marker=_MARKERS[i % len(_MARKERS)], ms=6, lw=1.2,
+                label=m if f == 0 else '_nolegend_')
+      ax_ppl.plot([p[0] for p in fpts], [p[1] for p in fpts], **kw)
+      kpts = [p for p in fpts if _finite(p[2]) and p[2] > 0]
+      if kpts:
+        ax_kld.plot([p[0] for p in kpts], [p[2] for p in kpts], **kw)
+    for b, ppl, kld, col in series[m]:
       ax_ppl.annotate(col, (b, ppl), textcoords='offset points', xytext=(4, 3), fontsize=7,
                       color=colors[m])
       if _finite(kld) and kld > 0:
@@ -280,7 +308,12 @@ def ppl_vs_bits_figure(results: Mapping[str, Any]) -> mpl_figure.Figure | None:
   for ax in (ax_ppl, ax_kld):
     ax.set_xscale('log', base=2)
     ax.set_xlabel('bits per weight of the quantized linears (log scale)')
-    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(_BIT_TICKS))
+    bits = [p[0] for pts in series.values() for p in pts] or [16.0]
+    if ax is ax_ppl and fp_ppl is not None:
+      bits.append(16.0)
+    ticks = (_BIT_TICKS if max(bits) / min(bits) > 1.5 else
+             [t / 4 for t in range(int(4 * min(bits)), int(4 * max(bits)) + 2)])
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:g}'))
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.grid(alpha=0.3, which='both')
@@ -289,8 +322,7 @@ def ppl_vs_bits_figure(results: Mapping[str, Any]) -> mpl_figure.Figure | None:
       top = ax.secondary_xaxis('top', functions=(lambda b, mb=mb: b * mb,
                                                  lambda y, mb=mb: y / mb))
       top.set_xlabel('MB on disk of the quantized linears', fontsize=8)
-      top.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(
-          [b * mb for b in _BIT_TICKS]))
+      top.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([b * mb for b in ticks]))
       top.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_fmt))
       top.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
       top.tick_params(labelsize=7)

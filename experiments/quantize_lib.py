@@ -65,8 +65,10 @@ def parse_column(name: str, clip_search: bool = False) -> quantizer.QuantSpec:
                      f"e.g. 'w3g128' or 'w4pcsym'.")
   bits, gran, sym = m.groups()
   group = None if gran == 'pc' else int(gran[1:])
+  # group_fallback: a matrix whose d_in is not a multiple of the group size (576 in
+  # SmolLM2 under g128) uses the largest supported group size dividing it.
   return quantizer.QuantSpec(bits=int(bits), group_size=group, symmetric=sym == 'sym',
-                             clip_search=clip_search)
+                             clip_search=clip_search, group_fallback=True)
 
 
 def column_name(spec: quantizer.QuantSpec) -> str:
@@ -181,7 +183,13 @@ def storage(qparams) -> dict[str, float]:
 def _row_hash(config, qcfg: QuantConfig, calib: str | None) -> str:
   """Identity of one table cell's inputs: model, evaluation tokens, method config."""
   keep = {k: config[k] for k in ('model', 'eval_text', 'eval_num_seqs', 'eval_seq_len')}
-  keep['quant_config'] = {k: v for k, v in qcfg.to_dict().items() if k != 'progress'}
+  d = qcfg.to_dict()
+  # Baselines read a few fields; a change of the other defaults must not redo them.
+  relevant = {'rtn': ('method', 'spec', 'matrices'),
+              'hadamard': ('method', 'spec', 'matrices', 'block_size', 'seed'),
+              'gptq': ('method', 'spec', 'matrices', 'gptq_damp')}.get(d['method'])
+  keep['quant_config'] = {k: v for k, v in d.items()
+                          if k != 'progress' and (relevant is None or k in relevant)}
   if calib is not None:
     keep['calib'] = [calib, config.calib_num_seqs, config.calib_seq_len]
   return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]

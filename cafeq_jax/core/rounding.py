@@ -222,6 +222,7 @@ def gptq_round(w: jax.Array, h: jax.Array, spec: qz.QuantSpec, *,
   """
   qz.validate_weight(w, spec)
   _check_h(h, w.shape[-2], 'h')
+  spec = spec.for_rows(w.shape[-2])  # the group size actually used (group_fallback)
   return _gptq_round_jit(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32),
                          spec, float(damp), int(block))
 
@@ -269,6 +270,7 @@ def gptq_round_output(w: jax.Array, h: jax.Array, spec: qz.QuantSpec, *,
   """
   qz.validate_weight(w, spec)
   _check_h(h, w.shape[-1], 'h')
+  spec = spec.for_rows(w.shape[-2])  # the group size actually used (group_fallback)
   return _gptq_round_output_jit(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32),
                                 spec, float(damp), int(block))
 

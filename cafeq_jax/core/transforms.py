@@ -116,7 +116,8 @@ def expm_skew(a: jax.Array) -> jax.Array:
   k = a.shape[-1]
   eye = jnp.eye(k, dtype=a.dtype)
   limit = 0.5 * 2.0**_MAX_SQUARINGS
-  norm = jnp.sqrt(jnp.sum(a * a, axis=(-2, -1), keepdims=True))
+  # + tiny keeps the gradient finite at A = 0 (the identity init).
+  norm = jnp.sqrt(jnp.sum(a * a, axis=(-2, -1), keepdims=True) + 1e-30)
   a = a * jnp.minimum(1.0, limit / jnp.maximum(norm, 1e-30))
   norm = jax.lax.stop_gradient(jnp.minimum(norm, limit))
   s = jnp.clip(jnp.ceil(jnp.log2(jnp.maximum(norm, 1e-30) / 0.5)), 0, _MAX_SQUARINGS)

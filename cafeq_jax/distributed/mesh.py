@@ -122,6 +122,26 @@ def state_shardings(tree: PyTree, mesh: Mesh, axis: str = STACK_AXIS,
   return jax.tree.map(lambda x: stacked if _is_stacked(x, n) else replicated, tree)
 
 
+def _put(tree: PyTree, shardings: PyTree) -> PyTree:
+  """``device_put`` that also builds arrays spanning several processes.
+
+  In a multi-process job every process passes the same full value (host data);
+  each keeps only the shards of its own devices.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def put(x, sharding):
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      impl = jax.random.key_impl(x)
+      data = put(jax.random.key_data(x), sharding)
+      return jax.random.wrap_key_data(data, impl=impl)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+  return jax.tree.map(put, tree, shardings)
+
+
 def shard_stack(tree: PyTree, mesh: Mesh, axis: str = STACK_AXIS, *,
                 pad: bool = False, stack: int | None = None) -> tuple[PyTree, int]:
   """Lays the stacked leaves of ``tree`` across ``mesh[axis]``.
@@ -151,7 +171,7 @@ def shard_stack(tree: PyTree, mesh: Mesh, axis: str = STACK_AXIS, *,
           f'or use a mesh whose size divides {n}.')
     tree = pad_stack(tree, n_dev, n)
   shardings = state_shardings(tree, mesh, axis, padded_size(n, n_dev))
-  return jax.device_put(tree, shardings), n
+  return _put(tree, shardings), n
 
 
 def validate_sharding(shape: Sequence[int], spec: Any, block_size: int | None,
@@ -281,7 +301,7 @@ def shard_step(step_fn: Callable[..., PyTree], state: PyTree, mesh: Mesh, *,
   n_pad = padded_size(n, n_dev)
   tree = pad_stack((state, tuple(args)), n_dev, n)
   shardings = state_shardings(tree, mesh, axis, n_pad)
-  state, args = jax.device_put(tree, shardings)
+  state, args = _put(tree, shardings)
   state_sh, args_sh = shardings
   step = jax.jit(step_fn, in_shardings=(state_sh, *args_sh), out_shardings=state_sh)
   return step, state, args, n
@@ -295,5 +315,14 @@ def gather_to_host(tree: PyTree) -> PyTree:
   """
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    tree = multihost_utils.process_allgather(tree, tiled=True)
+
+    def gather(x):
+      if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(gather(jax.random.key_data(x)),
+                                        impl=jax.random.key_impl(x))
+      if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jnp.asarray(multihost_utils.process_allgather(x, tiled=True))
+      return jnp.asarray(x)
+
+    return jax.tree.map(gather, tree)
   return jax.tree.map(jnp.asarray, jax.device_get(tree))

@@ -187,6 +187,73 @@ def gather_stacks(local: PyTree, n: int, process_count: int | None = None) -> Py
   return jax.tree.map(gather, local)
 
 
+def local_share(tree: PyTree, n: int, process_index: int | None = None,
+                process_count: int | None = None) -> PyTree:
+  """This process's share of every stacked leaf (leading dim ``n``) of ``tree``.
+
+  Other leaves (step counters, PRNG keys, schedules) are kept whole. Useful to
+  split a state initialised on the full stack (so that random initialisations
+  do not depend on how the stack is split) before optimising the share.
+  """
+  share = process_share(n, process_index, process_count)
+  return jax.tree.map(lambda x: x[share] if np.ndim(x) >= 1 and np.shape(x)[0] == n else x,
+                      tree)
+
+
+def _is_key(x) -> bool:
+  return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def split_loop(step_fn: Callable[..., PyTree], state: PyTree, num_steps: int, *,
+               args: tuple[PyTree, ...] = (), stack: int | None = None,
+               loop: Callable[..., PyTree] | None = None) -> PyTree:
+  """Runs an optimisation loop with each process on its share of the stack.
+
+  The state is built on the full stack by every process (so random inits do
+  not depend on the split), sliced to this process's contiguous share
+  (``local_share``), stepped ``num_steps`` times, and the stacked leaves are
+  gathered back from all processes; unstacked leaves (step counter, shared PRNG
+  key, schedule counts) are identical everywhere and kept.
+
+  Args:
+    step_fn: ``(state, *args) -> state`` (e.g. ``core.optimize.make_step``).
+    state: the full-stack initial state.
+    num_steps: steps.
+    args: constant stacked operands (e.g. the weights ``(n, ...)``).
+    stack: ``n`` (default: leading dim of ``args[0]``).
+    loop: optional inner loop ``loop(step_fn, state, num_steps, args=...)`` for
+      the share, e.g. ``mesh.sharded_run`` with a mesh of this process's local
+      devices, or ``checkpointing.resumable_run`` with a per-process directory
+      bound via ``functools.partial`` (single-process Orbax only).
+
+  Returns:
+    The full-stack final state, the same on every process, on the default device.
+  """
+  if stack is None:
+    if not args:
+      raise ValueError('split_loop needs stack= or a stacked operand in args.')
+    stack = int(np.shape(jax.tree.leaves(args[0])[0])[0])
+  n = stack
+  stacked = jax.tree.map(lambda x: np.ndim(x) >= 1 and np.shape(x)[0] == n, state)
+  local = local_share(state, n)
+  local_args = tuple(local_share(a, n) for a in args)
+  if loop is None:
+    for _ in range(num_steps):
+      local = step_fn(local, *local_args)
+  else:
+    local = loop(step_fn, local, num_steps, args=local_args)
+
+  def gather(is_stacked, x):
+    if not is_stacked:
+      return jnp.asarray(x)
+    if _is_key(x):
+      data = gather_stacks(jax.random.key_data(x), n)
+      return jax.random.wrap_key_data(jnp.asarray(data), impl=jax.random.key_impl(x))
+    return jnp.asarray(gather_stacks(x, n))
+
+  return jax.tree.map(gather, stacked, local)
+
+
 def map_stack_shares(fn: Callable[[PyTree], PyTree], stack: PyTree,
                      n: int | None = None) -> PyTree:
   """Runs ``fn`` on this process's share of ``stack`` and gathers the results.

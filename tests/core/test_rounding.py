@@ -245,3 +245,20 @@ def test_adaptive_rounding_rejects_bad_config():
     rounding.adaptive_round_pair(w1, w2, spec, spec, rounding='adaround')
   with pytest.raises(ValueError, match='inner block'):
     rounding.adaptive_round_pair(w1, np.ones((5, 8), np.float32), spec, spec)
+
+
+def test_gptq_group_fallback_uses_the_group_size_dividing_d_in():
+  rng = np.random.default_rng(10)
+  x = _correlated(rng, 512, 192)
+  h = (x.T @ x).astype(np.float32)
+  w = rng.normal(size=(192, 8)).astype(np.float32)
+  got = rounding.gptq_round(w, h, qz.QuantSpec(bits=3, group_size=128, group_fallback=True))
+  want = rounding.gptq_round(w, h, qz.QuantSpec(bits=3, group_size=64))
+  assert got.spec.group_size == 64 and got.scale.shape == (3, 8)
+  np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(want.codes))
+  q_out = rounding.gptq_round_output(
+      w, np.eye(8, dtype=np.float32), qz.QuantSpec(bits=3, group_size=128,
+                                                   group_fallback=True))
+  rtn = qz.quantize(jnp.asarray(w), qz.QuantSpec(bits=3, group_size=64))
+  assert q_out.spec.group_size == 64
+  np.testing.assert_array_equal(np.asarray(q_out.codes), np.asarray(rtn.codes))

@@ -52,6 +52,13 @@ def test_process_share_rejects_bad_index():
     multihost.process_share(4, 2, 2)
 
 
+def test_local_share_slices_only_stacked_leaves():
+  tree = {'w': np.arange(10).reshape(5, 2), 'step': np.int32(3), 'key': np.zeros(2)}
+  got = multihost.local_share(tree, 5, 1, 2)
+  np.testing.assert_array_equal(got['w'], tree['w'][3:5])
+  assert got['step'] == 3 and got['key'].shape == (2,)
+
+
 def test_initialize_from_env_is_noop_for_single_process(monkeypatch):
   for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID',
             'CAFEQ_DISTRIBUTED'):
@@ -98,7 +105,8 @@ def test_two_processes_produce_the_same_quantized_stack_as_one(tmp_path):
 
   # Single-process reference, computed here on the whole stack at once.
   w = toy.make_stack(jax.random.key(0), n=multihost_worker.N)
-  ref = multihost_worker.optimise_and_quantize(w)
+  # core.optimize (Hadamard init, Adam, keep-best) on the whole stack at once.
+  ref = multihost_worker.optimize_share(w)
   for pid, out in enumerate(outs):
     got = np.load(out)
     assert int(got['process_count']) == 2 and int(got['process_index']) == pid

@@ -55,11 +55,14 @@ def test_proxy_ratio_lines_are_final_over_rtn_per_layer():
     np.testing.assert_allclose(lines['cafeq'].get_ydata(),
                                [0.5 + 0.1 * l + 0.01 * j for l in range(3)], rtol=1e-12)
     np.testing.assert_allclose(lines['rtn'].get_ydata(), 1.0)
-  # Summary bars: sum(final) / sum(rtn) over layers; rtn is layer-weighted (l + 1).
-  bars = [p.get_height() for p in axes['all layers'].patches]
+  # Summary: sum(final) / sum(rtn) over layers; rtn is layer-weighted (l + 1).
+  summary = {l.get_label(): l for l in axes['all layers'].get_lines()
+             if not l.get_label().startswith('_')}
   expected_cafeq = [sum((0.5 + 0.1 * l + 0.01 * j) * (l + 1) for l in range(3)) / 6
                     for j in range(len(_NAMES))]
-  np.testing.assert_allclose(bars, [1.0] * len(_NAMES) + expected_cafeq, rtol=1e-12)
+  np.testing.assert_allclose(summary['cafeq'].get_ydata(), expected_cafeq, rtol=1e-12)
+  np.testing.assert_allclose(summary['rtn'].get_ydata(), 1.0)
+  assert [t.get_text() for t in axes['all layers'].get_xticklabels()] == list(_NAMES)
 
 
 def test_ppl_vs_bits_points_are_sorted_per_method_with_fp_at_16_bits():

@@ -19,9 +19,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def _tiny_config(workdir):
   c = sweep_config.get_config()
   c.models = 'tiny_llama'
-  c.methods = 'rtn,hadamard'
+  c.methods = 'rtn'
   c.bits = '4,3'
-  c.group_sizes = '32'
+  c.group_sizes = '32,0'
   c.eval_num_seqs = 2
   c.eval_seq_len = 16
   c.eval_batch_size = 2
@@ -31,7 +31,7 @@ def _tiny_config(workdir):
 
 def test_grid_is_the_cartesian_product_with_per_channel_as_zero():
   c = _tiny_config('/unused')
-  c.group_sizes = '32,0'
+  c.methods = 'rtn,hadamard'
   points = sweep.grid(c)
   assert len(points) == 2 * 2 * 2
   assert {(p.method, p.bits, p.group_size) for p in points} == {
@@ -93,11 +93,16 @@ def test_tiny_sweep_over_2x2_grid_completes_and_is_skipped_on_rerun(tmp_path):
   for r in rows:
     assert r['status'] == 'ok' and r['fp_ppl'] > 1 and r['ppl'] > 1 and r['kld'] >= 0
     assert 0 <= r['top1'] <= 1
-  by = {(r['method'], r['bits']): r for r in rows}
-  # 3-bit codes lose more than 4-bit ones (independent check of the metrics wiring).
-  for m in ('rtn', 'hadamard'):
-    assert by[(m, 3)]['proxy_final'] > by[(m, 4)]['proxy_final']
-    assert by[(m, 3)]['kld'] > by[(m, 4)]['kld']
+  by = {(r['bits'], r['group_size']): r for r in rows}
+  # 3-bit codes lose more than 4-bit ones, per-channel more than g32 (an
+  # independent check that each point ran its own spec).
+  for g in (32, None):
+    assert by[(3, g)]['proxy_final'] > by[(4, g)]['proxy_final']
+  for b in (4, 3):
+    assert by[(b, None)]['proxy_final'] > by[(b, 32)]['proxy_final']
+  # Storage: b bits per code + 2 x 16 bits (scale, zero) per group of 32 rows.
+  assert by[(4, 32)]['bits_per_weight'] == pytest.approx(4 + 32 / 32)
+  assert by[(3, 32)]['bits_per_weight'] == pytest.approx(3 + 32 / 32)
 
   calls.clear()
   again = sweep.run(config, runner=counting_runner)
@@ -108,8 +113,8 @@ def test_tiny_sweep_over_2x2_grid_completes_and_is_skipped_on_rerun(tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'experiments.sweep',
        f'--config={os.path.join(REPO, "experiments", "configs", "sweep.py")}',
-       '--config.models=tiny_llama', '--config.methods=rtn,hadamard', '--config.bits=4,3',
-       '--config.group_sizes=32', '--config.eval_num_seqs=2', '--config.eval_seq_len=16',
+       '--config.models=tiny_llama', '--config.methods=rtn', '--config.bits=4,3',
+       '--config.group_sizes=32,0', '--config.eval_num_seqs=2', '--config.eval_seq_len=16',
        f'--config.workdir={tmp_path}'],
       cwd=REPO, capture_output=True, text=True, timeout=120,
       env={**{k: v for k, v in os.environ.items() if not k.startswith(('JAX_', 'XLA_'))},

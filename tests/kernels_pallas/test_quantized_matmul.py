@@ -167,3 +167,19 @@ def test_gpu_plan_caps_accumulators_splits_k_for_decode_and_pads_n():
   assert huge.bm == 64 and huge.split_k == 1
   plan = matmul_lib._plan(3, 256, 200, 4, 64, 'gpu', matmul_lib.DEFAULT_GPU_CONFIG)
   assert plan.np_pad % plan.bn == 0 and plan.np_pad >= 100
+
+
+@pytest.mark.skipif(jax.default_backend() not in ('gpu', 'tpu'),
+                    reason='compiled (non-interpret) kernels need a GPU or TPU')
+@pytest.mark.parametrize('bits', [3, 4])
+@pytest.mark.parametrize('batch', [1, 8, 64])
+def test_compiled_kernel_matches_reference_on_accelerator(bits, batch):
+  q, p, kx = _case(2304, 2048, bits, 128, False)
+  x = jax.random.normal(kx, (batch, 2304), jnp.float32).astype(jnp.bfloat16)
+  y = kernels_pallas.quantized_matmul(x, p, interpret=False)
+  _check(y, x, q, jnp.bfloat16)
+  minv = jax.random.normal(kx, (2304 // 64, 64, 64), jnp.float32)
+  yb = kernels_pallas.blockdiag_matmul(x, minv, interpret=False)
+  ref = kernels_pallas.blockdiag_matmul_reference(x, minv)
+  np.testing.assert_allclose(np.asarray(yb, np.float32), np.asarray(ref, np.float32),
+                             rtol=2e-2, atol=2e-2 * float(jnp.abs(ref).max()))
