@@ -9,11 +9,15 @@ and the per-method proxy-loss reports ``output_dir/reports/<column>_<method>.jso
                        (below 1 = better than round-to-nearest), and a last
                        panel with the ratio summed over layers.
   proxy_loss_<column>.png  the absolute proxy ``||W - Ŵ||²`` per layer (log
-                       scale), solid per method, RTN dashed.
+                       scale when it spans a decade), a line per method, RTN
+                       without transform dashed.
   ppl_vs_bits.png      perplexity and KL divergence against bits per weight of
                        the quantized linears (packed codes + bf16 scales/zeros +
                        online transforms; the top axis gives their megabytes on
                        disk); fp is drawn at 16 bits.
+
+A method keeps its color in every figure. Missing or partial inputs (a run still
+going, a column without reports) are skipped, never an error.
 
 Figures are built with the object-oriented ``matplotlib.figure.Figure`` (Agg
 canvas): no pyplot state, safe in threads and notebooks.
@@ -31,8 +35,9 @@ import re
 from typing import Any, Iterable, Mapping
 
 import matplotlib
-from matplotlib.backends import backend_agg
 from matplotlib import figure as mpl_figure
+from matplotlib import ticker
+from matplotlib.backends import backend_agg
 
 # Matrix names in model order; others (if any) follow alphabetically.
 _MATRIX_ORDER = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
@@ -55,9 +60,19 @@ def _save(fig: mpl_figure.Figure, path: str) -> str:
   return path
 
 
-def _colors(methods: Iterable[str]) -> dict[str, Any]:
+def _colors(methods: Iterable[str], given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """A tab10 color per method; ``given`` colors win (same method, same color)."""
   cmap = matplotlib.colormaps['tab10']
-  return {m: cmap(i % 10) for i, m in enumerate(methods)}
+  out = {m: cmap(i % 10) for i, m in enumerate(methods)}
+  out.update({m: c for m, c in (given or {}).items() if m in out})
+  return out
+
+
+def method_colors(results: Mapping[str, Any]) -> dict[str, Any]:
+  """One color per method of ``results`` (order of first appearance, fp excluded)."""
+  methods = dict.fromkeys(m for c in results.get('columns', {}).values()
+                          for m in c.get('methods', {}) if m != 'fp')
+  return _colors(methods)
 
 
 def _finite(x: Any) -> bool:
@@ -68,7 +83,7 @@ def _fmt(v, _=None) -> str:
   return f'{v:.3g}'
 
 
-class _PlainFormatter(matplotlib.ticker.Formatter):
+class _PlainFormatter(ticker.Formatter):
   """Decimal tick labels with just enough digits for the axis range (no offset or
   '1e-7' multiplier text, which would collide with a top axis)."""
 
@@ -89,9 +104,9 @@ def _auto_log(ax, values: Iterable[float], axis: str = 'y', min_ratio: float = 1
   if log:
     (ax.set_yscale if axis == 'y' else ax.set_xscale)('log')
     if max(vals) / min(vals) < 1e3:   # a few decades: label 1, 2, 5 of each
-      a.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-    a.set_major_formatter(matplotlib.ticker.FuncFormatter(_fmt))
-    a.set_minor_formatter(matplotlib.ticker.NullFormatter())
+      a.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    a.set_major_formatter(ticker.FuncFormatter(_fmt))
+    a.set_minor_formatter(ticker.NullFormatter())
   else:
     a.set_major_formatter(_PlainFormatter())
 
@@ -128,6 +143,8 @@ def load_reports(output_dir: str, results: Mapping[str, Any] | None = None
       continue
     if isinstance(report.get('per_matrix'), dict):
       out[col][method] = report
+  if cols is not None:   # methods in the job's order (the order of the table rows)
+    out = {c: {m: out[c][m] for m in cols[c]['methods'] if m in out[c]} for c in out}
   return dict(out)
 
 
@@ -141,13 +158,14 @@ def _per_layer(report: Mapping[str, Any], key: str) -> dict[str, dict[int, float
   return dict(out)
 
 
-def proxy_ratio_figure(column: str, reports: Mapping[str, Mapping[str, Any]]
-                       ) -> mpl_figure.Figure:
+def proxy_ratio_figure(column: str, reports: Mapping[str, Mapping[str, Any]],
+                       colors: Mapping[str, Any] | None = None) -> mpl_figure.Figure:
   """Per matrix name: final / RTN proxy loss per layer, a line per method.
 
   Args:
     column: the quantizer's name (title only).
     reports: ``{method: QuantReport.to_dict()}``.
+    colors: optional ``{method: color}`` (e.g. ``method_colors(results)``).
 
   Returns:
     A figure with one axes per matrix name (title = name; a line per method,
@@ -155,7 +173,7 @@ def proxy_ratio_figure(column: str, reports: Mapping[str, Mapping[str, Any]]
     method and matrix name: summed final / summed rtn).
   """
   methods = list(reports)
-  colors = _colors(methods)
+  colors = _colors(methods, colors)
   per = {m: (_per_layer(r, 'final'), _per_layer(r, 'rtn')) for m, r in reports.items()}
   names = _matrix_names(n for fin, _ in per.values() for n in fin)
   ncols = min(4, len(names) + 1)
@@ -205,11 +223,11 @@ def proxy_ratio_figure(column: str, reports: Mapping[str, Mapping[str, Any]]
   return fig
 
 
-def proxy_loss_figure(column: str, reports: Mapping[str, Mapping[str, Any]]
-                      ) -> mpl_figure.Figure:
+def proxy_loss_figure(column: str, reports: Mapping[str, Mapping[str, Any]],
+                      colors: Mapping[str, Any] | None = None) -> mpl_figure.Figure:
   """Per matrix name: absolute proxy loss per layer (log scale); RTN dashed."""
   methods = list(reports)
-  colors = _colors(methods)
+  colors = _colors(methods, colors)
   finals = {m: _per_layer(r, 'final') for m, r in reports.items()}
   rtn = {}
   for r in reports.values():   # RTN loss is the same in every report: take the first
@@ -271,7 +289,7 @@ def ppl_vs_bits_figure(results: Mapping[str, Any]) -> mpl_figure.Figure | None:
   if not series and fp_ppl is None:
     return None
   methods = list(series)
-  colors = _colors(methods)
+  colors = _colors(methods, method_colors(results))
   fig = _new_figure(11, 4.4)
   ax_ppl, ax_kld = fig.subplots(1, 2)
   for i, m in enumerate(methods):
@@ -313,18 +331,18 @@ def ppl_vs_bits_figure(results: Mapping[str, Any]) -> mpl_figure.Figure | None:
       bits.append(16.0)
     ticks = (_BIT_TICKS if max(bits) / min(bits) > 1.5 else
              [t / 4 for t in range(int(4 * min(bits)), int(4 * max(bits)) + 2)])
-    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:g}'))
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f'{v:g}'))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
     ax.grid(alpha=0.3, which='both')
     if num_weights:
       mb = num_weights / 8 / 1e6
       top = ax.secondary_xaxis('top', functions=(lambda b, mb=mb: b * mb,
                                                  lambda y, mb=mb: y / mb))
       top.set_xlabel('MB on disk of the quantized linears', fontsize=8)
-      top.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([b * mb for b in ticks]))
-      top.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_fmt))
-      top.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+      top.xaxis.set_major_locator(ticker.FixedLocator([b * mb for b in ticks]))
+      top.xaxis.set_major_formatter(ticker.FuncFormatter(_fmt))
+      top.xaxis.set_minor_locator(ticker.NullLocator())
       top.tick_params(labelsize=7)
   ax_ppl.legend(fontsize=8)
   model = results.get('model', '')
@@ -347,10 +365,11 @@ def write_all(results: Mapping[str, Any], output_dir: str) -> list[str]:
   plot_dir = os.path.join(output_dir, 'plots')
   os.makedirs(plot_dir, exist_ok=True)
   written = []
+  colors = method_colors(results)
   for col, reports in sorted(load_reports(output_dir, results).items()):
-    written.append(_save(proxy_ratio_figure(col, reports),
+    written.append(_save(proxy_ratio_figure(col, reports, colors),
                          os.path.join(plot_dir, f'proxy_{col}.png')))
-    written.append(_save(proxy_loss_figure(col, reports),
+    written.append(_save(proxy_loss_figure(col, reports, colors),
                          os.path.join(plot_dir, f'proxy_loss_{col}.png')))
   fig = ppl_vs_bits_figure(results)
   if fig is not None:

@@ -6,7 +6,9 @@ TPU pod slice / multi-host job, or independent processes given
 ``i % num_shards == shard_index``. A point whose result is already in the JSONL
 (same key: a hash of the point and of every config field that affects its
 result) is skipped, so an interrupted sweep is simply relaunched. Each finished
-point appends one line atomically (``O_APPEND`` + ``flock``, a single write).
+point appends one line atomically (``O_APPEND`` + ``flock``, a single write) to
+``workdir/results_file``; every ``*.jsonl`` in ``workdir`` counts as done (so
+per-host files copied into one directory merge) and the summary covers them all.
 
     python -m experiments.sweep --config=experiments/configs/sweep.py \
         --config.models=smollm2_135m --config.methods=rtn,hadamard,cafeq \
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import glob
 import hashlib
 import itertools
 import json
@@ -237,7 +240,9 @@ def run(config: ml_collections.ConfigDict,
                      'launch independent processes with --config.num_shards/shard_index.')
   path = os.path.join(config.workdir, config.results_file)
   keys = {point_key(p, config): p for p in points}
-  done = {r['key'] for r in read_results(path) if r.get('status') == 'ok'}
+  # Every JSONL in the workdir counts (e.g. per-host files copied together).
+  tables = sorted({path, *glob.glob(os.path.join(config.workdir, '*.jsonl'))})
+  done = {r['key'] for t in tables for r in read_results(t) if r.get('status') == 'ok'}
   mine = my_points(points, num_shards, shard_index)
   logging.info('sweep: %d points, %d in shard %d/%d, %d already done', len(points),
                len(mine), shard_index, num_shards, len(done & set(keys)))
@@ -258,7 +263,9 @@ def run(config: ml_collections.ConfigDict,
            'time': time.strftime('%Y-%m-%dT%H:%M:%S')}
     append_result(path, row)
     ran += 1
-  rows = [r for r in read_results(path) if r.get('key') in keys and r.get('status') == 'ok']
+  rows = {r['key']: r for t in tables for r in read_results(t)
+          if r.get('key') in keys and r.get('status') == 'ok'}
+  rows = list(rows.values())
   return {'points': len(points), 'mine': len(mine), 'ran': ran, 'skipped': skipped,
           'rows': rows, 'path': path}
 

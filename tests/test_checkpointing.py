@@ -46,7 +46,7 @@ def _run_worker(ckpt_dir, out_path, kill_at):
   env['JAX_PLATFORMS'] = 'cpu'
   return subprocess.run(
       [sys.executable, os.path.abspath(__file__), str(ckpt_dir), str(out_path), str(kill_at)],
-      env=env, capture_output=True, text=True, timeout=120)
+      env=env, capture_output=True, text=True, timeout=400)
 
 
 def test_sigkilled_run_resumes_to_the_uninterrupted_result_bit_for_bit(tmp_path):

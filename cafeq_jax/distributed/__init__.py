@@ -10,8 +10,10 @@ from cafeq_jax.distributed.multihost import initialize_from_env
 from cafeq_jax.distributed.multihost import local_share
 from cafeq_jax.distributed.multihost import map_stack_shares
 from cafeq_jax.distributed.multihost import process_share
+from cafeq_jax.distributed.multihost import split_loop
 
 __all__ = [
     'gather_stacks', 'initialize_from_env', 'local_share', 'make_mesh', 'map_stack_shares',
-    'peak_memory', 'process_share', 'shard_stack', 'sharded_run', 'validate_sharding',
+    'peak_memory', 'process_share', 'shard_stack', 'sharded_run', 'split_loop',
+    'validate_sharding',
 ]

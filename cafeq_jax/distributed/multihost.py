@@ -1,12 +1,19 @@
 """Multi-process runs through ``jax.distributed``: init, work split, gather.
 
 On a TPU pod slice (one process per host) or a multi-node GPU job every
-process runs the same program. ``initialize_from_env`` connects them; each
-process then owns a contiguous share of every stack of same-shape matrices
-(``process_share``), optimises and quantizes it with its local devices, and
-``gather_stacks`` reassembles the full stacks on every process (through
-``multihost_utils.process_allgather``), so the quantized model is identical on
-all processes and equal to the single-process result.
+process runs the same program. ``initialize_from_env`` connects them. Two ways
+to spread a stack of same-shape matrices over the processes:
+
+* ``split_loop`` / ``map_stack_shares``: each process owns a contiguous share of
+  the stack (``process_share``), optimises and quantizes it with its local
+  devices as an ordinary single-process program, and ``gather_stacks``
+  reassembles the full stacks on every process (``process_allgather``).
+* ``mesh.sharded_run`` / ``checkpointing.resumable_run(..., mesh=make_mesh())``:
+  one GSPMD program over the global mesh (all processes' devices); Orbax
+  checkpoints the globally sharded state from all processes.
+
+Either way the quantized model is identical on all processes and equal to the
+single-process result (tests/distributed/test_multihost.py).
 
 Environment / flags read by ``initialize_from_env`` (explicit arguments win):
   ``JAX_COORDINATOR_ADDRESS``  host:port of process 0's coordinator service.

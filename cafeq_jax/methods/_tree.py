@@ -93,7 +93,7 @@ def build_quantized_params(params, model_config, qarrays: Mapping[tuple[int, str
           ref = next(t for t in ts if t is not None)
           eye = jnp.broadcast_to(jnp.eye(ref.shape[-1], dtype=jnp.float32), ref.shape)
           ts = [eye if t is None else t for t in ts]
-          same = all(t is ts[0] for t in ts)
+          same = all(t is ts[0] or bool(jnp.array_equal(t, ts[0])) for t in ts)
           t = ts[0] if same else jnp.stack(ts)
       node[path[-1]] = qlinear.QuantizedLinear(
           weight=weight, transform_inv=None if t is None else jnp.asarray(t, jnp.float32),

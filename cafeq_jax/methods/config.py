@@ -14,7 +14,7 @@ MATRICES = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 # Matrices stored stacked in one param leaf: selected together or not at all.
 LEAF_GROUPS = (('q',), ('k', 'v'), ('o',), ('gate', 'up'), ('down',))
 PAIR_KINDS = ('vo', 'qk', 'updown')
-PAIR_LOSSES = ('lse', 'product')
+PAIR_LOSSES = ('lse', 'product', 'both')
 ROUNDINGS = ('rtn', 'gptq')
 
 
@@ -73,9 +73,10 @@ class QuantConfig:
     rounding: single matrices under their transform: 'rtn' or 'gptq' (GPTQ-form
       rounding with ``H = M⁻ᵀ M⁻¹``, ``core.rounding.gptq_round``).
     pairs: which pair kinds to transform ('vo', 'qk', 'updown').
-    pair_loss: 'lse' (smooth max of the ranges, the paper) or 'product' (STE
-      product error).
+    pair_loss: 'lse' (smooth max of the ranges, the paper), 'product' (STE
+      product error) or 'both'.
     pair_steps, pair_learning_rate, pair_temperature: pair optimisation.
+    pair_eval_every: steps between evaluations of the actual pair product error.
     ar_rounds: alternations of the pair adaptive rounding.
     ar_solver: rounding inside pair adaptive rounding: 'rtn' or 'gptq'.
     gptq_damp: GPTQ relative damping of ``H``'s diagonal.
@@ -110,6 +111,7 @@ class QuantConfig:
   pair_steps: int = 200
   pair_learning_rate: float = 5e-3
   pair_temperature: float = 0.05
+  pair_eval_every: int = 5
   ar_rounds: int = 3
   ar_solver: str = 'gptq'
   gptq_damp: float = 0.01
@@ -151,6 +153,8 @@ class QuantConfig:
         raise ValueError(f'{name}={getattr(self, name)!r}; expected one of {ROUNDINGS}.')
     if self.ste not in proxy.STE_MODES:
       raise ValueError(f'ste={self.ste!r}; expected one of {proxy.STE_MODES}.')
+    if not isinstance(self.pair_eval_every, int) or self.pair_eval_every < 1:
+      raise ValueError(f'pair_eval_every={self.pair_eval_every!r} must be a positive int.')
     for name in ('pair_steps', 'ar_rounds', 'seed'):
       v = getattr(self, name)
       if not isinstance(v, int) or v < 0:

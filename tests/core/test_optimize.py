@@ -125,3 +125,12 @@ def test_run_rejects_block_size_not_dividing_d_in_and_bad_ranks():
                  jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match=r'\(B, d_in, d_out\)'):
     optimize.run(jnp.ones((64, 8)), SPEC, CFG, jax.random.PRNGKey(0))
+
+
+def test_column_subsampling_still_lowers_the_full_actual_loss():
+  w = _outlier_stack(seed=6)
+  cfg = dataclasses.replace(CFG, columns_per_step=8, eval_every=5, steps=30)
+  best, state = optimize.run(w, SPEC, cfg, jax.random.PRNGKey(0))
+  actual = optimize.stack_loss(best, w, SPEC, ste=False)
+  np.testing.assert_allclose(np.asarray(actual), np.asarray(state.best_loss), rtol=1e-5)
+  assert np.all(np.asarray(state.best_loss) < 0.8 * np.asarray(state.rtn_loss))

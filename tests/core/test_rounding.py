@@ -92,7 +92,8 @@ def test_gptq_output_side_with_identity_hessian_equals_rtn():
   np.testing.assert_allclose(np.asarray(got.scale), np.asarray(want.scale), rtol=1e-6)
 
 
-@pytest.mark.parametrize('block', [32, 128, 1000])
+@pytest.mark.parametrize('block', [pytest.param(32, marks=pytest.mark.slow), 128,
+                                   pytest.param(1000, marks=pytest.mark.slow)])
 def test_gptq_reduces_activation_error_vs_rtn_and_block_size_is_irrelevant(block):
   rng = np.random.default_rng(3)
   x = _correlated(rng, 2048, 160)
@@ -223,6 +224,7 @@ def test_adaptive_rounding_on_tiny_pairs_against_exhaustive_search():
   assert np.mean(gains) > 0
 
 
+@pytest.mark.slow  # covered at model level by tests/methods/test_paired.py
 def test_adaptive_rounding_blocked_gqa_pair_matches_per_block_problem_when_aligned():
   rng = np.random.default_rng(9)
   k, h, b, a, c = 2, 4, 32, 64, 64

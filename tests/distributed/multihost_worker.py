@@ -1,10 +1,10 @@
 """One process of the two-process ``jax.distributed`` test (see test_multihost.py).
 
-Usage: python multihost_worker.py OUT.npz  (with JAX_COORDINATOR_ADDRESS,
+Usage: python multihost_worker.py OUT.npz CKPT_DIR (with JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID in the environment). Optimises block-diagonal
-transforms (``core.optimize``) for this process's share of a stack of matrices,
-quantizes ``M W``, gathers the quantized stack from all processes and writes it
-to OUT.npz.
+transforms (``core.optimize``) for a stack of matrices (a) split into per-process
+shares, (b) as one GSPMD program over the global mesh, (c) as (b) checkpointed
+with Orbax and resumed; writes the quantized stacks to OUT.npz.
 """
 
 import os
@@ -22,43 +22,59 @@ import distributed_toy as toy  # pylint: disable=g-import-not-at-top
 N, STEPS = 8, 6
 
 
-def optimize_share(w, share_index=None, share_count=None):
-  """core.optimize on one share of the stack ``w`` (N, d_in, d_out).
+def problem():
+  """The stack, spec, config and the step/finalize functions of core.optimize."""
+  from cafeq_jax import quantizer  # pylint: disable=g-import-not-at-top
+  from cafeq_jax.core import optimize  # pylint: disable=g-import-not-at-top
+  spec = quantizer.QuantSpec(bits=3, group_size=32)
+  config = optimize.TransformConfig(block_size=16, init='hadamard', steps=STEPS)
+  w4 = toy.make_stack(jax.random.key(0), n=N)[:, None]
+  state0 = optimize.init_state(w4, spec, config, jax.random.key(1))
+  return spec, w4, state0, optimize.make_step(spec, config)
 
-  The state is initialised on the full stack and then split, so the random
-  (Hadamard) initialisation does not depend on the split. Returns the QArray of
-  ``M W`` under each matrix's best transform, for that share (the whole stack
-  when ``share_count`` is None).
-  """
+
+def quantized(state, spec, w4):
+  """QArray of ``M W`` under each matrix's best transform (after finalize)."""
   from cafeq_jax import quantizer  # pylint: disable=g-import-not-at-top
   from cafeq_jax.core import optimize  # pylint: disable=g-import-not-at-top
   from cafeq_jax.core import transforms  # pylint: disable=g-import-not-at-top
-  spec = quantizer.QuantSpec(bits=3, group_size=32)
-  config = optimize.TransformConfig(block_size=16, init='hadamard', steps=STEPS)
-  w4 = w[:, None]
-  state = optimize.init_state(w4, spec, config, jax.random.key(1))
-  if share_count is not None:
-    state = multihost.local_share(state, N, share_index, share_count)
-    w4 = multihost.local_share(w4, N, share_index, share_count)
-  step = optimize.make_step(spec, config)
-  for _ in range(STEPS):
-    state = step(state, w4)
   state = optimize.make_finalize(spec)(state, w4)
   v = transforms.apply_left(state.best_transform().matrix()[:, None], w4)[:, 0]
   return quantizer.quantize(v, spec)
 
 
-def main(out_path):
-  info = multihost.initialize_from_env(initialization_timeout=30)
-  w = toy.make_stack(jax.random.key(0), n=N)
-  q = multihost.gather_stacks(optimize_share(w, info.process_index, info.process_count), N)
-  share = multihost.process_share(N)
-  np.savez(out_path, codes=q.codes, scale=q.scale, zero=q.zero,
-           process_index=info.process_index, process_count=info.process_count,
-           share=np.array([share.start, share.stop]))
+def single_process_reference():
+  spec, w4, state, step = problem()
+  for _ in range(STEPS):
+    state = step(state, w4)
+  return quantized(state, spec, w4)
+
+
+def main(out_path, ckpt_dir):
+  info = multihost.initialize_from_env(initialization_timeout=120)
+  from cafeq_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from cafeq_jax.distributed import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  spec, w4, state0, step = problem()
+  out = {'process_index': info.process_index, 'process_count': info.process_count,
+         'share': np.array([multihost.process_share(N).start, multihost.process_share(N).stop])}
+  # (a) each process optimises its contiguous share; results gathered.
+  split = multihost.split_loop(step, state0, STEPS, args=(w4,))
+  q = quantized(split, spec, w4)
+  out.update(split_codes=q.codes, split_scale=q.scale, split_zero=q.zero)
+  # (b) one GSPMD program over the global mesh (one device per process).
+  mesh = mesh_lib.make_mesh()
+  out['mesh_devices'] = mesh.devices.size
+  glob = mesh_lib.sharded_run(step, state0, STEPS, mesh, args=(w4,))
+  out['global_codes'] = quantized(glob, spec, w4).codes
+  # (c) the same, checkpointed by Orbax from both processes, stopped and resumed.
+  checkpointing.resumable_run(step, state0, STEPS - 2, ckpt_dir, every=2, args=(w4,), mesh=mesh)
+  resumed = checkpointing.resumable_run(step, state0, STEPS, ckpt_dir, every=2, args=(w4,),
+                                        mesh=mesh)
+  out['resumed_codes'] = quantized(resumed, spec, w4).codes
+  np.savez(out_path, **{k: np.asarray(v) for k, v in out.items()})
   if info.initialized:
     jax.distributed.shutdown()
 
 
 if __name__ == '__main__':
-  main(sys.argv[1])
+  main(sys.argv[1], sys.argv[2])

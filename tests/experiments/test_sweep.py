@@ -116,7 +116,7 @@ def test_tiny_sweep_over_2x2_grid_completes_and_is_skipped_on_rerun(tmp_path):
        '--config.models=tiny_llama', '--config.methods=rtn', '--config.bits=4,3',
        '--config.group_sizes=32,0', '--config.eval_num_seqs=2', '--config.eval_seq_len=16',
        f'--config.workdir={tmp_path}'],
-      cwd=REPO, capture_output=True, text=True, timeout=120,
+      cwd=REPO, capture_output=True, text=True, timeout=400,
       env={**{k: v for k, v in os.environ.items() if not k.startswith(('JAX_', 'XLA_'))},
            'JAX_PLATFORMS': 'cpu'})
   assert proc.returncode == 0, proc.stderr[-3000:]
