@@ -47,6 +47,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
                   adaptive_rounding=True, rounding='gptq'),
     'gptq': dict(method='gptq', calib='in-domain'),
     'gptq-offdomain': dict(method='gptq', calib='code'),
+    # GPTQ fed with sequences the model samples itself: reads no text (data-free).
+    'gptq-selfgen': dict(method='gptq', calib='selfgen'),
 }
 
 # Standard-library modules whose source is the off-domain calibration text (code,
@@ -131,6 +133,11 @@ def code_text() -> str:
 def calibration_tokens(kind: str, model: LoadedModel, config) -> np.ndarray:
   """GPTQ calibration windows: 'in-domain' (eval text, disjoint windows), 'code', a file."""
   n, t = config.calib_num_seqs, config.calib_seq_len
+  if kind == 'selfgen':
+    from cafeq_jax.methods import stats_adapter  # pylint: disable=g-import-not-at-top
+    return np.asarray(stats_adapter.selfgen_tokens(
+        model.params, model.config, num_seqs=config.selfgen_num_seqs,
+        seq_len=config.selfgen_seq_len, key=jax.random.PRNGKey(config.seed)))
   if kind == 'in-domain':
     text = eval_lib.load_text(config.eval_text or None)
     ids = np.asarray(model.encode(text))
@@ -191,7 +198,8 @@ def _row_hash(config, qcfg: QuantConfig, calib: str | None) -> str:
   keep['quant_config'] = {k: v for k, v in d.items()
                           if k != 'progress' and (relevant is None or k in relevant)}
   if calib is not None:
-    keep['calib'] = [calib, config.calib_num_seqs, config.calib_seq_len]
+    keep['calib'] = [calib, config.calib_num_seqs, config.calib_seq_len,
+                     config.selfgen_num_seqs, config.selfgen_seq_len]
   return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

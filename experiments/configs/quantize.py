@@ -39,6 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
   # source (off-domain); or a text file.
   c.calib_num_seqs = 16          # calibration windows for GPTQ
   c.calib_seq_len = 512          # tokens per calibration window
+  c.selfgen_num_seqs = 32        # gptq-selfgen: sequences sampled from the model itself
+  c.selfgen_seq_len = 256        # gptq-selfgen: tokens per sampled sequence
   c.output_dir = 'outputs/quantize'   # results.json, table.md, plots, models
   c.save_models = 'cafeq'        # comma list of methods saved with Orbax ('' = none)
   c.export_hf = ''               # comma list of methods exported as HF safetensors
