@@ -11,7 +11,7 @@ from experiments.configs import quantize
 def get_config() -> ml_collections.ConfigDict:
   c = quantize.get_config()
   c.methods = ('rtn,hadamard,cafeq-single,cafeq-pairs,cafeq-pairs-ar,cafeq,'
-               'gptq,gptq-offdomain')
+               'gptq,gptq-offdomain,gptq-selfgen')
   c.columns = 'w4pc,w4g128,w3pc,w3g128'
   c.output_dir = 'outputs/quality_table'
   c.save_models = ''             # the table only; the default job saves a model

@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   # cafeq_jax.models.PRESETS (random weights, for smoke tests).
   c.model = 'smollm2_135m'
   # Rows of the table: comma-separated names from experiments.quantize_lib.VARIANTS.
-  c.methods = 'rtn,hadamard,cafeq'
+  c.methods = 'rtn,hadamard,cafeq-single,gptq-selfgen'
   # Columns: comma-separated 'w{bits}{pc|g<size>}{sym|asym}' (asym when omitted).
   c.columns = 'w3g128'
   c.clip_search = False          # MSE-optimal clip ratio search for every method
@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Options of every cafeq variant (QuantConfig fields; defaults from QuantConfig).
   defaults = QuantConfig()
   c.cafeq = ml_collections.ConfigDict({k: getattr(defaults, k) for k in CAFEQ_TUNABLE})
+  c.cafeq.steps = 50             # short enough for the 2-core quick start
   c.eval_text = ''               # evaluation text file; '' = Python's pydoc_data topics
   c.eval_num_seqs = 8            # evaluation windows
   c.eval_seq_len = 512           # tokens per window
@@ -42,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.selfgen_num_seqs = 32        # gptq-selfgen: sequences sampled from the model itself
   c.selfgen_seq_len = 256        # gptq-selfgen: tokens per sampled sequence
   c.output_dir = 'outputs/quantize'   # results.json, table.md, plots, models
-  c.save_models = 'cafeq'        # comma list of methods saved with Orbax ('' = none)
+  c.save_models = 'gptq-selfgen'        # comma list of methods saved with Orbax ('' = none)
   c.export_hf = ''               # comma list of methods exported as HF safetensors
   c.prompt = 'The Python programming language'   # generation sample per method ('' = none)
   c.max_new_tokens = 24
