@@ -134,9 +134,9 @@ def blockdiag_matmul(x: jax.Array, minv: jax.Array, *, backend: str | None = Non
     key = (nb * k, k, backend)
     if key not in _WARNED:
       _WARNED.add(key)
-      logging.warning('blockdiag_matmul: Pallas kernel unavailable for d_in=%d, '
-                      'k=%d on %s (%s); using the jnp reference.', nb * k, k,
-                      backend, reason)
+      logging.warning('blockdiag_matmul: no Pallas kernel for d_in=%d, k=%d on '
+                      '%s: %s; falling back to the XLA reference (einsum).',
+                      nb * k, k, backend, reason)
     return reference.blockdiag_matmul_reference(x, minv)
   variant = 'tpu' if backend == 'tpu' else 'gpu'
   return _blockdiag_pallas(x, minv, variant=variant, interpret=bool(interpret),

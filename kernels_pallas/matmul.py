@@ -461,11 +461,15 @@ _WARNED: set[tuple] = set()
 
 
 def _warn_fallback_once(key: tuple, reason: str) -> None:
+  """Logs once per ``key = (shape, bits, group_size, backend, x dtype)``."""
   if key not in _WARNED:
     _WARNED.add(key)
-    logging.warning('quantized_matmul: Pallas kernel unavailable for %s (%s); '
-                    'falling back to the XLA reference (dequantize + dot), which '
-                    'materialises the weight and is slower.', key, reason)
+    shape, bits, group_size, backend, x_dtype = key
+    logging.warning('quantized_matmul: no Pallas kernel for weight %s int%d '
+                    'group_size=%s with x %s on %s: %s; falling back to the XLA '
+                    'reference (dequantize + dot), which materialises the weight '
+                    'and is slower.', shape, bits, group_size, x_dtype, backend,
+                    reason)
 
 
 def quantized_matmul(x: jax.Array, packed: packing.PackedArray, *,

@@ -10,15 +10,24 @@ up), and an optional online transform: the layer computes
     y = (x @ blockdiag(M_1^-1, ..., M_nb^-1)) @ dequant(W)
 
 so the effective fp weight is ``W_eff = blockdiag(M^-1) @ dequant(W)``.
+
+Serving with the Pallas kernels (``backend='pallas'``) reads ``PackedArray``
+weights. Quantization methods return ``QArray`` weights (one code per int8); convert
+a quantized param tree once with ``pack_params`` before serving. A ``QArray`` weight
+still works on the Pallas path but is packed on every call (inside a jitted forward:
+on every forward), which re-reads the int8 codes and writes the packed ones each
+time; that logs a warning once per weight shape.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cafeq_jax import packing
 from cafeq_jax import quantizer
@@ -139,6 +148,67 @@ def _pallas():
         f"could not be imported ({e}); use backend='xla'.") from e
 
 
+_WARNED_PER_CALL_PACKING: set[tuple] = set()
+
+
+def _warn_packing_per_call(weight: quantizer.QArray) -> None:
+  key = (tuple(weight.codes.shape), weight.spec.bits, weight.spec.group_size)
+  if key not in _WARNED_PER_CALL_PACKING:
+    _WARNED_PER_CALL_PACKING.add(key)
+    logging.warning(
+        "QuantizedLinear: backend='pallas' got a QArray weight of shape %s (int%d, "
+        'group_size=%s) and packs it on every call, re-reading and re-writing its codes; '
+        'convert the param tree once with cafeq_jax.models.qlinear.pack_params(params).',
+        key[0], key[1], key[2])
+
+
+_pack_jit = jax.jit(packing.pack, static_argnames=('scale_dtype',))
+
+
+def pack_weight(weight, *, scale_dtype=jnp.float32):
+  """A ``QArray`` packed to a ``PackedArray``; a ``PackedArray`` is returned as is.
+
+  Args:
+    weight: ``QArray`` with codes ``(*lead, d_in, d_out)`` or ``PackedArray``.
+    scale_dtype: storage dtype of the scales (see ``packing.pack``).
+
+  Returns:
+    ``PackedArray`` of the same shape. numpy fields are packed on the host (numpy
+    out); jax arrays by one jitted ``packing.pack`` per distinct shape/spec.
+  """
+  if _is_packed(weight):
+    return weight
+  if not isinstance(weight, quantizer.QArray):
+    raise TypeError(
+        f'pack_weight expects a QArray or PackedArray; got {type(weight).__name__}.')
+  if isinstance(weight.codes, np.ndarray):
+    return packing.pack(weight, scale_dtype=scale_dtype)
+  return _pack_jit(weight, scale_dtype=scale_dtype)
+
+
+def pack_params(params: Any, *, scale_dtype=jnp.float32) -> Any:
+  """Packs every ``QuantizedLinear`` weight of a param tree, once, ahead of serving.
+
+  Args:
+    params: any pytree (e.g. the output of ``cafeq_jax.methods.quantize``);
+      ``QuantizedLinear`` leaves with a ``QArray`` weight get its ``PackedArray``
+      (same codes, scales, zeros and ``transform_inv``); everything else is kept.
+    scale_dtype: storage dtype of the packed scales (float32 keeps the weights
+      bit-exact; bfloat16 halves scale bytes and rounds them).
+
+  Returns:
+    The same tree structure with packed weights: ``backend='pallas'`` then feeds
+    them straight to the kernels and ``backend='xla'`` gives the same outputs as
+    before packing (``scale_dtype=float32``).
+  """
+  def one(leaf):
+    if isinstance(leaf, QuantizedLinear) and not _is_packed(leaf.weight):
+      return leaf.replace(weight=pack_weight(leaf.weight, scale_dtype=scale_dtype))
+    return leaf
+
+  return jax.tree.map(one, params, is_leaf=lambda a: isinstance(a, QuantizedLinear))
+
+
 def _matmul_one(x, weight, transform_inv, backend):
   if backend == 'xla':
     if transform_inv is not None:
@@ -150,6 +220,7 @@ def _matmul_one(x, weight, transform_inv, backend):
   if transform_inv is not None:
     x = kp.blockdiag_matmul(x, transform_inv)
   if not _is_packed(weight):
+    _warn_packing_per_call(weight)
     weight = packing.pack(weight)
   return kp.quantized_matmul(x, weight)
 
@@ -162,7 +233,8 @@ def matmul(x: jax.Array, ql: QuantizedLinear, backend: str = 'xla') -> jax.Array
     ql: the quantized weight.
     backend: 'xla' (dequantize, then a plain matmul) or 'pallas'
       (``kernels_pallas.blockdiag_matmul`` then ``kernels_pallas.quantized_matmul``,
-      dequantization fused in the kernel; a ``QArray`` weight is packed first).
+      dequantization fused in the kernel; a ``QArray`` weight is packed on every
+      call, with a warning: pack the tree once with ``pack_params``).
 
   Returns:
     ``(..., d_out)`` in ``x``'s dtype, or ``(*lead, ..., d_out)`` for a stacked

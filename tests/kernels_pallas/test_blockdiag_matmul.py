@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 import scipy.linalg
 
 import kernels_pallas
+from kernels_pallas import blockdiag as blockdiag_lib
 
 
 def _numpy_blockdiag(x, minv):
@@ -51,13 +54,20 @@ def test_blockdiag_reference_matches_numpy():
                              atol=1e-4)
 
 
-def test_blockdiag_unsupported_block_falls_back_to_reference():
+def test_blockdiag_unsupported_block_falls_back_to_reference_with_one_warning(caplog):
+  blockdiag_lib._WARNED.clear()
   x = jnp.ones((2, 24), jnp.float32)
   minv = jnp.broadcast_to(2 * jnp.eye(12), (2, 12, 12))  # k=12: not a power of 2
   ok, reason = kernels_pallas.can_use_blockdiag_matmul(24, 12, 'gpu')
   assert not ok and 'k=12' in reason
-  y = kernels_pallas.blockdiag_matmul(x, minv, backend='gpu', interpret=True)
+  with caplog.at_level(logging.WARNING):
+    y = kernels_pallas.blockdiag_matmul(x, minv, backend='gpu', interpret=True)
+    kernels_pallas.blockdiag_matmul(x, minv, backend='gpu', interpret=True)
   np.testing.assert_allclose(np.asarray(y), 2 * np.ones((2, 24)))
+  messages = [r.getMessage() for r in caplog.records if 'falling back' in r.getMessage()]
+  assert len(messages) == 1
+  for part in ('d_in=24, k=12 on gpu', 'not a power of 2', 'XLA reference'):
+    assert part in messages[0], (part, messages[0])
 
 
 def test_blockdiag_overhead_ratio_is_k_over_d_out():

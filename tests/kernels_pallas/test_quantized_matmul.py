@@ -141,9 +141,47 @@ def test_unsupported_shape_falls_back_to_reference_with_one_warning(caplog):
     y1 = kernels_pallas.quantized_matmul(x, p, backend='tpu', interpret=True)
     y2 = kernels_pallas.quantized_matmul(x, p, backend='tpu', interpret=True)
   warnings = [r for r in caplog.records if 'falling back' in r.getMessage()]
-  assert len(warnings) == 1 and 'K=96' in warnings[0].getMessage()
+  assert len(warnings) == 1
+  message = warnings[0].getMessage()
+  # Names the weight, the backend, why, and that the fallback is slower.
+  for part in ('(96, 16) int4 group_size=32', 'on tpu', 'K=96', 'XLA reference', 'slower'):
+    assert part in message, (part, message)
   _check(y1, x, q, jnp.float32)
   np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))
+
+
+@pytest.mark.parametrize('case', ['bad_dtype', 'cpu_compiled', 'no_rows'])
+def test_every_fallback_path_warns(caplog, case):
+  matmul_lib._WARNED.clear()
+  q, p, kx = _case(64, 16, 4, 32, False)
+  x = jax.random.normal(kx, (2, 64), jnp.float32)
+  kwargs = dict(backend='gpu', interpret=True)
+  if case == 'bad_dtype':
+    x, reason = x.astype(jnp.int32), 'x dtype int32'
+  elif case == 'cpu_compiled':
+    kwargs, reason = dict(backend='cpu', interpret=False), 'interpret=True'
+  else:
+    x, reason = x[:0], 'no rows'
+  with caplog.at_level(logging.WARNING):
+    y = kernels_pallas.quantized_matmul(x, p, **kwargs)
+  messages = [r.getMessage() for r in caplog.records if 'falling back' in r.getMessage()]
+  assert len(messages) == 1 and reason in messages[0], messages
+  np.testing.assert_array_equal(
+      np.asarray(y), np.asarray(kernels_pallas.quantized_matmul_reference(x, p)))
+
+
+def test_supported_case_runs_the_kernel_without_warning(caplog, monkeypatch):
+  matmul_lib._WARNED.clear()
+  calls = []
+  kernel = matmul_lib._quantized_matmul_pallas
+  monkeypatch.setattr(matmul_lib, '_quantized_matmul_pallas',
+                      lambda *a, **kw: calls.append(kw['variant']) or kernel(*a, **kw))
+  q, p, kx = _case(64, 16, 4, 32, False)
+  with caplog.at_level(logging.WARNING):
+    kernels_pallas.quantized_matmul(jax.random.normal(kx, (2, 64)), p, backend='gpu',
+                                    interpret=True)
+  assert calls == ['gpu']
+  assert not [r for r in caplog.records if 'falling back' in r.getMessage()]
 
 
 def test_mismatched_k_or_stacked_weight_raises_naming_shapes():
