@@ -15,8 +15,11 @@ the objective is O(1) whatever the weight scale.
 Structure (so the loop can be wrapped for sharding / checkpointing):
   * ``init_state(w, spec, config, key) -> TransformOptState`` (pure);
   * ``make_step(spec, config)`` -> jitted ``step(state, w) -> state``;
-  * ``run(w, spec, config, key, callback=...)``: the plain Python loop.
-The state is a pytree of arrays (including the step counter).
+  * ``run(w, spec, config, key, loop=...)``: init, the loop, final keep-best.
+The state is a pytree of arrays (including the step counter). ``run`` hands its
+``loop`` (default ``plain_loop``, the local Python loop) one ``(state, w) ->
+state`` step (``make_run_step``), so the same optimisation runs sharded over a
+device mesh, split over processes or checkpointed (``methods.run_options``).
 
 Keep-best: the STE loss's forward value *is* the actual quantized loss
 ``||W - M⁻¹ quant_dequant(M W)||²`` of the current iterate, so with all columns
@@ -224,13 +227,29 @@ def _check(w: jax.Array, spec: quantizer.QuantSpec, config: TransformConfig):
 
 
 def init_state(w: jax.Array, spec: quantizer.QuantSpec, config: TransformConfig,
-               key: jax.Array) -> TransformOptState:
-  """Initial state for the stack ``w`` (``(B, d_in, d_out)`` or ``(B, T, ...)``)."""
+               key: jax.Array, *, unit_keys: jax.Array | None = None
+               ) -> TransformOptState:
+  """Initial state for the stack ``w`` (``(B, d_in, d_out)`` or ``(B, T, ...)``).
+
+  Args:
+    key: PRNG key of the Hadamard init signs (of the whole stack at once) and of
+      the column subsets.
+    unit_keys: optional ``(B,)`` stack of keys, one per matrix: the Hadamard
+      init of matrix ``b`` then depends on ``unit_keys[b]`` only, so it is the
+      same whatever other matrices share the stack (layer-by-layer runs).
+  """
   w4 = _check(w, spec, config)
-  transform = transforms.init_transform(
-      key, w4.shape[-2], config.block_size, init=config.init,
-      batch_shape=(w4.shape[0],), log_scale_bound=config.log_scale_bound,
+  init = functools.partial(
+      transforms.init_transform, d_in=w4.shape[-2], block_size=config.block_size,
+      init=config.init, log_scale_bound=config.log_scale_bound,
       right_scales=config.right_scales)
+  if unit_keys is None:
+    transform = init(key, batch_shape=(w4.shape[0],))
+  else:
+    if len(unit_keys) != w4.shape[0]:
+      raise ValueError(f'unit_keys has {len(unit_keys)} keys for a stack of '
+                       f'{w4.shape[0]} matrices.')
+    transform = jax.vmap(lambda k: init(k, batch_shape=()))(unit_keys)
   opt_state = make_optimizer(config).init(transform.trainable())
   init_loss = _stack_loss_jit(transform, w4, spec)
   rtn = _rtn_loss_jit(w4, spec).sum(axis=1)
@@ -309,9 +328,71 @@ def make_finalize(spec: quantizer.QuantSpec
   return finalize
 
 
+def plain_loop(step_fn: Callable[..., TransformOptState], state: TransformOptState,
+               num_steps: int, *, args: tuple = (),
+               callback: Callable[[int, TransformOptState], None] | None = None
+               ) -> TransformOptState:
+  """The local loop: ``state = step_fn(state, *args)`` ``num_steps`` times.
+
+  The reference of the ``loop`` hook of ``run``: a loop takes ``(step_fn, state,
+  num_steps, *, args=(), callback=None)`` and returns the state after
+  ``num_steps`` steps, calling ``callback(step, state)`` after every step
+  (``step`` counts from 1). ``distributed.mesh.sharded_run`` (stack sharded over
+  a mesh), ``checkpointing.resumable_run`` (Orbax, resumable) and
+  ``distributed.multihost.split_loop`` (one share per process) fit it once
+  their extra arguments are bound (``methods.run_options`` builds them).
+  """
+  for i in range(num_steps):
+    state = step_fn(state, *args)
+    if callback is not None:
+      callback(i + 1, state)
+  return state
+
+
+Loop = Callable[..., TransformOptState]
+
+
+@functools.lru_cache(maxsize=64)
+def make_run_step(spec: quantizer.QuantSpec, config: TransformConfig, d_out: int
+                  ) -> Callable[[TransformOptState, jax.Array], TransformOptState]:
+  """The step ``run`` hands to its loop, for matrices with ``d_out`` columns.
+
+  With all columns it is ``make_step``. With ``columns_per_step < d_out`` the
+  full-loss keep-best evaluation (``make_finalize``) due every ``eval_every``
+  steps is folded into the step (``lax.cond`` on ``state.step``), so that the
+  whole loop is one ``(state, w) -> state`` function that any loop (sharded,
+  checkpointed, split over processes) can drive.
+  """
+  step = make_step(spec, config)
+  if config.columns_per_step is None or config.columns_per_step >= d_out:
+    return step
+  finalize = make_finalize(spec)
+  every = config.eval_every
+
+  @jax.jit
+  def step_with_eval(state: TransformOptState, w: jax.Array) -> TransformOptState:
+    due = (state.step > 0) & (state.step % every == 0)
+    state = jax.lax.cond(due, lambda s: finalize(s, w), lambda s: s, state)
+    return step(state, w)
+
+  return step_with_eval
+
+
+def _typed_key(key: jax.Array) -> jax.Array:
+  """Legacy ``uint32[2]`` key -> typed key (same stream), a scalar pytree leaf.
+
+  A scalar key is never mistaken for a stacked leaf by the sharded / split loops
+  (a ``(2,)`` key would be, for a stack of 2 matrices).
+  """
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key
+  return jax.random.wrap_key_data(key)
+
+
 def run(w: jax.Array, spec: quantizer.QuantSpec, config: TransformConfig,
         key: jax.Array, *, callback: Callable[[int, TransformOptState], None] | None = None,
-        callback_every: int = 10, progress: bool = False
+        callback_every: int = 10, progress: bool = False, loop: Loop | None = None,
+        unit_keys: jax.Array | None = None
         ) -> tuple[transforms.BlockTransform, TransformOptState]:
   """Optimises one transform per matrix of the stack ``w``.
 
@@ -323,8 +404,16 @@ def run(w: jax.Array, spec: quantizer.QuantSpec, config: TransformConfig,
     key: PRNG key (Hadamard init signs); the result is a deterministic
       function of ``(w, spec, config, key)``.
     callback: called as ``callback(step, state)`` every ``callback_every`` steps
-      and after the last one (e.g. logging; forces a device sync).
+      and after the last one (e.g. logging; forces a device sync). With a
+      sharded ``loop`` the state is the loop's (sharded, possibly padded) one.
     progress: show a tqdm progress bar.
+    loop: how to run the steps, a function with ``plain_loop``'s signature
+      ``(step_fn, state, num_steps, *, args=(w,), callback=...) -> state``
+      (default ``plain_loop``). It must return the state after ``config.steps``
+      steps as ordinary arrays; sharded, checkpointed and multi-process loops
+      built by ``methods.run_options.RunOptions`` do, and then give the same
+      codes (transforms equal to float32 rounding) as the plain loop.
+    unit_keys: optional ``(B,)`` per-matrix init keys (see ``init_state``).
 
   Returns:
     ``(best_transform, final_state)``: the per-matrix best iterate (batch
@@ -332,20 +421,27 @@ def run(w: jax.Array, spec: quantizer.QuantSpec, config: TransformConfig,
     ``state.rtn_loss`` hold ``(B,)`` losses).
   """
   w4 = jnp.asarray(_check(w, spec, config), jnp.float32)
-  state = init_state(w4, spec, config, key)
-  step = make_step(spec, config)
-  it = range(config.steps)
+  state = init_state(w4, spec, config, key, unit_keys=unit_keys)
+  state = state.replace(key=_typed_key(state.key))
+  step = make_run_step(spec, config, w4.shape[-1])
+  bar = None
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
-    it = tqdm.tqdm(it, desc=f'transforms {tuple(w4.shape)}', leave=False)
-  subsample = config.columns_per_step is not None and config.columns_per_step < w4.shape[-1]
-  finalize = make_finalize(spec)
-  for i in it:
-    if subsample and i and i % config.eval_every == 0:
-      state = finalize(state, w4)  # keep-best on the actual full loss
-    state = step(state, w4)
-    if callback is not None and ((i + 1) % callback_every == 0 or i + 1 == config.steps):
-      callback(i + 1, state)
+    bar = tqdm.tqdm(total=config.steps, desc=f'transforms {tuple(w4.shape)}', leave=False)
+
+  def on_step(i, s):
+    if bar is not None:
+      bar.update(i - bar.n)
+    if callback is not None and (i % callback_every == 0 or i == config.steps):
+      callback(i, s)
+
+  loop = plain_loop if loop is None else loop
+  try:
+    state = loop(step, state, config.steps, args=(w4,),
+                 callback=on_step if (bar is not None or callback is not None) else None)
+  finally:
+    if bar is not None:
+      bar.close()
   if config.steps:
-    state = finalize(state, w4)
+    state = make_finalize(spec)(state, w4)
   return state.best_transform(), state

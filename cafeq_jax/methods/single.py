@@ -20,13 +20,14 @@ from cafeq_jax.core import optimize
 from cafeq_jax.core import proxy
 from cafeq_jax.core import transforms
 from cafeq_jax.methods import config as config_lib
+from cafeq_jax.methods import run_options
 
 Key = tuple[int, str]  # (layer, matrix name)
 
 
-def _units(mats: Mapping[str, jax.Array], layers: Mapping[str, list[int]],
+def _units(mats: Mapping[str, object], layers: Mapping[str, list[int]],
            share: bool) -> list[tuple[tuple[str, ...], int]]:
-  """Transform units ``(names sharing the transform, layer)``."""
+  """Transform units ``(names sharing the transform, layer)`` (``mats``: its keys)."""
   units = []
   for group in config_lib.LEAF_GROUPS:
     names = [n for n in group if n in mats]
@@ -42,11 +43,55 @@ def _units(mats: Mapping[str, jax.Array], layers: Mapping[str, list[int]],
   return units
 
 
+def unit_stacks(shapes: Mapping[str, tuple[int, int]], layers: Mapping[str, list[int]],
+                share: bool) -> dict[tuple[int, int, int], list[tuple[tuple[str, ...], int]]]:
+  """Units grouped into stacks: ``(T, d_in, d_out) -> [(names, layer), ...]``.
+
+  Args:
+    shapes: ``name -> (d_in, d_out)`` of the matrices.
+    layers: ``name -> layers`` to transform.
+    share: one transform per param leaf (``QuantConfig.share_transforms``).
+  """
+  by_shape: dict[tuple[int, int, int], list] = {}
+  for names, layer in _units(shapes, layers, share):
+    by_shape.setdefault((len(names), *shapes[names[0]]), []).append((names, layer))
+  return by_shape
+
+
+def _shape_key(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Key of one shape group (column subsets): depends on the shape only."""
+  for d in shape:
+    key = jax.random.fold_in(key, d)
+  return key
+
+
+def _unit_key(key: jax.Array, names: tuple[str, ...], layer: int) -> jax.Array:
+  """Key of one transform unit (init signs): depends on its layer and matrix only."""
+  return jax.random.fold_in(jax.random.fold_in(key, layer), config_lib.MATRICES.index(names[0]))
+
+
+def _fingerprint(unit, w, spec, cfg, key, units) -> dict:
+  """What a checkpointed unit optimises (``RunOptions.loop``): refuse foreign resumes."""
+  w = jnp.asarray(w, jnp.float32)
+  sums = jax.device_get((jnp.sum(w), jnp.sum(jnp.abs(w))))
+  key_data = key if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.key_data(key)
+  return {'unit': unit, 'shape': list(w.shape), 'spec': repr(spec), 'config': repr(cfg),
+          'key': np.asarray(key_data).tolist(), 'units': [f'{l}/{"+".join(n)}' for n, l in units],
+          'weights_sum_abs': [f'{float(x):.6e}' for x in sums]}
+
+
 def transforms_for(mats: Mapping[str, jax.Array], layers: Mapping[str, list[int]],
                    quant_config: config_lib.QuantConfig, key: jax.Array, *,
-                   mode: str) -> tuple[dict[Key, tuple[jax.Array, jax.Array]],
-                                       dict[Key, float], dict[str, float]]:
+                   mode: str, run: run_options.RunOptions | None = None,
+                   layer_offset: int = 0
+                   ) -> tuple[dict[Key, tuple[jax.Array, jax.Array]],
+                              dict[Key, float], dict[str, float]]:
   """Block-diagonal transforms ``(M, M⁻¹)`` for the given matrices.
+
+  Randomness (Hadamard signs, column subsets) is keyed per unit ``(layer,
+  matrix)`` and per shape, never by position in a stack, so a layer gets the
+  same transform whichever other layers are processed with it (layer by layer
+  or all at once).
 
   Args:
     mats: ``name -> (L, d_in, d_out)`` float32 matrix stacks.
@@ -55,40 +100,54 @@ def transforms_for(mats: Mapping[str, jax.Array], layers: Mapping[str, list[int]
     key: PRNG key.
     mode: 'learn' (optimise, ``core.optimize``) or 'hadamard' (fixed random
       block Hadamard rotation).
+    run: how the optimisation runs (mesh, checkpoints, processes; see
+      ``RunOptions``); None: plain single-device loop.
+    layer_offset: model index of layer 0 of ``mats`` (a chunk of layers): keys
+      and checkpoint names use model layer indices.
 
   Returns:
     ``(blocks, init_losses, timings)``: ``(layer, name) -> (M, M⁻¹)`` blocks
     ``(nb, k, k)``; for 'learn' the per-unit loss at init (attributed to each
     matrix of the unit); seconds per shape group.
   """
-  units = _units(mats, layers, quant_config.share_transforms)
-  by_shape: dict[tuple[int, ...], list] = {}
-  for names, layer in units:
-    w = jnp.stack([mats[n][layer] for n in names])  # (T, d_in, d_out)
-    by_shape.setdefault(tuple(w.shape), []).append(((names, layer), w))
+  if mode not in ('learn', 'hadamard'):
+    raise ValueError(f'mode={mode!r}; expected "learn" or "hadamard".')
+  run = run_options.RunOptions() if run is None else run
+  by_shape = unit_stacks({n: tuple(m.shape[-2:]) for n, m in mats.items()}, layers,
+                         quant_config.share_transforms)
+  if mode == 'learn':  # every stack checked against the mesh before any work
+    run.validate([(len(e), *shape) for shape, e in by_shape.items()],
+                 quant_config.spec, quant_config.block_size)
   out, init_losses, timings = {}, {}, {}
-  for idx, (shape, entries) in enumerate(sorted(by_shape.items())):
+  for shape, entries in sorted(by_shape.items()):
     t0 = time.perf_counter()
-    w = jnp.stack([w for _, w in entries])  # (B, T, d_in, d_out)
-    k = jax.random.fold_in(key, idx)
+    # (B, T, d_in, d_out)
+    w = jnp.stack([jnp.stack([mats[n][layer] for n in names]) for names, layer in entries])
+    unit_keys = jnp.stack([_unit_key(key, names, layer + layer_offset)
+                           for names, layer in entries])
     if mode == 'hadamard':
       transforms.check_block_size(shape[-2], quant_config.block_size)
       nb = shape[-2] // quant_config.block_size
-      m = transforms.random_hadamard_blocks(k, nb, quant_config.block_size, (w.shape[0],))
+      m = jax.vmap(lambda k, nb=nb: transforms.random_hadamard_blocks(
+          k, nb, quant_config.block_size))(unit_keys)
       m_inv = jnp.swapaxes(m, -1, -2)
       init = None
-    elif mode == 'learn':
+    else:
       cfg = quant_config.transform_config()
+      k = _shape_key(key, shape)
+      unit = 'single_' + 'x'.join(map(str, shape))
+      glob = [(names, layer + layer_offset) for names, layer in entries]
+      fingerprint = (_fingerprint(unit, w, quant_config.spec, cfg, key, glob)
+                     if run.checkpoint_dir is not None else None)
       best, state = optimize.run(w, quant_config.spec, cfg, k,
-                                 progress=quant_config.progress)
+                                 progress=quant_config.progress,
+                                 loop=run.loop(unit, fingerprint), unit_keys=unit_keys)
       m, m_inv = jax.jit(lambda t: t.matrix_and_inverse())(best)
       init = np.asarray(state.init_loss)
-    else:
-      raise ValueError(f'mode={mode!r}; expected "learn" or "hadamard".')
     m, m_inv = jax.block_until_ready((m, m_inv))
     timings[f'{shape[-2]}x{shape[-1]}' + (f'x{shape[0]}' if shape[0] > 1 else '')] = (
         time.perf_counter() - t0)
-    for b, ((names, layer), _) in enumerate(entries):
+    for b, (names, layer) in enumerate(entries):
       for n in names:
         out[(layer, n)] = (m[b], m_inv[b])
         if init is not None:

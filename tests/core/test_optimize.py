@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -134,3 +135,37 @@ def test_column_subsampling_still_lowers_the_full_actual_loss():
   actual = optimize.stack_loss(best, w, SPEC, ste=False)
   np.testing.assert_allclose(np.asarray(actual), np.asarray(state.best_loss), rtol=1e-5)
   assert np.all(np.asarray(state.best_loss) < 0.8 * np.asarray(state.rtn_loss))
+
+
+def test_run_hands_its_steps_to_the_loop_hook(identity_run):
+  from cafeq_jax.distributed import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  w, ref, _ = identity_run  # same shapes and config: no recompile of the step
+  calls = []
+
+  def recording_loop(step_fn, state, num_steps, *, args=(), callback=None):
+    calls.append((num_steps, [a.shape for a in args]))
+    return optimize.plain_loop(step_fn, state, num_steps, args=args, callback=callback)
+
+  got, _ = optimize.run(w, SPEC, CFG, jax.random.PRNGKey(0), loop=recording_loop)
+  assert calls == [(CFG.steps, [(2, 1, 64, 32)])]
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # A sharded loop (one-device mesh here; tests/methods/test_scaleout.py: 8 devices).
+  mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
+  sharded, _ = optimize.run(w, SPEC, CFG, jax.random.PRNGKey(0),
+                            loop=functools.partial(mesh_lib.sharded_run, mesh=mesh))
+  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_unit_keys_make_the_hadamard_init_independent_of_the_stack():
+  w = _outlier_stack(seed=7, b=3)
+  keys = jnp.stack([jax.random.PRNGKey(i) for i in range(3)])
+  whole = optimize.init_state(w, SPEC, CFG_H, jax.random.PRNGKey(0), unit_keys=keys)
+  alone = optimize.init_state(w[1:2], SPEC, CFG_H, jax.random.PRNGKey(0), unit_keys=keys[1:2])
+  np.testing.assert_array_equal(np.asarray(whole.transform.base[1:2]),
+                                np.asarray(alone.transform.base))
+  base = np.asarray(whole.transform.base)
+  assert not np.array_equal(base[0], base[1])
+  with pytest.raises(ValueError, match='unit_keys has 2 keys for a stack of 3'):
+    optimize.init_state(w, SPEC, CFG_H, jax.random.PRNGKey(0), unit_keys=keys[:2])

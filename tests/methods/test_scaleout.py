@@ -1,0 +1,186 @@
+"""``methods.quantize`` run options: mesh, processes, checkpoints give the same model.
+
+The multi-device and multi-process checks run ``scaleout_worker.py`` in
+subprocesses (8 forced host CPU devices; two ``jax.distributed`` processes; a
+run SIGKILLed mid-optimisation and restarted), so this process keeps one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cafeq_jax import checkpointing
+from cafeq_jax import methods
+from cafeq_jax import quantizer
+from cafeq_jax.distributed import make_mesh
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+WORKER = os.path.join(HERE, 'scaleout_worker.py')
+sys.path.insert(0, HERE)
+import scaleout_worker as worker  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Learned transforms agree to float32 rounding across stack layouts (XLA fuses
+# the reductions of a per-device batch differently); codes exactly.
+ATOL = 1e-5
+
+
+def _env(**extra):
+  env = {k: v for k, v in os.environ.items() if not k.startswith(('JAX_', 'XLA_', 'CAFEQ_'))}
+  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
+  env['JAX_PLATFORMS'] = 'cpu'
+  env.update(extra)
+  return env
+
+
+def _start(mode, out, *args, **env):
+  return subprocess.Popen([sys.executable, WORKER, mode, str(out), *map(str, args)],
+                          env=_env(**env), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, timeout=400):
+  try:
+    log = proc.communicate(timeout=timeout)[0]
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  return proc.returncode, log
+
+
+def _model_leaves(npz, prefix: str) -> dict[str, np.ndarray]:
+  return {k[len(prefix):]: npz[k] for k in npz.files if k.startswith(prefix + '[')}
+
+
+def _assert_same_model(got: dict, ref: dict, atol: float = ATOL):
+  assert sorted(got) == sorted(ref)
+  quantized = [k for k in ref if '.weight.codes' in k]
+  assert len(quantized) == 2  # gating_einsum (gate and up) of both layers
+  for k, r in ref.items():
+    g = got[k]
+    assert g.dtype == r.dtype and g.shape == r.shape, k
+    if r.dtype.kind in 'iub':
+      np.testing.assert_array_equal(g, r, err_msg=k)
+    else:
+      np.testing.assert_allclose(g, r, rtol=0, atol=atol, err_msg=k)
+
+
+def test_quantize_over_a_mesh_matches_the_single_device_run(tmp_path):
+  code, log = _finish(_start('mesh', tmp_path / 'mesh.npz'))
+  assert code == 0, log[-4000:]
+  r = np.load(tmp_path / 'mesh.npz')
+  assert int(r['device_count']) == 8
+  # The stack of 4 units laid out along the mesh axis, padded to one per device.
+  assert r['layouts'].tolist() == ["single_1x64x128:P('stack',):1"]
+  _assert_same_model(_model_leaves(r, 'mesh8'), _model_leaves(r, 'plain'))
+  # pad=False: a stack that does not divide the mesh is refused before any work.
+  err = str(r['err_unpadded'])
+  assert 'stack (4, 1, 64, 128)' in err and "8 devices of mesh axis 'stack'" in err, err
+  assert "expected an axis named 'stack'" in str(r['err_axis'])
+
+
+@pytest.mark.parametrize('change, match', [
+    (dict(spec=dict(bits=3, group_size=128)), r'd_in=64 of stack \(2, 64, 128\) is not '
+                                              r'divisible by group_size=128'),
+    (dict(block_size=48, transform_init='identity'), 'not divisible by block_size=48'),
+])
+def test_mesh_with_groups_or_blocks_not_dividing_d_in_fails_up_front(change, match):
+  cfg, params = worker.tiny_model()
+  qc = worker.QC.replace(**change)
+  with pytest.raises(ValueError, match=match):
+    methods.quantize(params, cfg, qc, mesh=make_mesh(devices=jax.devices()[:1]))
+
+
+def test_mesh_validation_uses_the_group_size_after_fallback():
+  opts = methods.RunOptions(mesh=make_mesh(devices=jax.devices()[:1]))
+  spec = quantizer.QuantSpec(bits=3, group_size=128, group_fallback=True)
+  opts.validate([(2, 1, 64, 128)], spec, 32)  # g64 is used for d_in=64: fine
+  with pytest.raises(ValueError, match='group_size=128'):
+    opts.validate([(2, 1, 64, 128)], dataclasses.replace(spec, group_fallback=False), 32)
+
+
+def test_run_options_reject_bad_values_and_unsupported_combinations():
+  cfg, params = worker.tiny_model()
+  with pytest.raises(TypeError, match='jax.sharding.Mesh'):
+    methods.RunOptions(mesh=jax.devices())
+  with pytest.raises(ValueError, match='checkpoint_every=0'):
+    methods.RunOptions(checkpoint_every=0)
+  with pytest.raises(ValueError, match='layers_per_chunk=0'):
+    methods.quantize(params, cfg, worker.QC, layers_per_chunk=0)
+  with pytest.raises(ValueError, match='takes no run options'):
+    methods.quantize(params, cfg, methods.QuantConfig(method='gptq'), mesh=make_mesh(),
+                     calib_tokens=np.zeros((1, 8), np.int32))
+  with pytest.raises(ValueError, match='pair transforms'):
+    methods.quantize(params, cfg, worker.QC.replace(use_pairs=True), layers_per_chunk=1)
+
+
+def test_checkpoint_of_other_inputs_is_refused(tmp_path):
+  opts = methods.RunOptions(checkpoint_dir=str(tmp_path), checkpoint_every=1)
+  step = jax.jit(lambda s, w: {'x': s['x'] + w, 'step': s['step'] + 1})
+  state = {'x': jnp.zeros((2, 3)), 'step': jnp.zeros((), jnp.int32)}
+  w = jnp.ones((2, 3))
+  out = opts.loop('unit', {'steps': 2})(step, state, 2, args=(w,))
+  np.testing.assert_array_equal(out['x'], 2 * np.ones((2, 3)))
+  assert checkpointing.finalized_steps(tmp_path / 'unit') == [1, 2]
+  again = opts.loop('unit', {'steps': 2})(step, state, 2, args=(w,))  # resumes at the end
+  np.testing.assert_array_equal(again['x'], out['x'])
+  with pytest.raises(checkpointing.CheckpointError, match=r"other inputs \(differing: \['steps'\]"):
+    opts.loop('unit', {'steps': 3})
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_quantize_the_same_model_as_one(tmp_path):
+  port = _free_port()
+  procs = [_start('multihost', tmp_path / f'p{pid}.npz',
+                  JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
+                  JAX_PROCESS_ID=str(pid)) for pid in range(2)]
+  try:
+    cfg, params = worker.tiny_model()  # the single-process reference, meanwhile
+    ref = worker.flatten(methods.quantize(params, cfg, worker.QC)[0])
+  finally:
+    results = [_finish(p) for p in procs]
+  for code, log in results:
+    assert code == 0, log[-4000:]
+  for pid in range(2):
+    r = np.load(tmp_path / f'p{pid}.npz')
+    assert (int(r['process_count']), int(r['process_index'])) == (2, pid)
+    # Each process optimised its share: 2 of the 4 gate/up units.
+    assert r['shares'].tolist() == ['single_1x64x128:2']
+    _assert_same_model(_model_leaves(r, 'split'), ref)
+    _assert_same_model(_model_leaves(r, 'global'), ref)
+
+
+def test_sigkilled_quantize_resumes_to_the_uninterrupted_model(tmp_path):
+  # Layer by layer (two chunks of one layer, one stack of gate+up each),
+  # checkpoints every 2 of 6 steps; killed after step 3 of the second chunk.
+  ckpt = tmp_path / 'ckpt'
+  first, second = (f'layers_{i:04d}-{i:04d}/single_1x64x128' for i in (0, 1))
+  code, log = _finish(_start('checkpoint', tmp_path / 'never.npz', ckpt, KILL_AT=f'{second}:3'))
+  assert code == -signal.SIGKILL, log[-4000:]
+  assert not (tmp_path / 'never.npz').exists()
+  assert checkpointing.finalized_steps(ckpt / first) == [4, 6]  # done (2 kept)
+  assert checkpointing.finalized_steps(ckpt / second) == [2]
+
+  code, log = _finish(_start('checkpoint', tmp_path / 'resumed.npz', ckpt))
+  assert code == 0, log[-4000:]
+  r = np.load(tmp_path / 'resumed.npz')
+  # Nothing of the first chunk was redone; the second resumed after step 2.
+  assert r['steps_seen'].tolist() == [f'{second}:{i}' for i in (3, 4, 5, 6)]
+  assert checkpointing.finalized_steps(ckpt / second) == [4, 6]
+  _assert_same_model(_model_leaves(r, 'resumed'), _model_leaves(r, 'plain'), atol=0)
