@@ -43,8 +43,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     'cafeq-pairs': dict(method='cafeq', use_single_transforms=False, use_pairs=True),
     'cafeq-pairs-ar': dict(method='cafeq', use_single_transforms=False, use_pairs=True,
                            adaptive_rounding=True),
-    'cafeq': dict(method='cafeq', use_single_transforms=True, use_pairs=True,
-                  adaptive_rounding=True, rounding='gptq'),
+    # The data-free proxy with self-generated statistics: fixed Hadamard online
+    # transforms (one per param leaf), every matrix rounded (GPTQ form, act order)
+    # under the Σ of sequences the model samples itself; reads no text.
+    'cafeq-sg': dict(method='cafeq', use_single_transforms=True, single_transform='hadamard',
+                     share_transforms=True, use_pairs=False, rounding='gptq',
+                     statistics='selfgen', gptq_act_order=True),
+    # Everything: folded pair transforms, then as cafeq-sg.
+    'cafeq': dict(method='cafeq', use_single_transforms=True, single_transform='hadamard',
+                  share_transforms=True, use_pairs=True, rounding='gptq',
+                  statistics='selfgen', gptq_act_order=True),
     'gptq': dict(method='gptq', calib='in-domain'),
     'gptq-offdomain': dict(method='gptq', calib='code'),
     # GPTQ fed with sequences the model samples itself: reads no text (data-free).
@@ -159,6 +167,9 @@ def quant_config_for(variant: str, spec: quantizer.QuantSpec, config) -> tuple[Q
   calib = fields.pop('calib', None)
   if fields['method'] == 'cafeq':
     fields.update(config.cafeq.to_dict())
+    if fields.get('statistics') == 'selfgen':
+      fields.update(selfgen_num_seqs=config.selfgen_num_seqs,
+                    selfgen_seq_len=config.selfgen_seq_len)
   return QuantConfig(spec=spec, seed=config.seed, progress=config.progress, **fields), calib
 
 
@@ -171,6 +182,17 @@ def pack_params(qparams):
   return jax.tree.map(pack_leaf, qparams, is_leaf=lambda x: isinstance(x, QuantizedLinear))
 
 
+def transform_nbytes(t: jax.Array) -> int:
+  """Bytes to store online-transform blocks ``(..., k, k)``: a block whose entries
+  are all ``±c`` (a signed Hadamard rotation) as one sign bit per entry plus ``c``
+  in bf16; any other block in bf16."""
+  t = np.asarray(t, np.float32).reshape(-1, t.shape[-2], t.shape[-1])
+  k2 = t.shape[-1] * t.shape[-2]
+  a = np.abs(t).reshape(t.shape[0], -1)
+  signed = np.all(np.isclose(a, a[:, :1], rtol=1e-6, atol=0), axis=1)
+  return int(np.sum(np.where(signed, -(-k2 // 8) + 2, 2 * k2)))
+
+
 def storage(qparams) -> dict[str, float]:
   """Bytes on disk of the quantized linears (packed codes + bf16 scales) vs bf16."""
   packed = bf16 = n = 0
@@ -180,7 +202,7 @@ def storage(qparams) -> dict[str, float]:
           leaf.weight, scale_dtype=jnp.bfloat16)
       packed += packing.nbytes(p)
       if leaf.transform_inv is not None:
-        packed += 2 * leaf.transform_inv.size     # stored in bf16
+        packed += transform_nbytes(leaf.transform_inv)
       bf16 += packing.bf16_nbytes(p.shape)
       n += int(np.prod(p.shape))
   return {'linear_bytes': packed, 'linear_bf16_bytes': bf16,

@@ -6,8 +6,8 @@ For a linear ``y = x @ W`` with ``W`` ``(d_in, d_out)`` and calibration inputs
 ``H = XᵀX`` by error-feedback rounding along ``d_in``
 (``core.rounding.gptq_round``: lazy batch updates, relative damping, group scales
 computed from the error-updated weights at each group's first row). Rows are
-processed in natural order (no act-order: it would reorder rows across the
-quantization groups).
+processed in natural order, or with ``act_order`` by decreasing ``H_ii`` with
+static group scales (groups stay consecutive rows).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def layer_loss(w: jax.Array, w_hat: jax.Array, h: jax.Array) -> jax.Array:
 
 
 def gptq_quantize(w: jax.Array, h: jax.Array, spec: qz.QuantSpec, *,
-                  damp: float = 0.01, block: int = 128) -> qz.QArray:
+                  damp: float = 0.01, block: int = 128,
+                  act_order: bool = False) -> qz.QArray:
   """GPTQ-quantize ``w`` ``(..., d_in, d_out)`` for Hessian ``h`` ``(..., d_in, d_in)``."""
-  return rounding.gptq_round(w, h, spec, damp=damp, block=block)
+  return rounding.gptq_round(w, h, spec, damp=damp, block=block, act_order=act_order)

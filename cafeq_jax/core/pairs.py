@@ -72,6 +72,32 @@ def vo_init(num_kv_heads: int, head_dim: int, batch_shape: tuple[int, ...] = ())
   return jnp.broadcast_to(eye, (*batch_shape, num_kv_heads, head_dim, head_dim))
 
 
+def inv(m: jax.Array) -> jax.Array:
+  """Inverse of ``m`` ``(..., n, n)`` by Gauss-Jordan elimination with partial pivoting.
+
+  Plain XLA ops on purpose: ``jnp.linalg.inv`` lowers to jaxlib's LAPACK ``getrf``
+  custom call, which splits a batch over the CPU intra-op thread pool and waits
+  for it; inside the optimisation's ``while``/``cond`` two such calls can run
+  concurrently and, with as many pool threads as calls (2-core machines), each
+  waits on work the other's thread should run: a deadlock (seen with jaxlib 0.10).
+  """
+  n = m.shape[-1]
+  a = jnp.concatenate(
+      [m, jnp.broadcast_to(jnp.eye(n, dtype=m.dtype), m.shape)], axis=-1)  # (..., n, 2n)
+  idx = jnp.arange(n)
+
+  def body(j, a):
+    col = jnp.where(idx >= j, jnp.abs(a[..., :, j]), -1.0)
+    p = jnp.argmax(col, axis=-1)[..., None]  # (..., 1) pivot row
+    perm = jnp.where(idx == j, p, jnp.where(idx == p, j, idx))
+    a = jnp.take_along_axis(a, perm[..., None], axis=-2)
+    piv = a[..., j, :] / a[..., j, j][..., None]  # (..., 2n)
+    a = a - a[..., :, j][..., None] * piv[..., None, :]
+    return a.at[..., j, :].set(piv)
+
+  return jax.lax.fori_loop(0, n, body, a)[..., n:]
+
+
 def vo_fold(v: jax.Array, o: jax.Array, m: jax.Array, *, num_heads: int):
   """Folds ``M`` into value/output.
 
@@ -92,7 +118,7 @@ def vo_fold(v: jax.Array, o: jax.Array, m: jax.Array, *, num_heads: int):
   m32 = m.astype(jnp.float32)
   vb = v.astype(jnp.float32).reshape(*lead, d, k, hd)
   v2 = jnp.einsum('...dki,...kij->...dkj', vb, m32, precision=_HI).reshape(v.shape)
-  minv = jnp.linalg.inv(m32)[..., grp, :, :]  # (..., H, hd, hd)
+  minv = inv(m32)[..., grp, :, :]  # (..., H, hd, hd)
   ob = o.astype(jnp.float32).reshape(*lead, num_heads, hd, o.shape[-1])
   o2 = jnp.einsum('...hij,...hjd->...hid', minv, ob, precision=_HI).reshape(o.shape)
   return v2.astype(v.dtype), o2.astype(o.dtype)

@@ -90,14 +90,15 @@ def _sweep(w: jax.Array, u: jax.Array, *, block: int, sub: int,
            start_group: Callable, quant_row: Callable):
   """Blocked GPTQ sweep over the rows of ``w`` (d, n); ``d % block == block % sub == 0``.
 
-  ``start_group(rows (sub, n)) -> (s, z)`` is called at the first row of every run
-  of ``sub`` rows on the error-updated rows; ``quant_row(row (n,), s, z) -> (q, dq)``
+  ``start_group(rows (sub, n), first) -> (s, z)`` is called at the first row
+  (index ``first``) of every run of ``sub`` rows on the error-updated rows; ``quant_row(row (n,), s, z) -> (q, dq)``
   rounds one row. Returns codes ``(d, n)`` float32 and the stacked ``s``, ``z``
   ``(d // sub, ...)``.
   """
   d, n = w.shape
   n_blocks, n_sub = d // block, block // sub
-  s0, z0 = jax.eval_shape(start_group, jax.ShapeDtypeStruct((sub, n), jnp.float32))
+  s0, z0 = jax.eval_shape(start_group, jax.ShapeDtypeStruct((sub, n), jnp.float32),
+                          jax.ShapeDtypeStruct((), jnp.int32))
   codes = jnp.zeros((d, n), jnp.float32)
   s_buf = jnp.zeros((d // sub,) + s0.shape, jnp.float32)
   z_buf = jnp.zeros((d // sub,) + z0.shape, jnp.float32)
@@ -111,7 +112,7 @@ def _sweep(w: jax.Array, u: jax.Array, *, block: int, sub: int,
 
     def sub_body(si, c):
       wb, errb, qb, s_blk, z_blk = c
-      s, z = start_group(jax.lax.dynamic_slice_in_dim(wb, si * sub, sub, 0))
+      s, z = start_group(jax.lax.dynamic_slice_in_dim(wb, si * sub, sub, 0), i1 + si * sub)
 
       def row_body(r, c2):
         wb, errb, qb = c2
@@ -172,27 +173,49 @@ def _batched(fn, w, h):
   return fn(w, h)
 
 
-@functools.partial(jax.jit, static_argnames=('spec', 'damp', 'block'))
-def _gptq_round_jit(w, h, spec, damp, block):
+@functools.partial(jax.jit, static_argnames=('spec', 'damp', 'block', 'act_order'))
+def _gptq_round_jit(w, h, spec, damp, block, act_order):
   def one(w, h):
     d_in, d_out = w.shape
+    w = w.astype(jnp.float32)
+    if act_order:
+      # Static groups: scales from the input weights in natural row order, so
+      # the stored groups stay ``g`` consecutive rows whatever the sweep order.
+      s_st, z_st = qz.compute_scale_zero(w, spec)
+      z_st = jnp.zeros_like(s_st) if z_st is None else z_st
+      g = d_in if spec.group_size is None else spec.group_size
+      rows_s = jnp.repeat(s_st, g, axis=0, total_repeat_length=d_in)
+      rows_z = jnp.repeat(z_st, g, axis=0, total_repeat_length=d_in)
+      # Largest H_ii first: rows carrying most signal are rounded before the
+      # error of the others is fed back into them (GPTQ's "act order").
+      perm = jnp.argsort(-jnp.diagonal(h), stable=True)
+      w, h = w[perm], h[perm][:, perm]
+      rows_s, rows_z = rows_s[perm], rows_z[perm]
     u, dead = hinv_cholesky(h, damp)
-    w = jnp.where(dead[:, None], 0.0, w.astype(jnp.float32))
-    if spec.group_size is None:
+    w = jnp.where(dead[:, None], 0.0, w)
+    if act_order:
+      sub = 1
+      bs = _block_size(d_in, block, 1)
+      start = lambda rows, i: (rows_s[jnp.minimum(i, d_in - 1)],
+                               rows_z[jnp.minimum(i, d_in - 1)])
+    elif spec.group_size is None:
       s_pc, z_pc = _scale_zero(w, spec)
       sub = _block_size(d_in, block, 1)
       bs = sub
-      start = lambda rows: (s_pc, z_pc)
+      start = lambda rows, i: (s_pc, z_pc)
     else:
       sub = spec.group_size
       bs = _block_size(d_in, block, sub)
-      start = lambda rows: _scale_zero(rows, spec)
+      start = lambda rows, i: _scale_zero(rows, spec)
     wp, up = _pad_to(w, u, bs)
     codes, s_buf, z_buf = _sweep(
         wp, up, block=bs, sub=sub, start_group=start,
         quant_row=lambda row, s, z: _round_row(row, s, z, spec))
     codes = codes[:d_in]
-    if spec.group_size is None:
+    if act_order:
+      codes = codes[jnp.argsort(perm)]
+      scale, zero = s_st, z_st
+    elif spec.group_size is None:
       scale, zero = s_buf[:1], z_buf[:1]
     else:
       scale, zero = s_buf[:d_in // sub], z_buf[:d_in // sub]
@@ -204,7 +227,7 @@ def _gptq_round_jit(w, h, spec, damp, block):
 
 
 def gptq_round(w: jax.Array, h: jax.Array, spec: qz.QuantSpec, *,
-               damp: float = 0.01, block: int = 128) -> qz.QArray:
+               damp: float = 0.01, block: int = 128, act_order: bool = False) -> qz.QArray:
   """GPTQ rounding of ``w`` along ``d_in`` for the input-side Hessian ``h``.
 
   Minimises (greedily, with optimal error feedback) ``tr((W-Ŵ)ᵀ H (W-Ŵ))``. With
@@ -216,6 +239,10 @@ def gptq_round(w: jax.Array, h: jax.Array, spec: qz.QuantSpec, *,
     spec: the quantizer.
     damp: relative diagonal damping ``damp * mean(diag(H))``.
     block: rows per lazy-update block (rounded to a multiple of the group size).
+    act_order: sweep the rows in order of decreasing ``H_ii`` (GPTQ's act order)
+      with static group scales computed from ``w`` before the sweep (so groups
+      stay ``g`` consecutive rows); off: natural order, scales from the
+      error-updated rows at each group's first row.
 
   Returns:
     A ``QArray`` with codes ``(..., d_in, d_out)``.
@@ -224,7 +251,7 @@ def gptq_round(w: jax.Array, h: jax.Array, spec: qz.QuantSpec, *,
   _check_h(h, w.shape[-2], 'h')
   spec = spec.for_rows(w.shape[-2])  # the group size actually used (group_fallback)
   return _gptq_round_jit(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32),
-                         spec, float(damp), int(block))
+                         spec, float(damp), int(block), bool(act_order))
 
 
 @functools.partial(jax.jit, static_argnames=('spec', 'damp', 'block'))
@@ -235,7 +262,8 @@ def _gptq_round_output_jit(w, h, spec, damp, block):
     u, dead = hinv_cholesky(h, damp)
     v = jnp.where(dead[:, None], 0.0, w.T.astype(jnp.float32))  # (d_out, d_in)
 
-    def start(rows):  # rows (1, d_in): one column of W, its own groups
+    def start(rows, first):  # rows (1, d_in): one column of W, its own groups
+      del first
       s, z = qz.compute_scale_zero(rows[0][:, None], spec)  # (G, 1)
       z = jnp.zeros_like(s) if z is None else z
       return s[:, 0], z[:, 0]

@@ -16,6 +16,8 @@ LEAF_GROUPS = (('q',), ('k', 'v'), ('o',), ('gate', 'up'), ('down',))
 PAIR_KINDS = ('vo', 'qk', 'updown')
 PAIR_LOSSES = ('lse', 'product', 'both')
 ROUNDINGS = ('rtn', 'gptq')
+STATISTICS = ('identity', 'selfgen')
+SINGLE_TRANSFORMS = ('learn', 'hadamard')
 
 
 class Method(str, enum.Enum):
@@ -71,7 +73,17 @@ class QuantConfig:
     adaptive_rounding: cafeq with pairs: alternating adaptive rounding of the
       pairs (``methods.paired.adaptive_round_pairs``).
     rounding: single matrices under their transform: 'rtn' or 'gptq' (GPTQ-form
-      rounding with ``H = M⁻ᵀ M⁻¹``, ``core.rounding.gptq_round``).
+      rounding with ``H = M⁻ᵀ Σ M⁻¹``, ``core.rounding.gptq_round``).
+    statistics: the input second moment ``Σ`` of the proxy loss
+      ``tr(Eᵀ Σ E)``: 'identity' (``Σ ∝ I``: the Frobenius proxy of the paper) or
+      'selfgen' (data-free: ``Σ`` of every matrix measured on sequences the fp
+      model samples itself from its start token, layer by layer through the
+      already-quantized earlier layers; needs ``rounding='gptq'``).
+    selfgen_num_seqs, selfgen_seq_len, selfgen_temperature: the self-generated
+      sequences of ``statistics='selfgen'``.
+    single_transform: online single-matrix transforms: 'learn' (optimised on the
+      Frobenius proxy, ``core.optimize``) or 'hadamard' (fixed random block
+      Hadamard rotation).
     pairs: which pair kinds to transform ('vo', 'qk', 'updown').
     pair_loss: 'lse' (smooth max of the ranges, the paper), 'product' (STE
       product error) or 'both'.
@@ -80,6 +92,8 @@ class QuantConfig:
     ar_rounds: alternations of the pair adaptive rounding.
     ar_solver: rounding inside pair adaptive rounding: 'rtn' or 'gptq'.
     gptq_damp: GPTQ relative damping of ``H``'s diagonal.
+    gptq_act_order: GPTQ-form rounding sweeps the rows by decreasing ``H_ii``
+      (static group scales); see ``core.rounding.gptq_round``.
     seed: PRNG seed used when ``quantize`` gets no key.
     progress: show progress bars.
   """
@@ -106,6 +120,11 @@ class QuantConfig:
   use_pairs: bool = False
   adaptive_rounding: bool = False
   rounding: str = 'rtn'
+  statistics: str = 'identity'
+  selfgen_num_seqs: int = 32
+  selfgen_seq_len: int = 256
+  selfgen_temperature: float = 1.0
+  single_transform: str = 'learn'
   pairs: tuple[str, ...] = PAIR_KINDS
   pair_loss: str = 'lse'
   pair_steps: int = 200
@@ -115,6 +134,7 @@ class QuantConfig:
   ar_rounds: int = 3
   ar_solver: str = 'gptq'
   gptq_damp: float = 0.01
+  gptq_act_order: bool = False
   seed: int = 0
   progress: bool = False
 
@@ -151,6 +171,18 @@ class QuantConfig:
     for name in ('rounding', 'ar_solver'):
       if getattr(self, name) not in ROUNDINGS:
         raise ValueError(f'{name}={getattr(self, name)!r}; expected one of {ROUNDINGS}.')
+    if self.statistics not in STATISTICS:
+      raise ValueError(f'statistics={self.statistics!r}; expected one of {STATISTICS}.')
+    if self.single_transform not in SINGLE_TRANSFORMS:
+      raise ValueError(f'single_transform={self.single_transform!r}; expected one of '
+                       f'{SINGLE_TRANSFORMS}.')
+    for name in ('selfgen_num_seqs', 'selfgen_seq_len'):
+      v = getattr(self, name)
+      if not isinstance(v, int) or v < (1 if name == 'selfgen_num_seqs' else 2):
+        raise ValueError(f'{name}={v!r} must be an int >= '
+                         f'{1 if name == "selfgen_num_seqs" else 2}.')
+    if not self.selfgen_temperature > 0:
+      raise ValueError(f'selfgen_temperature={self.selfgen_temperature!r} must be > 0.')
     if self.ste not in proxy.STE_MODES:
       raise ValueError(f'ste={self.ste!r}; expected one of {proxy.STE_MODES}.')
     if not isinstance(self.pair_eval_every, int) or self.pair_eval_every < 1:
@@ -173,6 +205,13 @@ class QuantConfig:
         raise ValueError(
             'method=cafeq with use_single_transforms=False, use_pairs=False, '
             "adaptive_rounding=False and rounding='rtn' is plain RTN; use method='rtn'.")
+      if self.statistics == 'selfgen' and self.rounding != 'gptq':
+        raise ValueError("statistics='selfgen' enters through GPTQ-form rounding; set "
+                         "rounding='gptq'.")
+      if self.statistics == 'selfgen' and self.adaptive_rounding:
+        raise ValueError("statistics='selfgen' rounds every matrix (pairs included) "
+                         "under its self-generated Σ; set adaptive_rounding=False (pair "
+                         "adaptive rounding uses the Frobenius product proxy).")
       if self.adaptive_rounding and not self.use_pairs:
         raise ValueError('adaptive_rounding=True rounds transformed pairs and needs '
                          'use_pairs=True (single matrices: set rounding="gptq").')

@@ -13,8 +13,14 @@ attention module with ``o`` replaced by column selections of the identity,
 ``down``'s as ``act(x W_gate) * (x W_up)`` through ``decoder.project``.
 
 Settings read from the ``QuantConfig`` (``getattr`` with defaults): ``spec``,
-``matrices``, ``gptq_damp`` (0.01), ``gptq_block`` (128), ``gptq_batch_size``
-(sequences per forward chunk, 8).
+``matrices``, ``gptq_damp`` (0.01), ``gptq_act_order`` (False), ``gptq_block``
+(128), ``gptq_batch_size`` (sequences per forward chunk, 8).
+
+Online transforms. ``gptq_qarrays(..., blocks=)`` takes block-diagonal transforms
+``(M, M⁻¹)`` per ``(layer, name)`` (``methods.single.transforms_for``): the stored
+matrix is ``V = M W`` and the model computes ``(x M⁻¹) V̂``, so ``V`` is rounded
+under ``H_V = M⁻ᵀ H M⁻¹`` (the same layer loss ``||X (W - M⁻¹V̂)||²``) and the
+later stages see ``M⁻¹ V̂``.
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ import numpy as np
 
 from cafeq_jax import quantizer as qz
 from cafeq_jax.core import gptq as gptq_core
+from cafeq_jax.core import transforms
 from cafeq_jax.models import decoder
 from cafeq_jax.models import linears
 
+_HI = jax.lax.Precision.HIGHEST
 _ALL = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 
 
@@ -159,7 +167,18 @@ _STAGES = (('qkv', ('q', 'k', 'v')), ('o', ('o',)), ('gu', ('gate', 'up')),
            ('down', ('down',)))
 
 
-def gptq_qarrays(params: dict, model_config, quant_config, calib_tokens
+@jax.jit
+def _transform_hessian(h: jax.Array, m_inv: jax.Array) -> jax.Array:
+  """``M⁻ᵀ H M⁻¹`` for ``h`` ``(d, d)`` and ``M⁻¹`` blocks ``(nb, k, k)``."""
+  t = transforms.block_diag(m_inv)
+  return jnp.matmul(t.T, jnp.matmul(h, t, precision=_HI), precision=_HI)
+
+
+_apply_left = jax.jit(transforms.apply_left)
+
+
+def gptq_qarrays(params: dict, model_config, quant_config, calib_tokens, *,
+                 blocks: dict | None = None
                  ) -> tuple[dict[tuple[int, str], qz.QArray], dict[str, Any]]:
   """Sequential GPTQ of every selected matrix: ``(layer, name) -> QArray`` and a report.
 
@@ -168,6 +187,9 @@ def gptq_qarrays(params: dict, model_config, quant_config, calib_tokens
     model_config: the ``ModelConfig``.
     quant_config: ``QuantConfig`` (fields in the module docstring).
     calib_tokens: ``(N, S)`` int calibration token ids.
+    blocks: optional ``(layer, name) -> (M, M⁻¹)`` blocks ``(nb, k, k)``: those
+      matrices are stored as ``V = M W`` (codes of ``V``; the model applies
+      ``x M⁻¹`` online) and rounded under ``M⁻ᵀ H M⁻¹``.
 
   Returns:
     ``(qarrays, report)``; ``report['layer_loss'][name]`` lists, per layer, the
@@ -178,6 +200,8 @@ def gptq_qarrays(params: dict, model_config, quant_config, calib_tokens
   spec = quant_config.spec
   chosen = tuple(getattr(quant_config, 'matrices', _ALL))
   damp = float(getattr(quant_config, 'gptq_damp', 0.01))
+  act_order = bool(getattr(quant_config, 'gptq_act_order', False))
+  blocks = blocks or {}
   block = int(getattr(quant_config, 'gptq_block', 128))
   batch = int(getattr(quant_config, 'gptq_batch_size', 8))
   tokens = jnp.asarray(calib_tokens, jnp.int32)
@@ -205,8 +229,15 @@ def gptq_qarrays(params: dict, model_config, quant_config, calib_tokens
       h = _run_stage(layer, xs, cfg, attn_type, stage, batch)
       for n in names:
         w = mats[n]
-        q = gptq_core.gptq_quantize(w, h, spec, damp=damp, block=block)
-        w_hat = qz.dequantize(q)
+        if (l, n) in blocks:
+          m, m_inv = blocks[(l, n)]
+          q = gptq_core.gptq_quantize(_apply_left(m, w), _transform_hessian(h, m_inv),
+                                      spec, damp=damp, block=block, act_order=act_order)
+          w_hat = _apply_left(m_inv, qz.dequantize(q))
+        else:
+          q = gptq_core.gptq_quantize(w, h, spec, damp=damp, block=block,
+                                      act_order=act_order)
+          w_hat = qz.dequantize(q)
         qarrays[(l, n)] = q
         mats[n] = w_hat
         report['layer_loss'][n].append(float(gptq_core.layer_loss(w, w_hat, h)))

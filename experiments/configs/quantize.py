@@ -22,7 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
   # cafeq_jax.models.PRESETS (random weights, for smoke tests).
   c.model = 'smollm2_135m'
   # Rows of the table: comma-separated names from experiments.quantize_lib.VARIANTS.
-  c.methods = 'rtn,hadamard,cafeq-single,gptq-selfgen'
+  # cafeq-sg: CafeQ with the self-generated data-free proxy; gptq: in-domain
+  # calibration, the comparison (reads evaluation-domain text, never a default).
+  c.methods = 'rtn,hadamard,cafeq-sg,gptq'
   # Columns: comma-separated 'w{bits}{pc|g<size>}{sym|asym}' (asym when omitted).
   c.columns = 'w3g128'
   c.clip_search = False          # MSE-optimal clip ratio search for every method
@@ -40,10 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
   # source (off-domain); or a text file.
   c.calib_num_seqs = 16          # calibration windows for GPTQ
   c.calib_seq_len = 512          # tokens per calibration window
-  c.selfgen_num_seqs = 32        # gptq-selfgen: sequences sampled from the model itself
-  c.selfgen_seq_len = 256        # gptq-selfgen: tokens per sampled sequence
+  c.selfgen_num_seqs = 32        # cafeq-sg/cafeq/gptq-selfgen: sequences the model samples
+  c.selfgen_seq_len = 256        # ... and tokens per sampled sequence
   c.output_dir = 'outputs/quantize'   # results.json, table.md, plots, models
-  c.save_models = 'gptq-selfgen'        # comma list of methods saved with Orbax ('' = none)
+  c.save_models = 'cafeq-sg'     # comma list of methods saved with Orbax ('' = none)
   c.export_hf = ''               # comma list of methods exported as HF safetensors
   c.prompt = 'The Python programming language'   # generation sample per method ('' = none)
   c.max_new_tokens = 24

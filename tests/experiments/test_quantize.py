@@ -79,6 +79,31 @@ def test_unknown_method_fails_before_any_work(tmp_path):
   assert not (tmp_path / 'out' / 'results.json').exists()
 
 
+def test_tiny_run_with_data_free_selfgen_cafeq_saves_and_counts_storage(tmp_path):
+  config = _tiny_config(tmp_path, methods='rtn,cafeq-sg')
+  config.selfgen_num_seqs = 2
+  config.selfgen_seq_len = 16
+  config.save_models = 'cafeq-sg'
+  results = quantize_lib.run(config)
+  rows = results['columns']['w4g32asym']['methods']
+  assert rows['cafeq-sg']['ppl'] > 1 and rows['cafeq-sg']['kld'] >= 0
+  # Hadamard transforms are stored as sign bits: a small overhead over RTN.
+  assert rows['rtn']['bits_per_weight'] < rows['cafeq-sg']['bits_per_weight'] < (
+      rows['rtn']['bits_per_weight'] + 1.5)
+  assert (tmp_path / 'models').is_dir()
+
+
+def test_transform_storage_counts_signed_hadamard_blocks_as_sign_bits():
+  import numpy as np
+  from cafeq_jax.core import transforms
+  import jax
+  h = np.asarray(transforms.random_hadamard_blocks(jax.random.PRNGKey(0), 3, 64))
+  assert quantize_lib.transform_nbytes(h) == 3 * (64 * 64 // 8 + 2)
+  dense = h.copy()
+  dense[1, 0, 0] *= 1.5
+  assert quantize_lib.transform_nbytes(dense) == 2 * (64 * 64 // 8 + 2) + 2 * 64 * 64
+
+
 @pytest.mark.slow
 def test_tiny_run_with_cafeq_saving_and_samples(tmp_path):
   config = _tiny_config(tmp_path, methods='rtn,cafeq-single')

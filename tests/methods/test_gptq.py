@@ -98,3 +98,39 @@ def test_quantize_gptq_rejects_bad_tokens():
     gptq.quantize_gptq(params, cfg, _Config(), jnp.zeros((8,), jnp.int32))
   with pytest.raises(ValueError, match='out of range'):
     gptq.quantize_gptq(params, cfg, _Config(), jnp.full((1, 4), 10_000, jnp.int32))
+
+
+def test_sequential_gptq_under_online_transforms_minimises_the_transformed_loss():
+  """With block transforms the stored codes are of ``M W`` and the model computes
+  ``(x M⁻¹) V̂``: the result runs in the decoder, has the transforms' inverse in its
+  leaves, and on the first layer (same inputs for both) its calibration loss is
+  below RTN of ``M W`` mapped back."""
+  from cafeq_jax.core import transforms
+  from cafeq_jax.methods import _tree
+  cfg, params = _model('tiny_llama')
+  tokens = jax.random.randint(jax.random.PRNGKey(4), (4, 16), 0, cfg.vocab_size)
+  qc = _Config()
+  mats = linears.get_linears(params, cfg)
+  blocks = {}
+  for l in range(cfg.num_layers):
+    for n, w in mats.items():
+      m = transforms.random_hadamard_blocks(jax.random.PRNGKey(l), w.shape[-2] // 16, 16)
+      blocks[(l, n)] = (m, jnp.swapaxes(m, -1, -2))
+  qa, report = gptq.gptq_qarrays(params, cfg, qc, tokens, blocks=blocks)
+  # Layer 0's q/k/v inputs are the same with or without quantization upstream.
+  x = gptq.capture(params['layer_0'], gptq.embed(params, cfg, tokens), cfg,
+                   cfg.attention_types[0], 'qkv').reshape(-1, cfg.embed_dim)
+  for n in ('q', 'k', 'v'):
+    m, m_inv = blocks[(0, n)]
+    w = mats[n][0]
+    w_hat = _tree.effective_weight(qa[(0, n)], m_inv)
+    w_rtn = transforms.apply_left(m_inv, qz.quant_dequant(transforms.apply_left(m, w),
+                                                           qc.spec))
+    loss = lambda v: float(jnp.sum((x @ (w - v)) ** 2))
+    assert loss(w_hat) < loss(w_rtn), n
+    np.testing.assert_allclose(loss(w_hat), report['layer_loss'][n][0], rtol=1e-3)
+  tinvs = {k: blocks[k][1] for k in qa}
+  qparams = _tree.build_quantized_params(params, cfg, qa, tinvs)
+  assert qparams['layer_0']['attn']['q_einsum']['w'].transform_inv is not None
+  logits = decoder.forward(qparams, cfg, tokens)
+  assert np.isfinite(np.asarray(logits)).all()
