@@ -12,7 +12,10 @@ online transforms). Registered methods (``Method``):
   ``methods.paired``); (2) learned single-matrix online transforms
   (``use_single_transforms``) for the matrices not adaptively rounded as pairs;
   (3) rounding: pair adaptive rounding (``adaptive_rounding``) for pairs, GPTQ-form
-  rounding under the transform (``rounding='gptq'``) or RTN for the others.
+  rounding under the transform (``rounding='gptq'``) or RTN for the others. The
+  proxy's input statistics: ``Σ ∝ I`` (``statistics='identity'``, the Frobenius
+  proxy) or, data-free, ``Σ`` measured on sequences the model samples itself,
+  layer by layer (``statistics='selfgen'``, ``_selfgen_rounding``).
 * ``gptq``: ``methods.gptq.quantize_gptq`` with calibration tokens (comparison).
 """
 
