@@ -49,6 +49,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     'cafeq-sg': dict(method='cafeq', use_single_transforms=True, single_transform='hadamard',
                      share_transforms=True, use_pairs=False, rounding='gptq',
                      statistics='selfgen', gptq_act_order=True),
+    # Ablation of cafeq-sg: the same rounding without the online transforms.
+    'cafeq-sg-rounding': dict(method='cafeq', use_single_transforms=False, use_pairs=False,
+                              rounding='gptq', statistics='selfgen', gptq_act_order=True),
     # Everything: folded pair transforms, then as cafeq-sg.
     'cafeq': dict(method='cafeq', use_single_transforms=True, single_transform='hadamard',
                   share_transforms=True, use_pairs=True, rounding='gptq',

@@ -107,7 +107,7 @@ def adaptive_round_pairs(params: dict, model_config, quant_config, *,
 
   Per layer, ``W1 = v`` ``(D, K*hd)`` and ``W2 = o`` ``(H*hd, D)`` with the GQA block
   structure (``n1 = K`` value groups, ``n2 = H`` output heads; ``W2`` for KV group
-  ``k`` is its query heads' ``W_O^h`` side by side), all layers vmapped in one jit.
+  ``k`` is its query heads' ``W_O^h`` side by side), one layer per call.
 
   Returns:
     ``{(layer, 'v'): QArray (D, K*hd), (layer, 'o'): QArray (H*hd, D)}`` (empty when
@@ -128,9 +128,12 @@ def adaptive_round_pairs(params: dict, model_config, quant_config, *,
       rounding=getattr(quant_config, 'ar_solver', 'gptq'),
       n1=model_config.num_kv_heads, n2=model_config.num_heads,
       damp=float(getattr(quant_config, 'gptq_damp', 0.01)))
-  qv, qo, hist = jax.vmap(fn)(v, o)
-  out = {}
+  # One layer per call (compiled once), not a vmap over layers: batched LAPACK
+  # calls (pinv, Cholesky) of several layers running at once deadlock jaxlib's CPU
+  # thread pool on 2-core machines (see core.pairs.inv).
+  out, hist = {}, []
   for l in range(model_config.num_layers):
-    out[(l, 'v')] = jax.tree.map(lambda x: x[l], qv)
-    out[(l, 'o')] = jax.tree.map(lambda x: x[l], qo)
-  return (out, np.asarray(hist)) if return_history else out
+    out[(l, 'v')], out[(l, 'o')], h = fn(v[l], o[l])
+    jax.block_until_ready(h)
+    hist.append(np.asarray(h))
+  return (out, np.stack(hist)) if return_history else out
