@@ -33,6 +33,7 @@ from cafeq_jax import quantizer
 from cafeq_jax import eval as eval_lib
 from cafeq_jax.methods import QuantConfig, quantize
 from cafeq_jax.models import PRESETS, ModelConfig, QuantizedLinear, init_params
+from cafeq_jax.models import qlinear
 from cafeq_jax.models.generate import generate
 
 # Rows of the quality table: name -> QuantConfig fields (+ 'calib' for GPTQ).
@@ -176,15 +177,6 @@ def quant_config_for(variant: str, spec: quantizer.QuantSpec, config) -> tuple[Q
   return QuantConfig(spec=spec, seed=config.seed, progress=config.progress, **fields), calib
 
 
-def pack_params(qparams):
-  """Replaces every ``QuantizedLinear``'s ``QArray`` by its bit-packed form."""
-  def pack_leaf(x):
-    if isinstance(x, QuantizedLinear) and isinstance(x.weight, quantizer.QArray):
-      return x.replace(weight=packing.pack(x.weight, scale_dtype=jnp.bfloat16))
-    return x
-  return jax.tree.map(pack_leaf, qparams, is_leaf=lambda x: isinstance(x, QuantizedLinear))
-
-
 def transform_nbytes(t: jax.Array) -> int:
   """Bytes to store online-transform blocks ``(..., k, k)``: a block whose entries
   are all ``±c`` (a signed Hadamard rotation) as one sign bit per entry plus ``c``
@@ -201,8 +193,7 @@ def storage(qparams) -> dict[str, float]:
   packed = bf16 = n = 0
   for leaf in jax.tree.leaves(qparams, is_leaf=lambda x: isinstance(x, QuantizedLinear)):
     if isinstance(leaf, QuantizedLinear):
-      p = leaf.weight if isinstance(leaf.weight, packing.PackedArray) else packing.pack(
-          leaf.weight, scale_dtype=jnp.bfloat16)
+      p = qlinear.pack_weight(leaf.weight, scale_dtype=jnp.bfloat16)
       packed += packing.nbytes(p)
       if leaf.transform_inv is not None:
         packed += transform_nbytes(leaf.transform_inv)
@@ -322,7 +313,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def _save_model(config, model, col, method, qparams, qcfg_dict):
   from cafeq_jax import checkpointing  # pylint: disable=g-import-not-at-top
   path = os.path.join(config.output_dir, 'models', f'{col}_{method}')
-  checkpointing.save_quantized(path, pack_params(qparams), model_config=model.config,
+  checkpointing.save_quantized(path, qlinear.pack_params(qparams, scale_dtype=jnp.bfloat16), model_config=model.config,
                                metadata={'quant_config': qcfg_dict}, overwrite=True)
   logging.info('saved %s', path)
 

@@ -211,9 +211,11 @@ def run_point(point: Point, config: ml_collections.ConfigDict,
   from cafeq_jax.distributed import memory  # pylint: disable=g-import-not-at-top
   row.update(memory.peak_memory())  # process peaks so far (model load included)
   if config.save_models:
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from cafeq_jax import checkpointing  # pylint: disable=g-import-not-at-top
+    from cafeq_jax.models import qlinear  # pylint: disable=g-import-not-at-top
     path = os.path.join(config.workdir, 'models', point.name.replace('/', '_'))
-    checkpointing.save_quantized(path, quantize_lib.pack_params(qparams),
+    checkpointing.save_quantized(path, qlinear.pack_params(qparams, scale_dtype=jnp.bfloat16),
                                  model_config=model.config, quant_config=qcfg,
                                  metadata={'point': dataclasses.asdict(point), **row},
                                  overwrite=True)

@@ -132,7 +132,7 @@ def _validate_run(run: RunOptions, model_config, quant_config: QuantConfig) -> N
     return
   from cafeq_jax.models import linears  # pylint: disable=g-import-not-at-top
   learn = (quant_config.method == Method.CAFEQ and quant_config.use_single_transforms
-           and getattr(quant_config, 'single_transform', 'learn') == 'learn')
+           and quant_config.single_transform == 'learn')
   shapes = linears.linear_shapes(model_config)
   shapes = {n: shapes[n] for n in quant_config.matrices}
   num_layers = min(run.layers_per_chunk or model_config.num_layers, model_config.num_layers)

@@ -64,10 +64,9 @@ def check_supported(quant_config: QuantConfig) -> None:
     raise ValueError(
         'layers_per_chunk does not support pair transforms (use_pairs / '
         'adaptive_rounding); quantize all layers at once, or use single transforms only.')
-  statistics = getattr(quant_config, 'statistics', 'identity')
-  if statistics != 'identity':
+  if quant_config.statistics != 'identity':
     raise ValueError(
-        f'layers_per_chunk does not support statistics={statistics!r}: its input '
+        f'layers_per_chunk does not support statistics={quant_config.statistics!r}: its input '
         'statistics run the whole model forward; quantize all layers at once.')
 
 

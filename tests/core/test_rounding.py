@@ -23,19 +23,24 @@ def _np_scale_zero(x, bits, symmetric):
   return s, np.clip(np.round(-lo / s), 0, 2**bits - 1)
 
 
+def _np_damped_hinv_upper(w, h, damp):
+  """GPTQ's preparation in float64: dead rows zeroed (``H_ii = 1``), relative
+  damping, upper Cholesky factor of ``H⁻¹``. Returns ``(w, u)`` (``w`` a copy)."""
+  w, h = w.astype(np.float64).copy(), h.astype(np.float64).copy()
+  dead = np.diag(h) == 0
+  h[dead, dead] = 1
+  w[dead] = 0
+  h += damp * np.mean(np.diag(h)) * np.eye(h.shape[0])
+  return w, np.linalg.cholesky(np.linalg.inv(h)).T
+
+
 def numpy_gptq(w, h, bits, group, symmetric, damp=0.01):
   """Unblocked GPTQ written from the paper (Frantar et al. 2022, Alg. 1), float64.
 
   w: (d_in, d_out) swept along d_in; returns the dequantized weights.
   """
-  w = w.astype(np.float64).copy()
-  h = h.astype(np.float64).copy()
   d = h.shape[0]
-  dead = np.diag(h) == 0
-  h[dead, dead] = 1
-  w[dead] = 0
-  h += damp * np.mean(np.diag(h)) * np.eye(d)
-  u = np.linalg.cholesky(np.linalg.inv(h)).T
+  w, u = _np_damped_hinv_upper(w, h, damp)
   qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
   out = np.zeros_like(w)
   if group is None:
@@ -277,13 +282,7 @@ def numpy_gptq_act_order(w, h, bits, group, symmetric, damp=0.01):
   g = d if group is None else group
   scales = [_np_scale_zero(w[i:i + g], bits, symmetric) for i in range(0, d, g)]
   perm = np.argsort(-np.diag(h), kind='stable')
-  hp = h.astype(np.float64)[perm][:, perm]
-  wp = w[perm].copy()
-  dead = np.diag(hp) == 0
-  hp[dead, dead] = 1
-  wp[dead] = 0
-  hp += damp * np.mean(np.diag(hp)) * np.eye(d)
-  u = np.linalg.cholesky(np.linalg.inv(hp)).T
+  wp, u = _np_damped_hinv_upper(w[perm], h[perm][:, perm], damp)
   qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
   out = np.zeros_like(wp)
   for i in range(d):

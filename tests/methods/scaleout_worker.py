@@ -59,6 +59,18 @@ def flatten(tree, prefix: str = '') -> dict[str, np.ndarray]:
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def assert_same_flat(got: dict, ref: dict, atol: float) -> None:
+  """Same keys, dtypes and shapes; integer leaves equal, float leaves within ``atol``."""
+  assert sorted(got) == sorted(ref)
+  for k, r in ref.items():
+    g = got[k]
+    assert g.dtype == r.dtype and g.shape == r.shape, k
+    if r.dtype.kind in 'iub':
+      np.testing.assert_array_equal(g, r, err_msg=k)
+    else:
+      np.testing.assert_allclose(g, r, rtol=0, atol=atol, err_msg=k)
+
+
 def _error(fn) -> str:
   try:
     fn()

@@ -19,15 +19,7 @@ SPEC = dict(bits=3, group_size=32)
 
 
 def _assert_same(chunked, whole, atol):
-  flat_c, flat_w = worker.flatten(chunked), worker.flatten(whole)
-  assert sorted(flat_c) == sorted(flat_w)
-  for k, w in flat_w.items():
-    c = flat_c[k]
-    assert c.dtype == w.dtype and c.shape == w.shape, k
-    if w.dtype.kind in 'iub':
-      np.testing.assert_array_equal(c, w, err_msg=k)
-    else:
-      np.testing.assert_allclose(c, w, rtol=0, atol=atol, err_msg=k)
+  worker.assert_same_flat(worker.flatten(chunked), worker.flatten(whole), atol)
 
 
 @pytest.mark.parametrize('name, quant_config, chunk, atol', [
