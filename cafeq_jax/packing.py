@@ -65,8 +65,9 @@ class PackedArray:
     data: uint8 packed codes; ``(..., K, Np)`` for int2/int4, ``(..., 3, K, Np)``
       for int3, ``(..., K, N)`` for int8.
     scale: ``(..., K // g, N)`` float32 (or bfloat16, see ``pack``).
-    zero: ``(..., K // g, N)`` float32 holding integers in the unsigned code
-      domain (``-qmin`` everywhere for symmetric specs).
+    zero: ``(..., K // g, N)`` in the scale's dtype, holding integers in the
+      unsigned code domain ``[0, 2^b - 1]`` (exact in bfloat16 for b <= 8;
+      ``-qmin`` everywhere for symmetric specs).
     bits: code width (2, 3, 4, 8). Static.
     group_size: rows per group, ``None`` for per output channel. Static.
     symmetric: whether the source spec was symmetric. Static.
@@ -180,8 +181,9 @@ def pack(q: quantizer.QArray, *, scale_dtype=jnp.float32) -> PackedArray:
   Args:
     q: the quantized array; leading batch dims allowed. numpy fields give numpy
       fields (host-side packing); jax arrays give jax arrays (jit-able).
-    scale_dtype: storage dtype of the scales (float32 keeps ``unpack`` exact;
-      bfloat16 halves scale bytes and rounds the scales).
+    scale_dtype: storage dtype of the scales and zero points (float32 keeps
+      ``unpack`` exact; bfloat16 halves their bytes and rounds the scales; the
+      zero points are small integers and stay exact).
 
   Returns:
     A ``PackedArray`` with the layout described in the module docstring.
@@ -194,9 +196,9 @@ def pack(q: quantizer.QArray, *, scale_dtype=jnp.float32) -> PackedArray:
   data = pack_codes(u, spec.bits)
   scale = xp.asarray(q.scale).astype(scale_dtype)
   if q.zero is None:
-    zero = xp.full(scale.shape, -qmin, xp.float32)
+    zero = xp.full(scale.shape, -qmin, scale_dtype)
   else:
-    zero = xp.asarray(q.zero).astype(xp.float32) - qmin
+    zero = (xp.asarray(q.zero).astype(xp.float32) - qmin).astype(scale_dtype)
   return PackedArray(data=data, scale=scale, zero=zero, bits=spec.bits,
                      group_size=spec.group_size, symmetric=spec.symmetric,
                      shape=tuple(q.codes.shape))
@@ -208,7 +210,7 @@ def unpack(p: PackedArray) -> quantizer.QArray:
   xp = _xp(p.data)
   u = unpack_codes(p.data, p.bits, p.shape[-1]).astype(xp.int32)
   codes = (u + spec.qmin).astype(xp.int16 if spec.qmax > 127 else xp.int8)
-  zero = None if p.symmetric else p.zero + spec.qmin
+  zero = None if p.symmetric else p.zero.astype(xp.float32) + spec.qmin
   return quantizer.QArray(codes=codes, scale=p.scale.astype(xp.float32),
                           zero=zero, spec=spec)
 
@@ -219,7 +221,7 @@ def dequantize(p: PackedArray, dtype=jnp.float32) -> jax.Array:
   u = unpack_codes(p.data, p.bits, n).astype(jnp.float32)
   g = k if p.group_size is None else p.group_size
   ug = u.reshape(*lead, k // g, g, n)
-  w = (ug - p.zero[..., None, :]) * p.scale.astype(jnp.float32)[..., None, :]
+  w = (ug - p.zero.astype(jnp.float32)[..., None, :]) * p.scale.astype(jnp.float32)[..., None, :]
   return w.reshape(p.shape).astype(dtype)
 
 

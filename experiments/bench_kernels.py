@@ -134,14 +134,15 @@ def peak_for(device_kind: str) -> tuple[float, float] | None:
 
 
 def random_packed(key, k: int, n: int, bits: int, group_size: int) -> packing.PackedArray:
-  """Random codes/scales/zeros with the real packed shapes (no quantization)."""
+  """Random codes with the real packed shapes and bf16 scales/zeros (the saved-model
+  format, ``pack_params(scale_dtype=jnp.bfloat16)``); no quantization."""
   k1, k2, k3 = jax.random.split(key, 3)
   npk = packing.packed_columns(n, bits)
   dshape = (3, k, npk) if bits == 3 else (k, npk)
   data = jax.random.bits(k1, dshape, jnp.uint8)
   g = k // group_size
-  scale = jax.random.uniform(k2, (g, n), jnp.float32, 1e-3, 2e-2)
-  zero = jax.random.randint(k3, (g, n), 0, 2**bits).astype(jnp.float32)
+  scale = jax.random.uniform(k2, (g, n), jnp.float32, 1e-3, 2e-2).astype(jnp.bfloat16)
+  zero = jax.random.randint(k3, (g, n), 0, 2**bits).astype(jnp.bfloat16)
   return packing.PackedArray(data=data, scale=scale, zero=zero, bits=bits,
                              group_size=group_size, symmetric=False, shape=(k, n))
 

@@ -151,27 +151,6 @@ class _ModelCache:
     return self.value
 
 
-def storage_bits_per_weight(qparams) -> float:
-  """Stored bits per quantized weight: packed codes + bf16 scales/zeros/transforms.
-
-  Counted from shapes (no packing, nothing compiled): ``bits`` per code, 16 per
-  scale, zero point and transform entry, over the quantized linears' weights.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from cafeq_jax.models import QuantizedLinear  # pylint: disable=g-import-not-at-top
-  bits = weights = 0
-  for leaf in jax.tree.leaves(qparams, is_leaf=lambda x: isinstance(x, QuantizedLinear)):
-    if not isinstance(leaf, QuantizedLinear):
-      continue
-    w = leaf.weight
-    n = int(np.prod(leaf.matrix_shape))
-    extra = [w.scale, getattr(w, 'zero', None), leaf.transform_inv]
-    bits += n * w.spec.bits + 16 * sum(int(np.size(x)) for x in extra if x is not None)
-    weights += n
-  return bits / max(weights, 1)
-
-
 def run_point(point: Point, config: ml_collections.ConfigDict,
               cache: _ModelCache | None = None) -> dict[str, Any]:
   """Loads the model, quantizes it with the point's method, evaluates it.
@@ -206,7 +185,7 @@ def run_point(point: Point, config: ml_collections.ConfigDict,
       'fp_ppl': metrics['fp']['ppl'], 'eval_tokens': metrics['q']['tokens'],
       'quantize_seconds': quant_seconds, 'proxy_rtn': report.total('rtn'),
       'proxy_final': report.total('final'), 'spec': spec.name,
-      'bits_per_weight': storage_bits_per_weight(qparams),
+      'bits_per_weight': quantize_lib.storage(qparams)['bits_per_weight'],
   }
   from cafeq_jax.distributed import memory  # pylint: disable=g-import-not-at-top
   row.update(memory.peak_memory())  # process peaks so far (model load included)

@@ -131,9 +131,13 @@ def test_nbytes_counts_codes_scales_and_asymmetric_zeros(bits, expected_bpw):
     expected = k * n * expected_bpw // 8 + scales * (1 if symmetric else 2)
     assert packing.nbytes(p) == expected
   assert packing.bf16_nbytes((k, n)) == 2 * k * n
-  # bf16 scales halve the scale bytes (q is asymmetric here: f32 zeros remain).
+  # bf16 halves the scale and zero-point bytes (q is asymmetric here); the zero
+  # points are integers below 2^bits, so they survive bf16 exactly.
   p16 = packing.pack(q, scale_dtype=jnp.bfloat16)
-  assert packing.nbytes(p16) == k * n * expected_bpw // 8 + scales // 2 + scales
+  assert packing.nbytes(p16) == k * n * expected_bpw // 8 + scales
+  assert p16.zero.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(packing.unpack(p16).zero), np.asarray(q.zero))
+  np.testing.assert_array_equal(np.asarray(packing.unpack(p16).codes), np.asarray(q.codes))
 
 
 def test_pack_and_unpack_are_jittable():

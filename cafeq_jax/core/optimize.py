@@ -138,10 +138,12 @@ class TransformConfig:
 def make_optimizer(config: TransformConfig) -> optax.GradientTransformation:
   """The optax optimiser (with schedule) described by ``config``."""
   steps = max(config.steps, 1)
-  if config.schedule == 'cosine':
+  if config.schedule == 'cosine' and not config.warmup_steps:
+    # optax's warm-up variant would log a zero-length linear segment on every call.
+    lr = optax.cosine_decay_schedule(config.learning_rate, decay_steps=steps)
+  elif config.schedule == 'cosine':
     lr = optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if config.warmup_steps else config.learning_rate,
-        peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
         decay_steps=steps, end_value=0.0)
   else:
     lr = optax.constant_schedule(config.learning_rate)

@@ -83,6 +83,20 @@ def test_kernel_matches_reference_for_odd_batches_and_bf16(bits, dtype, batch, v
   _check(y, x, q, dtype)
 
 
+@pytest.mark.parametrize('variant', ['gpu', 'tpu'])
+@pytest.mark.parametrize('symmetric', [False, True])
+def test_kernel_reads_bf16_scales_and_zeros_of_saved_models(symmetric, variant):
+  # Saved models pack with bf16 scales and zero points; the zero points stay
+  # exact and the reference uses the same bf16-rounded scales.
+  q, _, kx = _case(256, 72, 3, 64, symmetric, seed=3)
+  p = packing.pack(q, scale_dtype=jnp.bfloat16)
+  assert p.scale.dtype == p.zero.dtype == jnp.bfloat16
+  q16 = q.replace(scale=p.scale.astype(jnp.float32))
+  x = jax.random.normal(kx, (5, 256), jnp.float32)
+  y = kernels_pallas.quantized_matmul(x, p, backend=variant, interpret=True)
+  _check(y, x, q16, jnp.float32)
+
+
 @pytest.mark.parametrize('split_k', [1, 2])
 def test_gpu_kernel_split_k_and_multiple_m_tiles(split_k):
   q, p, kx = _case(256, 64, 4, 64, False)
