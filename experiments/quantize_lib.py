@@ -313,7 +313,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def _save_model(config, model, col, method, qparams, qcfg_dict):
   from cafeq_jax import checkpointing  # pylint: disable=g-import-not-at-top
   path = os.path.join(config.output_dir, 'models', f'{col}_{method}')
-  checkpointing.save_quantized(path, qlinear.pack_params(qparams, scale_dtype=jnp.bfloat16), model_config=model.config,
+  checkpointing.save_quantized(path, qlinear.pack_params(qparams, scale_dtype=jnp.bfloat16),
+                               model_config=model.config,
                                metadata={'quant_config': qcfg_dict}, overwrite=True)
   logging.info('saved %s', path)
 

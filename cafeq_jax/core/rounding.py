@@ -91,8 +91,8 @@ def _sweep(w: jax.Array, u: jax.Array, *, block: int, sub: int,
   """Blocked GPTQ sweep over the rows of ``w`` (d, n); ``d % block == block % sub == 0``.
 
   ``start_group(rows (sub, n), first) -> (s, z)`` is called at the first row
-  (index ``first``) of every run of ``sub`` rows on the error-updated rows; ``quant_row(row (n,), s, z) -> (q, dq)``
-  rounds one row. Returns codes ``(d, n)`` float32 and the stacked ``s``, ``z``
+  (index ``first``) of every run of ``sub`` rows on the error-updated rows;
+  ``quant_row(row (n,), s, z) -> (q, dq)`` rounds one row. Returns codes ``(d, n)`` float32 and the stacked ``s``, ``z``
   ``(d // sub, ...)``.
   """
   d, n = w.shape

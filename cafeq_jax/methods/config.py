@@ -176,11 +176,10 @@ class QuantConfig:
     if self.single_transform not in SINGLE_TRANSFORMS:
       raise ValueError(f'single_transform={self.single_transform!r}; expected one of '
                        f'{SINGLE_TRANSFORMS}.')
-    for name in ('selfgen_num_seqs', 'selfgen_seq_len'):
+    for name, least in (('selfgen_num_seqs', 1), ('selfgen_seq_len', 2)):
       v = getattr(self, name)
-      if not isinstance(v, int) or v < (1 if name == 'selfgen_num_seqs' else 2):
-        raise ValueError(f'{name}={v!r} must be an int >= '
-                         f'{1 if name == "selfgen_num_seqs" else 2}.')
+      if not isinstance(v, int) or v < least:
+        raise ValueError(f'{name}={v!r} must be an int >= {least}.')
     if not self.selfgen_temperature > 0:
       raise ValueError(f'selfgen_temperature={self.selfgen_temperature!r} must be > 0.')
     if self.ste not in proxy.STE_MODES:

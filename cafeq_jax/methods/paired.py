@@ -134,6 +134,5 @@ def adaptive_round_pairs(params: dict, model_config, quant_config, *,
   out, hist = {}, []
   for l in range(model_config.num_layers):
     out[(l, 'v')], out[(l, 'o')], h = fn(v[l], o[l])
-    jax.block_until_ready(h)
-    hist.append(np.asarray(h))
+    hist.append(np.asarray(h))  # waits for this layer before the next is dispatched
   return (out, np.stack(hist)) if return_history else out
