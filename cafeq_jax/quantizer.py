@@ -1,6 +1,6 @@
 """Uniform weight quantizer: specs, quantized arrays, round-to-nearest, STE.
 
-Conventions (SPEC §1). A linear layer computes ``y = x @ W`` with ``W`` of shape
+Conventions (docs/method.md#quantizer). A linear layer computes ``y = x @ W`` with ``W`` of shape
 ``(d_in, d_out)`` (Flax kernel layout). Quantization replaces ``W`` by
 ``Ŵ = s * (q - z)`` with integer codes ``q`` and one scale ``s`` (and, when
 asymmetric, one zero point ``z``) per *group*: ``g`` consecutive rows of one
@@ -51,6 +51,15 @@ class QuantSpec:
   group_fallback: bool = False
 
   def __post_init__(self):
+    for name in ('symmetric', 'clip_search', 'group_fallback'):
+      if not isinstance(getattr(self, name), (bool, np.bool_)):
+        raise TypeError(f'{name}={getattr(self, name)!r} must be a bool (True / False).')
+      object.__setattr__(self, name, bool(getattr(self, name)))
+    for name in ('bits', 'group_size'):
+      v = getattr(self, name)
+      if v is not None and (isinstance(v, (bool, np.bool_)) or
+                            not isinstance(v, (int, np.integer))):
+        raise TypeError(f'{name}={v!r} must be an int, not {type(v).__name__}.')
     if self.bits not in SUPPORTED_BITS:
       raise ValueError(
           f'bits={self.bits!r} is not supported; expected one of {SUPPORTED_BITS}.')
@@ -129,8 +138,34 @@ class QArray:
   def shape(self) -> tuple[int, ...]:
     return self.codes.shape
 
+  def __getitem__(self, index) -> QArray:
+    """Indexes the leading (stack) dims: ``q[l]`` is layer ``l`` of a stack.
 
-def _code_dtype(spec: QuantSpec):
+    ``index`` must leave the last two dims (``d_in``, ``d_out``) whole; scales and
+    zero points are indexed alike.
+    """
+    codes = self.codes[index]
+    if codes.ndim < 2 or codes.shape[-2:] != self.codes.shape[-2:]:
+      raise IndexError(f'QArray index {index!r} must select along the stack dims only; '
+                       f'codes {self.codes.shape} -> {codes.shape}.')
+    return QArray(codes=codes, scale=self.scale[index],
+                  zero=None if self.zero is None else self.zero[index], spec=self.spec)
+
+  @classmethod
+  def stack(cls, qs) -> QArray:
+    """Stacks same-spec, same-shape ``QArray``s along a new leading dim."""
+    qs = list(qs)
+    if not qs or any(q.spec != qs[0].spec or q.shape != qs[0].shape for q in qs):
+      raise ValueError('QArray.stack needs a non-empty list of QArrays with one spec and '
+                       f'shape; got {[(q.spec.name, q.shape) for q in qs]}.')
+    return cls(codes=jnp.stack([q.codes for q in qs]),
+               scale=jnp.stack([q.scale for q in qs]),
+               zero=None if qs[0].zero is None else jnp.stack([q.zero for q in qs]),
+               spec=qs[0].spec)
+
+
+def code_dtype(spec: QuantSpec):
+  """Integer dtype of a spec's codes: int8, or int16 for 8-bit asymmetric codes."""
   return jnp.int16 if spec.qmax > 127 else jnp.int8
 
 
@@ -234,7 +269,7 @@ def round_with_scale(w: jax.Array, scale: jax.Array, zero: jax.Array | None,
   """Round-to-nearest codes of ``w`` for given per-group ``scale``/``zero``."""
   wg = _grouped(jnp.asarray(w, jnp.float32), spec)
   q = _round_grouped(wg, scale, zero, spec).reshape(w.shape)
-  return QArray(codes=q.astype(_code_dtype(spec)), scale=scale, zero=zero,
+  return QArray(codes=q.astype(code_dtype(spec)), scale=scale, zero=zero,
                 spec=spec.for_rows(w.shape[-2]))
 
 

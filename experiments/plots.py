@@ -22,7 +22,9 @@ going, a column without reports) are skipped, never an error.
 Figures are built with the object-oriented ``matplotlib.figure.Figure`` (Agg
 canvas): no pyplot state, safe in threads and notebooks.
 
-    python -m experiments.plots --output_dir=outputs/quantize   # redraw from disk
+    python -m experiments.plots --config.output_dir=outputs/quantize   # redraw from disk
+
+(options: experiments/configs/plots.py).
 """
 
 from __future__ import annotations
@@ -34,10 +36,13 @@ import os
 import re
 from typing import Any, Iterable, Mapping
 
+from absl import app
+from absl import logging
 import matplotlib
 from matplotlib import figure as mpl_figure
 from matplotlib import ticker
 from matplotlib.backends import backend_agg
+from ml_collections import config_flags
 
 # Matrix names in model order; others (if any) follow alphabetically.
 _MATRIX_ORDER = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
@@ -45,6 +50,9 @@ _MARKERS = ('o', 's', '^', 'D', 'v', 'P', 'X', '*', '<', '>')
 _BIT_TICKS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32)
 _COLUMN_FAMILY = re.compile(r'^w\d+')   # 'w3g128asym' -> family 'g128asym'
 _KEY = re.compile(r'^layer_(\d+)/(.+)$')
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'plots.py')
+_CONFIG = None  # the --config flag, defined only when run as a program (see bottom)
 
 
 def _new_figure(width: float, height: float) -> mpl_figure.Figure:
@@ -377,19 +385,35 @@ def write_all(results: Mapping[str, Any], output_dir: str) -> list[str]:
   return written
 
 
-def main(argv: list[str] | None = None) -> list[str]:
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(description='Redraw the plots of a quantize job.')
-  parser.add_argument('--output_dir', required=True,
-                      help='the job output dir holding results.json and reports/')
-  args = parser.parse_args(argv)
-  with open(os.path.join(args.output_dir, 'results.json')) as f:
+def redraw(output_dir: str) -> list[str]:
+  """Redraws every plot of the job in ``output_dir`` from its ``results.json``.
+
+  Returns:
+    Paths of the PNGs written (see ``write_all``).
+  """
+  with open(os.path.join(output_dir, 'results.json')) as f:
     results = json.load(f)
-  paths = write_all(results, args.output_dir)
-  for p in paths:
+  return write_all(results, output_dir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
+  config = _CONFIG.value
+  if not config.output_dir:
+    raise app.UsageError('--config.output_dir is required: the job output dir holding '
+                         'results.json and reports/.')
+  # Host-only job: JAX is not initialised, so redrawing next to a running job on an
+  # accelerator takes none of its memory.
+  logging.info('plots: one host process (pid %d), no accelerator used', os.getpid())
+  for p in redraw(config.output_dir):
     print(p)
-  return paths
 
 
 if __name__ == '__main__':
-  main()
+  # Defined here, not at import: experiments.quantize imports this module and has
+  # its own --config flag.
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', _DEFAULT_CONFIG, 'Plots configuration (experiments/configs/plots.py).',
+      lock_config=True)
+  app.run(main)

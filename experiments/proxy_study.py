@@ -1,7 +1,9 @@
 """Why the Frobenius proxy fails on SmolLM2, and data-free second-moment estimates.
 
-    python -m experiments.proxy_study --out=outputs/proxy_study.json
-    python -m experiments.proxy_study --methods=rtn,selfgen_seq --eval_num_seqs=4
+    python -m experiments.proxy_study --config.out=outputs/proxy_study.json
+    python -m experiments.proxy_study --config.methods=rtn,selfgen_seq --config.eval_num_seqs=4
+
+Options: experiments/configs/proxy_study.py (``--config.<field>=<value>``).
 
 (a) Diagnosis (pydoc activations, diagnosis only): per matrix, the fraction of
     ``tr(Σ)`` on the top-1 / top-8 input channels, ``eff_rank/d``, and the true-loss
@@ -25,26 +27,23 @@ import os
 import time
 
 from absl import app
-from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
 import numpy as np
 
-flags.DEFINE_string('methods', 'rtn,hadamard,gptq_pydoc,selfgen_seq,selfgen_h,struct_h',
-                    'comma list of candidates (see module docstring)')
-flags.DEFINE_string('column', 'w3g128', 'quantizer column, e.g. w3g128')
-flags.DEFINE_integer('eval_num_seqs', 8, 'evaluation windows')
-flags.DEFINE_integer('eval_seq_len', 512, 'tokens per evaluation window')
-flags.DEFINE_integer('calib_num_seqs', 16, 'pydoc calibration windows (gptq_pydoc, diag)')
-flags.DEFINE_integer('calib_seq_len', 512, 'tokens per pydoc calibration window')
-flags.DEFINE_integer('gen_num_seqs', 16, 'self-generated sequences')
-flags.DEFINE_integer('gen_seq_len', 256, 'tokens per self-generated sequence')
-flags.DEFINE_float('temperature', 1.0, 'sampling temperature of self-generation')
-flags.DEFINE_integer('start_id', 0, 'start token of self-generation (0 = <|endoftext|>)')
-flags.DEFINE_bool('diagnose', True, 'run the diagnosis (a)')
-flags.DEFINE_integer('seed', 0, 'PRNG seed')
-flags.DEFINE_string('out', 'outputs/proxy_study.json', 'JSON results path')
-FLAGS = flags.FLAGS
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'proxy_study.py')
+_CONFIG = None  # the --config flag, defined only when run as a program (see bottom)
+
+# Candidates of --config.methods (see the module docstring).
+CANDIDATES = ('rtn', 'hadamard', 'gptq_pydoc', 'selfgen_seq', 'selfgen_h', 'random_h',
+              'struct_h', 'pydoc_h')
+
+# Fields recorded under 'flags' in the results JSON.
+_RECORDED = ('eval_num_seqs', 'eval_seq_len', 'calib_num_seqs', 'calib_seq_len',
+             'gen_num_seqs', 'gen_seq_len', 'temperature', 'start_id', 'seed')
 
 
 def _log(msg):
@@ -62,25 +61,24 @@ def _spearman(a, b):
   return _corr(ra, rb)
 
 
-def diagnose(params, cfg, spec, h_pydoc, h_est: dict, key) -> dict:
+def diagnose(params, cfg, spec, h_pydoc, h_est: dict, key, seed: int = 0) -> dict:
   """Per-matrix isotropy diagnostics under the pydoc Σ (diagnosis only)."""
   from cafeq_jax import quantizer as qz
   from cafeq_jax.core import stats
-  from cafeq_jax.methods import QuantConfig, quantize, _tree
-  from cafeq_jax.methods.api import _qarrays_from_tree
+  from cafeq_jax import recipes
+  from cafeq_jax.methods import quantize
   from cafeq_jax.models import linears
+  del seed  # the key carries it
   mats = linears.get_linears(params, cfg)
-  qcfg = QuantConfig(method='hadamard', spec=spec, block_size=64, seed=FLAGS.seed)
-  qh, _ = quantize(params, cfg, qcfg, key)
-  qa, tinv = _qarrays_from_tree(qh, cfg, qcfg)
+  qh, _ = quantize(params, cfg, recipes.get('hadamard', spec=spec), key)
+  had = linears.get_linears(qh, cfg)  # effective weights M⁻¹ dequant(Q(M W))
   out = {}
   for n, w in mats.items():
     w = jnp.asarray(w, jnp.float32)
     h = h_pydoc[n]
     d = w.shape[-2]
     w_rtn = qz.quant_dequant(w, spec.for_rows(d))
-    w_had = jnp.stack([_tree.effective_weight(qa[(l, n)], tinv[(l, n)])
-                       for l in range(cfg.num_layers)])
+    w_had = jnp.asarray(had[n], jnp.float32)
     eye = jnp.broadcast_to(jnp.eye(d, dtype=jnp.float32), h.shape)
     true_ratio = stats.weighted_loss(w, w_had, h) / stats.weighted_loss(w, w_rtn, h)
     frob_ratio = stats.weighted_loss(w, w_had, eye) / stats.weighted_loss(w, w_rtn, eye)
@@ -127,76 +125,85 @@ def diagnose(params, cfg, spec, h_pydoc, h_est: dict, key) -> dict:
   return out
 
 
-def main(argv):
-  del argv
+def run(config: ml_collections.ConfigDict) -> dict:
+  """The study of ``config`` (experiments/configs/proxy_study.py); writes ``config.out``.
+
+  Returns:
+    The results dict written to ``config.out`` (JSON).
+
+  Raises:
+    ValueError: an unknown candidate in ``config.methods`` (before anything runs).
+  """
+  unknown = [m.strip() for m in config.methods.split(',')
+             if m.strip() and m.strip() not in CANDIDATES]
+  if unknown:
+    raise ValueError(f'unknown method {unknown[0]!r} in config.methods; expected some of '
+                     f'{CANDIDATES}.')
   from cafeq_jax import eval as eval_lib
-  from cafeq_jax.methods import QuantConfig, quantize
-  from cafeq_jax.methods import gptq as gptq_method
+  from cafeq_jax import recipes
+  from cafeq_jax.methods import quantize
   from cafeq_jax.methods import stats_adapter
   from experiments import quantize_lib
-  import ml_collections
 
   t_all = time.perf_counter()
-  methods = [m.strip() for m in FLAGS.methods.split(',') if m.strip()]
-  spec = quantize_lib.parse_column(FLAGS.column)
+  methods = [m.strip() for m in config.methods.split(',') if m.strip()]
+  spec = quantize_lib.parse_column(config.column)
   model = quantize_lib.load_model('smollm2_135m')
   params, cfg = model.params, model.config
-  key = jax.random.PRNGKey(FLAGS.seed)
+  key = jax.random.PRNGKey(config.seed)
   text = eval_lib.load_text(None)
-  tokens = eval_lib.make_windows(model.encode(text), FLAGS.eval_num_seqs, FLAGS.eval_seq_len)
+  tokens = eval_lib.make_windows(model.encode(text), config.eval_num_seqs, config.eval_seq_len)
   ccfg = ml_collections.ConfigDict(dict(
-      eval_text='', eval_num_seqs=FLAGS.eval_num_seqs, eval_seq_len=FLAGS.eval_seq_len,
-      calib_num_seqs=FLAGS.calib_num_seqs, calib_seq_len=FLAGS.calib_seq_len))
-  res = {'column': FLAGS.column, 'flags': {k: FLAGS[k].value for k in (
-      'eval_num_seqs', 'eval_seq_len', 'calib_num_seqs', 'calib_seq_len', 'gen_num_seqs',
-      'gen_seq_len', 'temperature', 'start_id', 'seed')}, 'timings': {}, 'methods': {}}
+      eval_text='', eval_num_seqs=config.eval_num_seqs, eval_seq_len=config.eval_seq_len,
+      calib_num_seqs=config.calib_num_seqs, calib_seq_len=config.calib_seq_len))
+  res = {'column': config.column, 'flags': {k: config[k] for k in _RECORDED},
+         'timings': {}, 'methods': {}}
 
-  need_pydoc = FLAGS.diagnose or any(m in methods for m in ('gptq_pydoc', 'pydoc_h'))
-  calib = quantize_lib.calibration_tokens('in-domain', model, ccfg) if need_pydoc else None
-  need_gen = FLAGS.diagnose or any(m in methods for m in ('selfgen_seq', 'selfgen_h'))
+  need_pydoc = config.diagnose or any(m in methods for m in ('gptq_pydoc', 'pydoc_h'))
+  calib_stage = recipes.Calibration(source='in-domain', num_seqs=config.calib_num_seqs,
+                                    seq_len=config.calib_seq_len)
+  calib = quantize_lib.calibration_tokens(calib_stage, model, ccfg) if need_pydoc else None
+  need_gen = config.diagnose or any(m in methods for m in ('selfgen_seq', 'selfgen_h'))
   h_gen = gen_toks = None
   if need_gen:
     t0 = time.perf_counter()
+    stage = recipes.SelfGenerated(num_seqs=config.gen_num_seqs, seq_len=config.gen_seq_len,
+                                  temperature=config.temperature, start_id=config.start_id)
     h_gen, gen_toks = stats_adapter.selfgen_hessians(
-        params, cfg, num_seqs=FLAGS.gen_num_seqs, seq_len=FLAGS.gen_seq_len,
-        key=jax.random.fold_in(key, 1), temperature=FLAGS.temperature,
-        start_id=FLAGS.start_id, return_tokens=True)
+        params, cfg, stage=stage, key=jax.random.fold_in(key, 1), return_tokens=True)
     jax.block_until_ready(h_gen)
     res['timings']['selfgen_hessians'] = time.perf_counter() - t0
     res['selfgen_sample'] = model.decode([int(t) for t in gen_toks[0, :64]])
-    _log(f'selfgen_hessians {FLAGS.gen_num_seqs}x{FLAGS.gen_seq_len}: '
+    _log(f'selfgen_hessians {config.gen_num_seqs}x{config.gen_seq_len}: '
          f'{res["timings"]["selfgen_hessians"]:.1f}s; sample: {res["selfgen_sample"]!r}')
   h_struct = None
-  if FLAGS.diagnose or 'struct_h' in methods:
+  if config.diagnose or 'struct_h' in methods:
     t0 = time.perf_counter()
     h_struct = jax.block_until_ready(stats_adapter.structural_hessians(params, cfg))
     res['timings']['structural_hessians'] = time.perf_counter() - t0
   h_pydoc = None
-  if FLAGS.diagnose or 'pydoc_h' in methods:
+  if config.diagnose or 'pydoc_h' in methods:
     t0 = time.perf_counter()
     h_pydoc = jax.block_until_ready(stats_adapter.activation_hessians(params, cfg, calib))
     res['timings']['pydoc_hessians'] = time.perf_counter() - t0
-  if FLAGS.diagnose:
+  if config.diagnose:
     res['diagnosis'] = diagnose(params, cfg, spec, h_pydoc,
-                                {'selfgen': h_gen, 'struct': h_struct}, key)
-    _dump(res)
+                                {'selfgen': h_gen, 'struct': h_struct}, key, config.seed)
+    _dump(res, config.out)
 
   cands = {}
   for m in methods:
     t0 = time.perf_counter()
     if m in ('rtn', 'hadamard'):
-      qp, _ = quantize(params, cfg, QuantConfig(method=m, spec=spec, block_size=64,
-                                                seed=FLAGS.seed), key)
-    elif m == 'gptq_pydoc':
-      qp, _ = gptq_method.quantize_gptq(params, cfg, QuantConfig(method='gptq', spec=spec),
-                                        calib)
-    elif m == 'selfgen_seq':
-      qp, _ = gptq_method.quantize_gptq(params, cfg, QuantConfig(method='gptq', spec=spec),
-                                        gen_toks)
+      qp, _ = quantize(params, cfg, recipes.get(m, spec=spec), key)
+    elif m in ('gptq_pydoc', 'selfgen_seq'):
+      # Sequential GPTQ on these tokens (calibration windows or self-generated ones).
+      qp, _ = quantize(params, cfg, recipes.get('gptq', spec=spec), key,
+                       calib_tokens=calib if m == 'gptq_pydoc' else gen_toks)
     elif m in ('selfgen_h', 'struct_h', 'pydoc_h', 'random_h'):
       if m == 'random_h':
         rt = jax.random.randint(jax.random.fold_in(key, 2),
-                                (FLAGS.gen_num_seqs, FLAGS.gen_seq_len), 0, cfg.vocab_size)
+                                (config.gen_num_seqs, config.gen_seq_len), 0, cfg.vocab_size)
         hs = stats_adapter.activation_hessians(params, cfg, rt)
       else:
         hs = {'selfgen_h': h_gen, 'struct_h': h_struct, 'pydoc_h': h_pydoc}[m]
@@ -214,14 +221,28 @@ def main(argv):
   res['methods'] = metrics
   res['timings']['total'] = time.perf_counter() - t_all
   _log('\n' + eval_lib.format_results(metrics))
-  _dump(res)
+  _dump(res, config.out)
+  return res
 
 
-def _dump(res):
-  os.makedirs(os.path.dirname(FLAGS.out) or '.', exist_ok=True)
-  with open(FLAGS.out, 'w') as f:
+def _dump(res, out):
+  os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+  with open(out, 'w') as f:
     json.dump(res, f, indent=1, default=float)
 
 
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
+  logging.info('JAX process %d / %d, local devices: %s', jax.process_index(),
+               jax.process_count(), jax.local_devices())
+  run(_CONFIG.value)
+
+
 if __name__ == '__main__':
+  # Defined here, not at import, so importing this module (tests, notebooks, other
+  # launchers with their own --config) never collides with another --config flag.
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', _DEFAULT_CONFIG, 'Study configuration (experiments/configs/proxy_study.py).',
+      lock_config=True)
   app.run(main)

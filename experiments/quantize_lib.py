@@ -7,6 +7,11 @@ against the fp model (perplexity, KL divergence, top-1 agreement). Results go to
 interrupted run resumes at the first unfinished column), ``table.md``, per-method
 proxy-loss reports, plots, and the chosen quantized models (Orbax, packed codes)
 or Hugging Face exports.
+
+Reliability (README "Reliability"): every option is checked before the model
+loads; a cell is resumed only if its inputs have the same content (weights,
+token windows, seed, recipe); runs sharing ``output_dir`` merge their cells
+under a lock; every output is replaced atomically (old or new, never torn).
 """
 
 from __future__ import annotations
@@ -28,40 +33,14 @@ import ml_collections
 import numpy as np
 
 from cafeq_jax import atomic
+from cafeq_jax import eval as eval_lib
 from cafeq_jax import packing
 from cafeq_jax import quantizer
-from cafeq_jax import eval as eval_lib
-from cafeq_jax.methods import QuantConfig, quantize
+from cafeq_jax import recipes
+from cafeq_jax.methods import quantize
 from cafeq_jax.models import PRESETS, ModelConfig, QuantizedLinear, init_params
 from cafeq_jax.models import qlinear
 from cafeq_jax.models.generate import generate
-
-# Rows of the quality table: name -> QuantConfig fields (+ 'calib' for GPTQ).
-VARIANTS: dict[str, dict[str, Any]] = {
-    'rtn': dict(method='rtn'),
-    'hadamard': dict(method='hadamard', block_size=64),
-    'cafeq-single': dict(method='cafeq', use_single_transforms=True, use_pairs=False),
-    'cafeq-pairs': dict(method='cafeq', use_single_transforms=False, use_pairs=True),
-    'cafeq-pairs-ar': dict(method='cafeq', use_single_transforms=False, use_pairs=True,
-                           adaptive_rounding=True),
-    # The data-free proxy with self-generated statistics: fixed Hadamard online
-    # transforms (one per param leaf), every matrix rounded (GPTQ form, act order)
-    # under the Σ of sequences the model samples itself; reads no text.
-    'cafeq-sg': dict(method='cafeq', use_single_transforms=True, single_transform='hadamard',
-                     share_transforms=True, use_pairs=False, rounding='gptq',
-                     statistics='selfgen', gptq_act_order=True),
-    # Ablation of cafeq-sg: the same rounding without the online transforms.
-    'cafeq-sg-rounding': dict(method='cafeq', use_single_transforms=False, use_pairs=False,
-                              rounding='gptq', statistics='selfgen', gptq_act_order=True),
-    # Everything: folded pair transforms, then as cafeq-sg.
-    'cafeq': dict(method='cafeq', use_single_transforms=True, single_transform='hadamard',
-                  share_transforms=True, use_pairs=True, rounding='gptq',
-                  statistics='selfgen', gptq_act_order=True),
-    'gptq': dict(method='gptq', calib='in-domain'),
-    'gptq-offdomain': dict(method='gptq', calib='code'),
-    # GPTQ fed with sequences the model samples itself: reads no text (data-free).
-    'gptq-selfgen': dict(method='gptq', calib='selfgen'),
-}
 
 # Standard-library modules whose source is the off-domain calibration text (code,
 # where the evaluation text is English prose).
@@ -142,15 +121,11 @@ def code_text() -> str:
   return '\n\n'.join(inspect.getsource(importlib.import_module(m)) for m in _CODE_MODULES)
 
 
-def calibration_tokens(kind: str, model: LoadedModel, config) -> np.ndarray:
-  """GPTQ calibration windows: 'in-domain' (eval text, disjoint windows), 'code', a file."""
-  n, t = config.calib_num_seqs, config.calib_seq_len
-  if kind == 'selfgen':
-    from cafeq_jax.methods import stats_adapter  # pylint: disable=g-import-not-at-top
-    return np.asarray(stats_adapter.selfgen_tokens(
-        model.params, model.config, num_seqs=config.selfgen_num_seqs,
-        seq_len=config.selfgen_seq_len, key=jax.random.PRNGKey(config.seed)))
-  if kind == 'in-domain':
+def calibration_tokens(stage: recipes.Calibration, model: LoadedModel, config) -> np.ndarray:
+  """GPTQ calibration windows of ``stage.source``: 'in-domain' (eval text, windows
+  disjoint from the evaluation windows), 'code' (standard-library source) or a file."""
+  n, t = stage.num_seqs, stage.seq_len
+  if stage.source == 'in-domain':
     text = eval_lib.load_text(config.eval_text or None)
     ids = np.asarray(model.encode(text))
     # The evaluation windows start each of eval_num_seqs equal chunks; calibration
@@ -159,22 +134,36 @@ def calibration_tokens(kind: str, model: LoadedModel, config) -> np.ndarray:
     rest = np.concatenate([ids[i * stride + config.eval_seq_len:(i + 1) * stride]
                            for i in range(config.eval_num_seqs)])
     return eval_lib.make_windows(rest, n, t)
-  text = code_text() if kind == 'code' else eval_lib.load_text(kind)
+  text = code_text() if stage.source == 'code' else eval_lib.load_text(stage.source)
   return eval_lib.make_windows(model.encode(text), n, t)
 
 
-def quant_config_for(variant: str, spec: quantizer.QuantSpec, config) -> tuple[QuantConfig, str | None]:
-  """The ``QuantConfig`` of a table row (and its calibration kind, for GPTQ)."""
-  if variant not in VARIANTS:
-    raise ValueError(f'method {variant!r} is unknown; expected some of {sorted(VARIANTS)}.')
-  fields = dict(VARIANTS[variant])
-  calib = fields.pop('calib', None)
-  if fields['method'] == 'cafeq':
-    fields.update(config.cafeq.to_dict())
-    if fields.get('statistics') == 'selfgen':
-      fields.update(selfgen_num_seqs=config.selfgen_num_seqs,
-                    selfgen_seq_len=config.selfgen_seq_len)
-  return QuantConfig(spec=spec, seed=config.seed, progress=config.progress, **fields), calib
+def _flat(d: dict, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def recipe_for(name: str, spec: quantizer.QuantSpec, config) -> recipes.Recipe:
+  """The recipe of a table row: the preset ``name`` with the job's quantizer and options.
+
+  ``config.cafeq`` (stage fields, e.g. ``transform.steps``) applies to every CafeQ
+  recipe (names starting with 'cafeq') where the stage has that field; the
+  self-generation and calibration sizes to every recipe with such statistics.
+  """
+  recipe = recipes.get(name, spec=spec)
+  if name.startswith('cafeq'):
+    recipe = recipes.override(recipe, _flat(config.cafeq.to_dict()), strict=False)
+  sizes = {recipes.SelfGenerated: (config.selfgen_num_seqs, config.selfgen_seq_len),
+           recipes.Calibration: (config.calib_num_seqs, config.calib_seq_len)}
+  if type(recipe.statistics) in sizes:
+    n, t = sizes[type(recipe.statistics)]
+    recipe = recipes.override(recipe, {'statistics.num_seqs': n, 'statistics.seq_len': t})
+  return recipe
 
 
 def transform_nbytes(t: jax.Array) -> int:
@@ -203,119 +192,463 @@ def storage(qparams) -> dict[str, float]:
           'bits_per_weight': 8 * packed / max(n, 1)}
 
 
-def _row_hash(config, qcfg: QuantConfig, calib: str | None) -> str:
-  """Identity of one table cell's inputs: model, evaluation tokens, method config."""
-  keep = {k: config[k] for k in ('model', 'eval_text', 'eval_num_seqs', 'eval_seq_len')}
-  d = qcfg.to_dict()
-  # Baselines read a few fields; a change of the other defaults must not redo them.
-  relevant = {'rtn': ('method', 'spec', 'matrices'),
-              'hadamard': ('method', 'spec', 'matrices', 'block_size', 'seed'),
-              'gptq': ('method', 'spec', 'matrices', 'gptq_damp')}.get(d['method'])
-  keep['quant_config'] = {k: v for k, v in d.items()
-                          if k != 'progress' and (relevant is None or k in relevant)}
-  if calib is not None:
-    keep['calib'] = [calib, config.calib_num_seqs, config.calib_seq_len,
-                     config.selfgen_num_seqs, config.selfgen_seq_len]
-  return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+RESULTS_FILE = 'results.json'
+TABLE_FILE = 'table.md'
+LOCK_FILE = '.lock'
 
 
-def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Runs the job described by ``config`` (see experiments/configs/quantize.py).
+def weights_fingerprint(params, model_config: ModelConfig) -> str:
+  """sha256 of a model's content: its config and every leaf (path, dtype, shape, bytes).
 
-  Cells (column, method) already in ``output_dir/results.json`` with the same
-  inputs (model, evaluation tokens, method config) are kept, not recomputed, so a
-  killed run resumes and a new method can be added to an existing table.
+  Computed once per run (about a second per GB on one core); a replaced or edited
+  checkpoint at the same path gets another fingerprint.
+  """
+  h = hashlib.sha256()
+  h.update(json.dumps(dataclasses.asdict(model_config), sort_keys=True, default=str).encode())
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    a = np.ascontiguousarray(np.asarray(leaf)).reshape(-1)
+    h.update(f'{jax.tree_util.keystr(path)}:{a.dtype}:{np.shape(leaf)}'.encode())
+    h.update(a.view(np.uint8) if a.size else b'')
+  return h.hexdigest()
+
+
+def tokens_fingerprint(tokens) -> str | None:
+  """sha256 of ``(N, T)`` token windows (shape and int32 values); None for None."""
+  if tokens is None:
+    return None
+  a = np.ascontiguousarray(np.asarray(tokens, np.int32))
+  return hashlib.sha256(f'{a.shape}'.encode() + a.tobytes()).hexdigest()
+
+
+def _sha(obj) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _row_inputs(recipe: recipes.Recipe, *, seed: int, weights: str, eval_tokens: str,
+                calib_tokens: str | None = None) -> dict[str, Any]:
+  """The content fingerprints a cell's result depends on (short, for logs and diffs)."""
+  return {'weights': weights[:16], 'eval_tokens': eval_tokens[:16],
+          'calib_tokens': None if calib_tokens is None else calib_tokens[:16],
+          'seed': int(seed), 'recipe': _sha(recipe.to_dict())[:16]}
+
+
+def _row_hash(recipe: recipes.Recipe, *, seed: int, weights: str, eval_tokens: str,
+              calib_tokens: str | None = None) -> str:
+  """Identity of one table cell's inputs, by content (the resume key).
+
+  Args:
+    recipe: the row's recipe (``recipe.to_dict()``: stages, quantizer, sizes).
+    seed: the PRNG seed of the quantization.
+    weights: ``weights_fingerprint`` of the fp model.
+    eval_tokens: ``tokens_fingerprint`` of the evaluation windows.
+    calib_tokens: ``tokens_fingerprint`` of the calibration windows (GPTQ rows).
+  """
+  return _sha({'recipe': recipe.to_dict(), 'seed': int(seed), 'weights': weights,
+               'eval_tokens': eval_tokens, 'calib_tokens': calib_tokens})[:16]
+
+
+def _fp_hash(weights: str, eval_tokens: str) -> str:
+  """Identity of the fp row's inputs (its metrics depend on the model and tokens only)."""
+  return _sha({'weights': weights, 'eval_tokens': eval_tokens})[:16]
+
+
+def _why(prev, inputs: dict[str, Any]) -> str:
+  """Why a cell is (re)computed, for the log."""
+  if not isinstance(prev, dict):
+    return 'no result yet'
+  old = prev.get('inputs')
+  if not isinstance(old, dict):
+    return 'its result has no content fingerprint (written by an older version)'
+  changed = [k for k in inputs if old.get(k) != inputs[k]]
+  return f'inputs changed since its result: {", ".join(changed) or "recipe details"}'
+
+
+def _describe(inputs: dict[str, Any]) -> str:
+  return ', '.join(f'{k} {v}' for k, v in inputs.items() if v is not None)
+
+
+# ---------------------------------------------------------------------------
+# Validation: everything that needs no model runs before it loads.
+
+
+@dataclasses.dataclass
+class _Plan:
+  """The checked options of a run."""
+  methods: list[str]
+  specs: list[quantizer.QuantSpec]
+  cells: dict[tuple[str, str], recipes.Recipe]   # (column, method) -> recipe
+  text: str
+  save: set[str]
+  export: set[str]
+
+
+def _check_int(config, name: str, least: int) -> int:
+  v = config[name]
+  if isinstance(v, bool) or not isinstance(v, int) or v < least:
+    raise ValueError(f'config.{name}={v!r} must be an int >= {least}.')
+  return v
+
+
+def _check_dir(path: str, what: str) -> None:
+  """Creates ``path`` if needed and checks that files can be created in it."""
+  if os.path.lexists(path) and not os.path.isdir(path):
+    raise ValueError(f'{what} {path!r} exists and is not a directory.')
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f'.write_probe.{os.getpid()}.{time.time_ns()}')
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    os.unlink(probe)
+  except OSError as e:
+    raise ValueError(f'{what} {path!r} is not writable: {e}') from None
+
+
+def _check_options(config) -> _Plan:
+  """Checks every option that needs no model (before it loads).
+
+  Raises:
+    ValueError: the first bad option, naming it, its value and what is expected.
   """
   methods, columns = split_names(config.methods), split_names(config.columns)
   if not methods or not columns:
     raise ValueError(f'config.methods={config.methods!r} and config.columns='
                      f'{config.columns!r} must each name at least one entry.')
+  for what, names in (('methods', methods), ('columns', columns)):
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+      raise ValueError(f'config.{what}={config[what]!r} repeats {repeated}.')
+  if 'fp' in methods:
+    raise ValueError("config.methods names 'fp': that row is the unquantized reference, "
+                     'always present; list only quantization recipes.')
+  for name, least in (('eval_num_seqs', 1), ('eval_seq_len', 2), ('eval_batch_size', 1),
+                      ('calib_num_seqs', 1), ('calib_seq_len', 2), ('selfgen_num_seqs', 1),
+                      ('selfgen_seq_len', 2)):
+    _check_int(config, name, least)
+  if isinstance(config.seed, bool) or not isinstance(config.seed, int):
+    raise ValueError(f'config.seed={config.seed!r} must be an int.')
+  if not isinstance(config.prompt, str):
+    raise ValueError(f'config.prompt={config.prompt!r} must be a str ("" for no sample).')
+  if config.prompt:
+    _check_int(config, 'max_new_tokens', 1)
+  if not isinstance(config.output_dir, str) or not config.output_dir:
+    raise ValueError(f'config.output_dir={config.output_dir!r} must be a directory path.')
   specs = [parse_column(c, config.clip_search) for c in columns]
-  for m in methods:
-    quant_config_for(m, specs[0], config)   # fail fast on bad names/overrides
-  os.makedirs(config.output_dir, exist_ok=True)
-
-  t0 = time.perf_counter()
-  model = load_model(config.model, config.seed)
-  logging.info('loaded %s in %.1fs', config.model, time.perf_counter() - t0)
+  plan_recipes = {(column_name(s), m): recipe_for(m, s, config) for s in specs for m in methods}
+  save, export = split_names(config.save_models), split_names(config.export_hf)
+  for what, names in (('save_models', save), ('export_hf', export)):
+    unknown = [n for n in names if n not in methods]
+    if unknown:
+      raise ValueError(f'config.{what}={config[what]!r} names {unknown}, which are not '
+                       f'rows of this run; expected some of config.methods={methods}.')
   text = eval_lib.load_text(config.eval_text or None)
-  tokens = eval_lib.make_windows(model.encode(text), config.eval_num_seqs, config.eval_seq_len)
-  apply_fn = eval_lib.model_apply_fn(model.config)
+  for r in plan_recipes.values():
+    stage = r.statistics
+    if isinstance(stage, recipes.Calibration) and stage.source not in ('in-domain', 'code'):
+      eval_lib.load_text(stage.source)
+  out = config.output_dir
+  _check_dir(out, 'config.output_dir')
+  _check_dir(os.path.join(out, 'reports'), 'the reports directory')
+  if save:
+    from cafeq_jax import checkpointing  # pylint: disable=g-import-not-at-top
+    _check_dir(os.path.join(out, 'models'), 'the models directory')
+    for s in specs:
+      for m in save:
+        checkpointing.check_overwritable(_model_path(config, column_name(s), m))
+  if export:
+    from cafeq_jax.loading import hf  # pylint: disable=g-import-not-at-top
+    _check_dir(os.path.join(out, 'hf'), 'the Hugging Face export directory')
+    for s in specs:
+      for m in export:
+        hf.check_export_dir(_export_path(config, column_name(s), m))
+  return _Plan(methods, specs, plan_recipes, text, set(save), set(export))
 
-  results_path = os.path.join(config.output_dir, 'results.json')
-  results = {'model': config.model, 'columns': {}}
-  if os.path.exists(results_path):
-    with open(results_path) as f:
-      results = json.load(f)
 
-  calib_cache: dict[str, np.ndarray] = {}
-  save, export = set(split_names(config.save_models)), set(split_names(config.export_hf))
-  for spec in specs:
-    col = column_name(spec)
-    done = results['columns'].setdefault(col, {'spec': dataclasses.asdict(spec), 'methods': {}})
-    todo = {}
-    for m in methods:
-      qcfg, calib = quant_config_for(m, spec, config)
-      h = _row_hash(config, qcfg, calib)
-      if done['methods'].get(m, {}).get('hash') == h:
-        logging.info('[%s] %s already done; keeping its result', col, m)
-      else:
-        todo[m] = (qcfg, calib, h)
-    if not todo:
-      continue
-    candidates, rows = {}, {}
-    for m, (qcfg, calib, h) in todo.items():
-      kwargs = {}
-      if calib is not None:
-        if calib not in calib_cache:
-          calib_cache[calib] = calibration_tokens(calib, model, config)
-        kwargs['calib_tokens'] = calib_cache[calib]
-      logging.info('[%s] quantizing with %s', col, m)
-      qparams, report = quantize(model.params, model.config, qcfg,
-                                 jax.random.PRNGKey(config.seed), **kwargs)
-      qparams = jax.block_until_ready(qparams)
-      candidates[m] = qparams
-      rows[m] = {'hash': h, 'quantize_seconds': report.timings.get('total', float('nan')),
-                 'proxy_rtn': report.total('rtn'), 'proxy_final': report.total('final'),
-                 **storage(qparams)}
-      atomic.write_json(os.path.join(config.output_dir, 'reports', f'{col}_{m}.json'),
-                        report.to_dict())
-      logging.info('%s', report.summary())
-    metrics = eval_lib.evaluate(apply_fn, model.params, tokens, candidates,
-                                batch_size=config.eval_batch_size, progress=config.progress)
-    for name, r in metrics.items():
-      done['methods'][name] = {**r, **rows.get(name, {})}
-      if config.prompt and (name in candidates or 'sample' not in done['methods'][name]):
-        done['methods'][name]['sample'] = sample_text(
-            model, candidates.get(name, model.params), config)
-    for m in candidates:
-      if m in save:
-        _save_model(config, model, col, m, candidates[m], todo[m][0].to_dict())
-      if m in export:
-        from cafeq_jax.loading import hf  # pylint: disable=g-import-not-at-top
-        hf.save_hf(candidates[m], model.config,
-                   os.path.join(config.output_dir, 'hf', f'{col}_{m}'))
-    atomic.write_json(results_path, results)
-    del candidates
-  results['total_seconds'] = time.perf_counter() - t0
-  atomic.write_json(results_path, results)
-  table = format_table(results, methods, [column_name(s) for s in specs])
-  atomic.write_text(os.path.join(config.output_dir, 'table.md'), table + '\n')
+def _check_with_model(plan: _Plan, model: LoadedModel, config) -> None:
+  """Checks that need the model (lengths, prompt, export), before any quantization."""
+  limit = model.config.max_seq_len
+  if config.eval_seq_len > limit:
+    raise ValueError(f'config.eval_seq_len={config.eval_seq_len} exceeds the max_seq_len='
+                     f'{limit} of model {config.model!r}.')
+  for (col, m), r in plan.cells.items():
+    stage = r.statistics
+    if isinstance(stage, (recipes.SelfGenerated, recipes.Calibration)) and (
+        stage.seq_len > limit):
+      option = 'selfgen_seq_len' if isinstance(stage, recipes.SelfGenerated) else (
+          'calib_seq_len')
+      raise ValueError(f'row {m!r} ({col}) uses sequences of {stage.seq_len} tokens '
+                       f'(config.{option}) but model {config.model!r} has max_seq_len='
+                       f'{limit}.')
+  if config.prompt:
+    n = len(model.encode(config.prompt))
+    if n == 0:
+      raise ValueError(f'config.prompt={config.prompt!r} encodes to no tokens.')
+    if n + config.max_new_tokens > limit:
+      raise ValueError(f'config.prompt ({n} tokens) + config.max_new_tokens='
+                       f'{config.max_new_tokens} exceeds the max_seq_len={limit} of model '
+                       f'{config.model!r}.')
+  if plan.export:
+    from cafeq_jax.loading import hf  # pylint: disable=g-import-not-at-top
+    hf.check_exportable(model.config)
+
+
+# ---------------------------------------------------------------------------
+# results.json: read, validated, merged under the output dir's lock.
+
+
+def _fresh_results(config) -> dict[str, Any]:
+  return {'model': config.model, 'columns': {}}
+
+
+def _valid_results(data) -> bool:
+  if not isinstance(data, dict) or not isinstance(data.get('columns'), dict):
+    return False
+  for col in data['columns'].values():
+    if not isinstance(col, dict) or not isinstance(col.get('methods'), dict):
+      return False
+    if not all(isinstance(r, dict) for r in col['methods'].values()):
+      return False
+  return True
+
+
+def _load_results(path: str, config) -> dict[str, Any]:
+  """``results.json``, or a fresh table when absent; a corrupt one is moved aside."""
+  if not os.path.exists(path):
+    return _fresh_results(config)
   try:
-    from experiments import plots  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    plots = None
-  if plots is not None:
-    plots.write_all(results, config.output_dir)
+    with open(path, encoding='utf-8') as f:
+      data = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    atomic.move_aside(path, f'is not valid JSON ({e})')
+    return _fresh_results(config)
+  except OSError as e:
+    raise ValueError(f'{path!r} cannot be read: {e}') from None
+  if not _valid_results(data):
+    atomic.move_aside(path, 'is not a results table of this job (expected {"columns": '
+                            '{column: {"methods": {method: row}}}})')
+    return _fresh_results(config)
+  return data
+
+
+def _commit(path: str, config, col: str, spec: quantizer.QuantSpec,
+            rows: dict[str, dict], patches: dict[str, tuple[str, dict]]) -> dict[str, Any]:
+  """Re-reads ``results.json``, merges this run's cells of ``col``, writes it back.
+
+  Call with the output dir's lock held. ``rows`` replace whole cells; ``patches``
+  (method -> (hash, fields)) update a cell only if it still has that hash.
+  """
+  results = _load_results(path, config)
+  column = results['columns'].setdefault(col, {'spec': dataclasses.asdict(spec), 'methods': {}})
+  column['spec'] = dataclasses.asdict(spec)
+  column['methods'].update(rows)
+  for m, (h, fields) in patches.items():
+    row = column['methods'].get(m)
+    if row is not None and row.get('hash') == h:
+      row.update(fields)
+  results['model'] = config.model
+  atomic.write_json(path, results)
   return results
 
 
-def _save_model(config, model, col, method, qparams, qcfg_dict):
+def _model_path(config, col: str, method: str) -> str:
+  return os.path.join(config.output_dir, 'models', f'{col}_{method}')
+
+
+def _export_path(config, col: str, method: str) -> str:
+  return os.path.join(config.output_dir, 'hf', f'{col}_{method}')
+
+
+def _saved_hash(path: str) -> str | None:
+  """The row hash a saved model was written for (None: absent, unreadable, other)."""
   from cafeq_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  path = os.path.join(config.output_dir, 'models', f'{col}_{method}')
+  try:
+    meta = checkpointing.read_info(path)['metadata']
+  except (FileNotFoundError, checkpointing.CheckpointError):
+    return None
+  return meta.get('row_hash') if isinstance(meta, dict) else None
+
+
+def _exported_hash(path: str) -> str | None:
+  from cafeq_jax.loading import hf  # pylint: disable=g-import-not-at-top
+  marker = hf.read_export_marker(path)
+  prov = (marker or {}).get('provenance')
+  return prov.get('row_hash') if isinstance(prov, dict) else None
+
+
+def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Runs the job described by ``config`` (see experiments/configs/quantize.py).
+
+  Every option (and the output directories, and ``results.json``) is checked
+  before the model loads; lengths against the model before any quantization.
+  A cell (column, method) already in ``output_dir/results.json`` whose inputs
+  have the same content (weights, token windows, seed, recipe: ``_row_hash``) is
+  kept, not recomputed, and the log says so; a changed input recomputes it. So a
+  killed run resumes, a new method can be added to an existing table, and rows
+  named in ``save_models`` / ``export_hf`` are saved / exported even when
+  already done (their params recomputed, deterministically; the metrics kept).
+
+  Several runs may share ``output_dir``: each write of ``results.json`` re-reads
+  it and merges under an exclusive lock (``output_dir/.lock``), so no run drops
+  another's cells. Metrics are written before models and exports; every file is
+  replaced atomically (``cafeq_jax.atomic``).
+  """
+  t0 = time.perf_counter()
+  plan = _check_options(config)
+  lock = atomic.Lock(os.path.join(config.output_dir, LOCK_FILE))
+  results_path = os.path.join(config.output_dir, RESULTS_FILE)
+  with lock:
+    _load_results(results_path, config)  # a corrupt one is moved aside now
+
+  model = load_model(config.model, config.seed)
+  logging.info('loaded %s in %.1fs', config.model, time.perf_counter() - t0)
+  _check_with_model(plan, model, config)
+  tokens = eval_lib.make_windows(model.encode(plan.text), config.eval_num_seqs,
+                                 config.eval_seq_len)
+  weights = weights_fingerprint(model.params, model.config)
+  eval_fp = tokens_fingerprint(tokens)
+  fp_hash = _fp_hash(weights, eval_fp)
+  calib: dict[recipes.Calibration, tuple[np.ndarray, str]] = {}
+  for r in plan.cells.values():
+    stage = r.statistics
+    if isinstance(stage, recipes.Calibration) and stage not in calib:
+      toks = calibration_tokens(stage, model, config)
+      calib[stage] = (toks, tokens_fingerprint(toks))
+  logging.info('inputs: weights %s, eval tokens %s, seed %d', weights[:16], eval_fp[:16],
+               config.seed)
+  apply_fn = eval_lib.model_apply_fn(model.config)
+  sample_for = {'prompt': config.prompt, 'max_new_tokens': config.max_new_tokens}
+
+  for spec in plan.specs:
+    col = column_name(spec)
+    with lock:
+      done = _load_results(results_path, config)['columns'].get(col, {}).get('methods', {})
+    todo: dict[str, tuple[recipes.Recipe, str, dict]] = {}
+    wants: dict[str, tuple[recipes.Recipe, str, list[str]]] = {}
+    for m in plan.methods:
+      recipe = plan.cells[(col, m)]
+      stage = recipe.statistics
+      c_fp = calib[stage][1] if isinstance(stage, recipes.Calibration) else None
+      key = dict(seed=config.seed, weights=weights, eval_tokens=eval_fp, calib_tokens=c_fp)
+      h, inputs = _row_hash(recipe, **key), _row_inputs(recipe, **key)
+      prev = done.get(m)
+      if isinstance(prev, dict) and prev.get('hash') == h:
+        need = []
+        if m in plan.save and _saved_hash(_model_path(config, col, m)) != h:
+          need.append('save')
+        if m in plan.export and _exported_hash(_export_path(config, col, m)) != h:
+          need.append('export')
+        if config.prompt and prev.get('sample_for') != sample_for:
+          need.append('sample')
+        if need:
+          wants[m] = (recipe, h, need)
+          logging.info('[%s] %s: kept its metrics (same inputs: %s); recomputing its params '
+                       'to %s', col, m, _describe(inputs), ' and '.join(need))
+        else:
+          logging.info('[%s] %s: kept (results.json holds it with the same inputs: %s)',
+                       col, m, _describe(inputs))
+      else:
+        logging.info('[%s] %s: computing (%s)', col, m, _why(prev, inputs))
+        todo[m] = (recipe, h, inputs)
+    fp_prev = done.get('fp')
+    fp_kept = isinstance(fp_prev, dict) and fp_prev.get('hash') == fp_hash
+    fp_sample = bool(config.prompt) and not (fp_kept and fp_prev.get('sample_for') == sample_for)
+    if not todo and not wants and fp_kept and not fp_sample:
+      continue
+
+    candidates, rows = {}, {}
+    for m in plan.methods:
+      if m not in todo and m not in wants:
+        continue
+      recipe = (todo.get(m) or wants[m])[0]
+      kwargs = {}
+      if isinstance(recipe.statistics, recipes.Calibration):
+        kwargs['calib_tokens'] = calib[recipe.statistics][0]
+      logging.info('[%s] quantizing with %s', col, m)
+      qparams, report = quantize(model.params, model.config, recipe,
+                                 jax.random.PRNGKey(config.seed), progress=config.progress,
+                                 **kwargs)
+      qparams = jax.block_until_ready(qparams)
+      candidates[m] = qparams
+      if m in todo:
+        _, h, inputs = todo[m]
+        rows[m] = {'hash': h, 'inputs': inputs,
+                   'quantize_seconds': report.timings.get('total', float('nan')),
+                   'proxy_rtn': report.total('rtn'), 'proxy_final': report.total('final'),
+                   **storage(qparams)}
+        atomic.write_json(os.path.join(config.output_dir, 'reports', f'{col}_{m}.json'),
+                          {**report.to_dict(), 'row_hash': h})
+        logging.info('%s', report.summary())
+
+    new_rows: dict[str, dict] = {}
+    patches: dict[str, tuple[str, dict]] = {}
+    if todo or not fp_kept:
+      logging.info('[%s] evaluating fp and %s', col, ', '.join(todo) or 'no other row')
+      metrics = eval_lib.evaluate(apply_fn, model.params, tokens,
+                                  {m: candidates[m] for m in todo},
+                                  batch_size=config.eval_batch_size, progress=config.progress)
+      new_rows['fp'] = {**metrics['fp'], 'hash': fp_hash}
+      for m in todo:
+        new_rows[m] = {**metrics[m], **rows[m]}
+    if config.prompt:
+      def add_sample(name, params, h):
+        fields = {'sample': sample_text(model, params, config), 'sample_for': sample_for}
+        if name in new_rows:
+          new_rows[name].update(fields)
+        else:
+          patches[name] = (h, fields)
+      if 'fp' in new_rows or fp_sample:
+        add_sample('fp', model.params, fp_hash)
+      for m in candidates:
+        if m in todo or 'sample' in wants[m][2]:
+          add_sample(m, candidates[m], (todo.get(m) or wants[m])[1])
+    with lock:  # metrics first: a failing save or export never costs the evaluation
+      _commit(results_path, config, col, spec, new_rows, patches)
+    logging.info('[%s] wrote %s', col, results_path)
+    for m in candidates:
+      h = (todo.get(m) or wants[m])[1]
+      need = ['save', 'export'] if m in todo else wants[m][2]
+      recipe = (todo.get(m) or wants[m])[0]
+      if m in plan.save and 'save' in need:
+        with lock:
+          _save_model(config, model, col, m, candidates[m], recipe.to_dict(), h)
+      if m in plan.export and 'export' in need:
+        from cafeq_jax.loading import hf  # pylint: disable=g-import-not-at-top
+        path = _export_path(config, col, m)
+        with lock:
+          hf.save_hf(candidates[m], model.config, path,
+                     provenance={'row_hash': h, 'recipe': recipe.to_dict(),
+                                 'model': config.model})
+        logging.info('exported %s', path)
+    del candidates
+
+  with lock:
+    results = _load_results(results_path, config)
+    results['model'] = config.model
+    results['total_seconds'] = time.perf_counter() - t0
+    atomic.write_json(results_path, results)
+    columns = [column_name(s) for s in plan.specs]
+    columns += sorted(c for c in results['columns'] if c not in columns)
+    others = sorted({m for c in columns if c in results['columns']
+                     for m in results['columns'][c]['methods']} - {'fp', *plan.methods})
+    table = format_table(results, [*plan.methods, *others], columns)
+    atomic.write_text(os.path.join(config.output_dir, TABLE_FILE), table + '\n')
+    if config.get('plots', True):
+      try:
+        from experiments import plots  # pylint: disable=g-import-not-at-top
+      except ImportError:
+        plots = None
+      if plots is not None:
+        plots.write_all(results, config.output_dir)
+  return results
+
+
+def _save_model(config, model, col, method, qparams, recipe_dict, row_hash=None):
+  """Saves a row's quantized model (packed, bf16 scales) atomically with its provenance."""
+  from cafeq_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  path = _model_path(config, col, method)
   checkpointing.save_quantized(path, qlinear.pack_params(qparams, scale_dtype=jnp.bfloat16),
                                model_config=model.config,
-                               metadata={'quant_config': qcfg_dict}, overwrite=True)
+                               metadata={'recipe': recipe_dict, 'row_hash': row_hash,
+                                         'model': config.model}, overwrite=True)
   logging.info('saved %s', path)
 
 

@@ -161,6 +161,7 @@ def run_point(point: Point, config: ml_collections.ConfigDict,
   """
   import jax  # pylint: disable=g-import-not-at-top
   from cafeq_jax import quantizer  # pylint: disable=g-import-not-at-top
+  from cafeq_jax import recipes  # pylint: disable=g-import-not-at-top
   from cafeq_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
   from cafeq_jax.methods import quantize  # pylint: disable=g-import-not-at-top
   from experiments import quantize_lib  # pylint: disable=g-import-not-at-top
@@ -169,13 +170,13 @@ def run_point(point: Point, config: ml_collections.ConfigDict,
   model, tokens, apply_fn = cache.get(point.model, config)
   spec = quantizer.QuantSpec(bits=point.bits, group_size=point.group_size,
                              symmetric=config.symmetric, clip_search=config.clip_search)
-  qcfg, calib = quantize_lib.quant_config_for(point.method, spec, config)
+  recipe = quantize_lib.recipe_for(point.method, spec, config)
   kwargs = {}
-  if calib is not None:
-    kwargs['calib_tokens'] = quantize_lib.calibration_tokens(calib, model, config)
+  if isinstance(recipe.statistics, recipes.Calibration):
+    kwargs['calib_tokens'] = quantize_lib.calibration_tokens(recipe.statistics, model, config)
   t0 = time.perf_counter()
-  qparams, report = quantize(model.params, model.config, qcfg,
-                             jax.random.PRNGKey(config.seed), **kwargs)
+  qparams, report = quantize(model.params, model.config, recipe,
+                             jax.random.PRNGKey(config.seed), progress=config.progress, **kwargs)
   qparams = jax.block_until_ready(qparams)
   quant_seconds = time.perf_counter() - t0
   metrics = eval_lib.evaluate(apply_fn, model.params, tokens, {'q': qparams},
@@ -195,7 +196,7 @@ def run_point(point: Point, config: ml_collections.ConfigDict,
     from cafeq_jax.models import qlinear  # pylint: disable=g-import-not-at-top
     path = os.path.join(config.workdir, 'models', point.name.replace('/', '_'))
     checkpointing.save_quantized(path, qlinear.pack_params(qparams, scale_dtype=jnp.bfloat16),
-                                 model_config=model.config, quant_config=qcfg,
+                                 model_config=model.config, quant_config=recipe,
                                  metadata={'point': dataclasses.asdict(point), **row},
                                  overwrite=True)
     row['model_path'] = path

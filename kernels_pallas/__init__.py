@@ -1,11 +1,12 @@
-"""Pallas kernels for serving weight-only quantized models (SPEC §9).
+"""Pallas kernels for serving weight-only quantized models (docs/method.md#kernels).
 
 Motivation. Decoding is memory bound: at batch 1 a linear layer's time is the
 time to read its weight. Reading packed int4 (int3) codes instead of bf16 moves
 4x (5.33x) fewer bytes, but only if the weight is dequantised inside the matmul
 kernel, on-chip, and never written back to HBM as bf16. ``quantized_matmul``
 does that for the packed layouts of ``cafeq_jax.packing``; ``blockdiag_matmul``
-applies the online transform ``x @ blockdiag(M^-1)`` of SPEC §3.
+applies the online transform ``x @ blockdiag(M^-1)``
+(docs/method.md#single-matrix-transforms).
 
 Terminology. A *block* is what a ``pl.BlockSpec`` maps to one program
 (``block_shape``, e.g. the ``(bm, K)`` rows of ``x`` a GPU program owns); a

@@ -1,4 +1,4 @@
-"""Online block-diagonal transform ``x @ blockdiag(Minv)`` (SPEC §3).
+"""Online transform ``x @ blockdiag(Minv)`` (docs/method.md#single-matrix-transforms).
 
 A learned transform ``M`` (block-diagonal, ``d_in / k`` blocks of ``k x k``) is
 folded into the quantized weight (``Q(M W)``) and undone on the activations at

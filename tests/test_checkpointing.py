@@ -210,5 +210,165 @@ def test_restore_refuses_classes_outside_cafeq_jax(tmp_path):
     checkpointing.restore_quantized(path)
 
 
+
+# ---------------------------------------------------------------------------
+# Overwriting a saved model is atomic (issue 14, defect 1); bit rot is detected
+# (defect 6); raw errors of foreign metadata are clear (defect 10).
+
+
+def _model(value: float):
+  """A small model tree whose every array is filled from ``value``."""
+  rng = np.random.default_rng(int(value))
+  return {'w': np.full((64, 48), value, np.float32) + rng.standard_normal((64, 48), np.float32),
+          'codes': np.full((16,), int(value), np.int8)}
+
+
+def _assert_is(restored, value):
+  ref = _model(value)
+  np.testing.assert_array_equal(np.asarray(restored['w']), ref['w'])
+  np.testing.assert_array_equal(np.asarray(restored['codes']), ref['codes'])
+
+
+def _visible(directory):
+  """Entries of ``directory`` that are not temporaries of the atomic module."""
+  from cafeq_jax import atomic  # pylint: disable=g-import-not-at-top
+  return sorted(n for n in os.listdir(directory) if not atomic.is_temporary(n))
+
+
+def _overwrite_worker(directory: str, point: str) -> None:
+  """Saves model 1, then overwrites it with model 2, SIGKILLing itself at ``point``."""
+  from cafeq_jax import atomic  # pylint: disable=g-import-not-at-top
+  path = os.path.join(directory, 'm')
+  checkpointing.save_quantized(path, _model(1))
+  die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+  if point == 'orbax':       # inside Orbax's write of the new model (its first rename)
+    os.rename = die
+  elif point == 'swap':      # new model complete, not yet swapped in
+    atomic.replace_dir = die
+  elif point == 'fallback':  # no RENAME_EXCHANGE: between 'old -> aside' and 'new -> path'
+    atomic._exchange_ok = False  # pylint: disable=protected-access
+    real_rename = os.rename
+
+    def rename(src, dst):
+      real_rename(src, dst)
+      if os.path.basename(dst).startswith('.m.old.'):
+        die()
+    atomic.os.rename = rename
+  checkpointing.save_quantized(path, _model(2), overwrite=True)
+
+
+def _run_overwrite_worker(directory, point):
+  env = {k: v for k, v in os.environ.items() if not k.startswith(('JAX_', 'XLA_'))}
+  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
+  env['JAX_PLATFORMS'] = 'cpu'
+  return subprocess.run(
+      [sys.executable, os.path.abspath(__file__), 'overwrite', str(directory), point],
+      env=env, capture_output=True, text=True, timeout=400)
+
+
+@pytest.mark.parametrize('point', ['orbax', 'swap', 'fallback'])
+def test_sigkill_during_overwrite_keeps_the_old_model_restorable(tmp_path, point):
+  killed = _run_overwrite_worker(tmp_path, point)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  # The old model is still there, complete (the new one never got swapped in).
+  restored, _ = checkpointing.restore_quantized(tmp_path / 'm')
+  _assert_is(restored, 1)
+  # The next save removes the dead writer's temporaries and replaces the model.
+  checkpointing.save_quantized(tmp_path / 'm', _model(3), overwrite=True)
+  _assert_is(checkpointing.restore_quantized(tmp_path / 'm')[0], 3)
+  assert os.listdir(tmp_path) == ['m']
+
+
+@pytest.mark.parametrize('point', ['encode', 'orbax', 'swap', 'exchanged'])
+def test_ctrl_c_during_overwrite_leaves_the_old_or_the_new_model(tmp_path, monkeypatch, point):
+  from cafeq_jax import atomic  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'm'
+  checkpointing.save_quantized(path, _model(1))
+
+  def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  if point == 'encode':
+    monkeypatch.setattr(checkpointing, '_meta_checksum', interrupt)
+  elif point == 'orbax':
+    monkeypatch.setattr(os, 'rename', interrupt)
+  elif point == 'swap':
+    monkeypatch.setattr(atomic, 'replace_dir', interrupt)
+  else:  # after the atomic exchange, while the old model is being deleted
+    real = shutil.rmtree
+
+    def rmtree(p, *args, **kwargs):
+      if '.m.tmp.' in os.fspath(p):
+        raise KeyboardInterrupt
+      return real(p, *args, **kwargs)
+    monkeypatch.setattr(atomic.shutil, 'rmtree', rmtree)
+  with pytest.raises(KeyboardInterrupt):
+    checkpointing.save_quantized(path, _model(2), overwrite=True)
+  monkeypatch.undo()
+  restored, _ = checkpointing.restore_quantized(path)
+  _assert_is(restored, 2 if point == 'exchanged' else 1)
+  if point != 'exchanged':
+    assert _visible(tmp_path) == os.listdir(tmp_path) == ['m']
+
+
+def test_save_quantized_never_replaces_a_file_or_a_foreign_directory(tmp_path):
+  (tmp_path / 'file').write_text('notes')
+  with pytest.raises(FileExistsError, match='not a checkpoint directory'):
+    checkpointing.save_quantized(tmp_path / 'file', _model(1), overwrite=True)
+  assert (tmp_path / 'file').read_text() == 'notes'
+  (tmp_path / 'dir').mkdir()
+  (tmp_path / 'dir' / 'keep.txt').write_text('mine')
+  with pytest.raises(FileExistsError, match='not a checkpoint directory'):
+    checkpointing.save_quantized(tmp_path / 'dir', _model(1), overwrite=True)
+  assert (tmp_path / 'dir' / 'keep.txt').read_text() == 'mine'
+
+
+def _largest_array_file(path):
+  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(path, 'arrays')) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+def test_flipped_byte_in_array_data_is_a_clear_error_naming_the_leaf(tmp_path):
+  path = checkpointing.save_quantized(tmp_path / 'm', _model(1))
+  data = _largest_array_file(path)
+  blob = bytearray(open(data, 'rb').read())
+  blob[len(blob) // 2] ^= 0x10
+  with open(data, 'wb') as f:
+    f.write(bytes(blob))
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"leaf 'w' .*does not match its sha256 checksum"):
+    checkpointing.restore_quantized(path)
+
+
+def _rewrite_metadata(path, edit):
+  meta_file = os.path.join(path, 'metadata', 'metadata')
+  with open(meta_file) as f:
+    meta = json.load(f)
+  edit(meta)
+  with open(meta_file, 'w') as f:
+    json.dump(meta, f)
+
+
+def test_edited_metadata_and_unknown_classes_are_clear_errors(tmp_path):
+  spec = quantizer.QuantSpec(bits=3, group_size=32)
+  path = checkpointing.save_quantized(tmp_path / 'm', _model(1), model_config=spec)
+  # A value changed in place (still valid JSON): caught by the metadata checksum.
+  _rewrite_metadata(path, lambda m: m['model_config']['static'].update(bits=4))
+  with pytest.raises(checkpointing.CheckpointError, match='does not match its sha256'):
+    checkpointing.restore_quantized(path)
+  # A class this version does not have: a CheckpointError naming it, not AttributeError.
+  _rewrite_metadata(path, lambda m: m['model_config'].update(
+      __dataclass__='cafeq_jax.quantizer:NoSuchSpec'))
+  with pytest.raises(checkpointing.CheckpointError, match='NoSuchSpec.*does not have'):
+    checkpointing.restore_quantized(path)
+  _rewrite_metadata(path, lambda m: m['model_config'].update(
+      __dataclass__='cafeq_jax.no_such_module:Spec'))
+  with pytest.raises(checkpointing.CheckpointError, match='no_such_module'):
+    checkpointing.read_metadata(path)
+
+
 if __name__ == '__main__':
-  _worker(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+  if sys.argv[1] == 'overwrite':
+    _overwrite_worker(sys.argv[2], sys.argv[3])
+  else:
+    _worker(sys.argv[1], sys.argv[2], int(sys.argv[3]))

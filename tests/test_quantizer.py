@@ -164,3 +164,84 @@ def test_group_fallback_uses_the_largest_dividing_group_size():
   np.testing.assert_array_equal(
       np.asarray(qz.dequantize(q)),
       np.asarray(qz.quant_dequant(w, qz.QuantSpec(bits=3, group_size=64))))
+
+
+def _stack_of(n=4, spec=qz.QuantSpec(bits=3, group_size=32)):
+  w = jax.random.normal(jax.random.key(6), (n, 64, 8))
+  return w, qz.quantize(w, spec)
+
+
+@pytest.mark.parametrize('symmetric', [True, False])
+def test_qarray_getitem_indexes_codes_scales_and_zeros_of_the_stack(symmetric):
+  spec = qz.QuantSpec(bits=4, group_size=32, symmetric=symmetric)
+  w = jax.random.normal(jax.random.key(7), (2, 3, 64, 8))
+  q = qz.quantize(w, spec)
+  for index in (1, (1, 2), slice(0, 2), np.array([1, 0]), (slice(None), 1), -1, ...):
+    got = q[index]
+    np.testing.assert_array_equal(got.codes, np.asarray(q.codes)[index])
+    np.testing.assert_array_equal(got.scale, np.asarray(q.scale)[index])
+    if symmetric:
+      assert got.zero is None
+    else:
+      np.testing.assert_array_equal(got.zero, np.asarray(q.zero)[index])
+    assert got.spec == q.spec
+  # A slice of the stack is the quantization of that slice of the weights.
+  np.testing.assert_array_equal(q[1, 2].codes, qz.quantize(w[1, 2], spec).codes)
+  np.testing.assert_array_equal(qz.dequantize(q[0]), qz.dequantize(q)[0])
+
+
+@pytest.mark.parametrize('index', [0, (0, 0), (Ellipsis, 0), (slice(None), slice(0, 32)),
+                                   (Ellipsis, slice(0, 32), slice(None)),
+                                   (0, slice(None), 0)])
+def test_qarray_indexing_into_d_in_or_d_out_is_an_index_error(index):
+  w = jax.random.normal(jax.random.key(8), (64, 8))
+  q = qz.quantize(w, qz.QuantSpec(bits=3, group_size=32))
+  stacked = qz.quantize(jnp.stack([w, w]), qz.QuantSpec(bits=3, group_size=32))
+  target = q if index in (0, (0, 0)) else stacked
+  with pytest.raises(IndexError, match='must select along the stack dims only'):
+    target[index]  # pylint: disable=pointless-statement
+
+
+def test_qarray_stack_equals_quantizing_the_stacked_weights():
+  w, q = _stack_of()
+  parts = [qz.quantize(w[i], q.spec) for i in range(4)]
+  s = qz.QArray.stack(parts)
+  for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(q)):
+    np.testing.assert_array_equal(a, b)
+  assert s.spec == q.spec and s.shape == (4, 64, 8)
+  # stack inverts indexing, also for symmetric (zero-free) arrays.
+  back = qz.QArray.stack([q[i] for i in range(4)])
+  np.testing.assert_array_equal(back.codes, q.codes)
+  sym = qz.quantize(w, qz.QuantSpec(bits=3, group_size=32, symmetric=True))
+  again = qz.QArray.stack([sym[i] for i in range(4)])
+  assert again.zero is None
+  np.testing.assert_array_equal(again.scale, sym.scale)
+
+
+def test_qarray_stack_refuses_mixed_specs_shapes_and_empty_lists():
+  w, q = _stack_of()
+  other = qz.quantize(w[0], qz.QuantSpec(bits=4, group_size=32))
+  with pytest.raises(ValueError, match='one spec and shape'):
+    qz.QArray.stack([q[0], other])
+  with pytest.raises(ValueError, match='one spec and shape'):
+    qz.QArray.stack([q[0], q[:2]])
+  with pytest.raises(ValueError, match='non-empty'):
+    qz.QArray.stack([])
+
+
+@pytest.mark.parametrize('bits', [2, 3, 4, 8])
+@pytest.mark.parametrize('symmetric', [True, False])
+def test_code_dtype_holds_every_code_of_the_spec(bits, symmetric):
+  spec = qz.QuantSpec(bits=bits, group_size=32, symmetric=symmetric)
+  dtype = qz.code_dtype(spec)
+  assert dtype == (jnp.int16 if bits == 8 and not symmetric else jnp.int8)
+  info = np.iinfo(dtype)
+  assert info.min <= spec.qmin and spec.qmax <= info.max
+  w = jnp.linspace(-1.0, 2.0, 64 * 4).reshape(64, 4)
+  q = qz.quantize(w, spec)
+  assert q.codes.dtype == dtype
+  codes = np.asarray(q.codes)
+  # The full range is used: [0, qmax] asymmetric, [-qmax, qmax] symmetric (qmin =
+  # -qmax - 1 is never reached: scale = max|w| / qmax).
+  assert codes.max() == spec.qmax
+  assert codes.min() == (-spec.qmax if symmetric else spec.qmin)

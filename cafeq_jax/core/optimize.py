@@ -1,8 +1,9 @@
 """Optimisation of block-diagonal transforms for a stack of same-shape matrices.
 
 Minimises, independently for each matrix ``b`` of a stack, the single-matrix
-transformed proxy ``L_b(M_b) = Σ_t ||W_bt - M_b⁻¹ Q(M_b W_bt)||²`` (SPEC §3)
-through the straight-through quantizer with an optax optimiser. The index ``t``
+transformed proxy ``L_b(M_b) = Σ_t ||W_bt - M_b⁻¹ Q(M_b W_bt)||²``
+(docs/method.md#single-matrix-transforms) through the straight-through quantizer
+with an optax optimiser. The index ``t``
 runs over matrices that *share* one transform because they read the same input
 (e.g. key and value, gate and up); pass ``w`` as ``(B, T, d_in, d_out)`` for
 that, or ``(B, d_in, d_out)`` for one matrix per transform.
@@ -36,7 +37,9 @@ without right scales the loss needs a single block matmul ``M W``.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
+import math
 from typing import Callable
 
 import flax.struct
@@ -44,12 +47,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cafeq_jax import enums
 from cafeq_jax import quantizer
 from cafeq_jax.core import proxy
 from cafeq_jax.core import transforms
 
-OPTIMIZERS = ('adam', 'adamw')
-SCHEDULES = ('cosine', 'constant')
+class Optimizer(enum.StrEnum):
+  ADAM = 'adam'
+  ADAMW = 'adamw'
+
+
+class Schedule(enum.StrEnum):
+  COSINE = 'cosine'      # decay to 0 over the steps
+  CONSTANT = 'constant'
+
+
+OPTIMIZERS = tuple(m.value for m in Optimizer)
+SCHEDULES = tuple(m.value for m in Schedule)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,7 +75,7 @@ class TransformConfig:
     init: ``'identity'`` or ``'hadamard'`` (randomised Sylvester Hadamard blocks;
       ``k`` a power of two).
     optimizer: ``'adam'`` or ``'adamw'``.
-    learning_rate: peak learning rate (SPEC: about 1e-3; default 2e-3).
+    learning_rate: peak learning rate (default 2e-3).
     steps: optimisation steps (0 keeps the initial transform).
     schedule: ``'cosine'`` (decay to 0 over ``steps``) or ``'constant'``.
     warmup_steps: linear warm-up steps (cosine schedule only).
@@ -84,11 +98,11 @@ class TransformConfig:
   """
 
   block_size: int = 64
-  init: str = 'identity'
-  optimizer: str = 'adam'
+  init: transforms.TransformInit = transforms.TransformInit.IDENTITY
+  optimizer: Optimizer = Optimizer.ADAM
   learning_rate: float = 2e-3
   steps: int = 150
-  schedule: str = 'cosine'
+  schedule: Schedule = Schedule.COSINE
   warmup_steps: int = 0
   weight_decay: float = 0.0
   log_scale_bound: float = 0.5
@@ -96,23 +110,28 @@ class TransformConfig:
   right_scales: bool = False
   columns_per_step: int | None = None
   eval_every: int = 10
-  ste: str = 'round'
+  ste: proxy.Ste = proxy.Ste.ROUND
 
   def __post_init__(self):
+    for name in ('block_size', 'steps', 'warmup_steps', 'eval_every', 'columns_per_step'):
+      v = getattr(self, name)
+      if isinstance(v, bool) or (v is not None and not isinstance(v, int)):
+        raise TypeError(f'{name}={v!r} must be an int, not {type(v).__name__}.')
+    for name in ('learning_rate', 'weight_decay', 'log_scale_bound'):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f'{name}={v!r} must be a finite number.')
+    for name in ('learn_scales', 'right_scales'):
+      if not isinstance(getattr(self, name), bool):
+        raise TypeError(f'{name}={getattr(self, name)!r} must be a bool (True / False).')
     if not isinstance(self.block_size, int) or self.block_size < 1:
       raise ValueError(f'block_size={self.block_size!r} must be a positive int.')
-    if self.init not in transforms.INITS:
-      raise ValueError(f'init={self.init!r} is not supported; expected one of '
-                       f'{transforms.INITS}.')
+    for name, cls in (('init', transforms.TransformInit), ('optimizer', Optimizer),
+                      ('schedule', Schedule), ('ste', proxy.Ste)):
+      object.__setattr__(self, name, enums.coerce(cls, getattr(self, name), name))
     if self.init == 'hadamard' and self.block_size & (self.block_size - 1):
       raise ValueError(f'init=hadamard needs a power-of-two block_size; got '
                        f'{self.block_size}.')
-    if self.optimizer not in OPTIMIZERS:
-      raise ValueError(f'optimizer={self.optimizer!r} is not supported; expected '
-                       f'one of {OPTIMIZERS}.')
-    if self.schedule not in SCHEDULES:
-      raise ValueError(f'schedule={self.schedule!r} is not supported; expected one '
-                       f'of {SCHEDULES}.')
     if not self.learning_rate > 0:
       raise ValueError(f'learning_rate={self.learning_rate!r} must be > 0.')
     if not isinstance(self.steps, int) or self.steps < 0:
@@ -124,9 +143,6 @@ class TransformConfig:
       raise ValueError(f'weight_decay={self.weight_decay!r} must be >= 0.')
     if not self.log_scale_bound > 0:
       raise ValueError(f'log_scale_bound={self.log_scale_bound!r} must be > 0.')
-    if self.ste not in proxy.STE_MODES:
-      raise ValueError(f'ste={self.ste!r} is not supported; expected one of '
-                       f'{proxy.STE_MODES}.')
     if self.columns_per_step is not None and (
         not isinstance(self.columns_per_step, int) or self.columns_per_step < 1):
       raise ValueError(f'columns_per_step={self.columns_per_step!r} must be None or a '

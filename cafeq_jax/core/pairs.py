@@ -1,4 +1,6 @@
-"""Paired transforms folded into the weights (SPEC §4): exact, no inference cost.
+"""Paired transforms folded into the weights: exact, no inference cost.
+
+Math and notation: docs/method.md#paired-matrices.
 
 Two weights that meet directly admit ``(W1 T)(T⁻¹ W2)``. Three kinds, each with an
 identity init, a ``fold`` (arrays in, arrays out, batched over leading dims such
@@ -40,18 +42,35 @@ The iterate with the lowest *actual* RTN product error is kept per layer
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
-from typing import Any, Callable, Literal
+import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from cafeq_jax import enums
 from cafeq_jax import quantizer as qz
+from cafeq_jax.core import proxy
 from cafeq_jax.core import rounding
 
-PairKind = Literal['vo', 'qk', 'updown']
-PAIR_KINDS = ('vo', 'qk', 'updown')
+class PairKind(enum.StrEnum):
+  """Pairs of matrices that meet directly in the graph (a transform folds into both)."""
+  VO = 'vo'          # value / output, per KV group
+  QK = 'qk'          # query / key, RoPE-commuting 2x2 scaled rotations
+  UPDOWN = 'updown'  # MLP up / down, a diagonal on the hidden units
+
+
+class PairLoss(enum.StrEnum):
+  """Objective of the pair-transform optimisation."""
+  LSE = 'lse'          # smooth max of the quantization ranges (the paper)
+  PRODUCT = 'product'  # STE product error
+  BOTH = 'both'        # lse for the first half of the steps, product after
+
+
+PAIR_KINDS = tuple(m.value for m in PairKind)
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -279,31 +298,30 @@ class PairOptConfig:
     ste: gradient through the quantizer for 'product': 'full' (``fake_quant``) or
       'round' (``core.proxy.round_ste_quant``: the gradient also reaches the ranges).
   """
-  loss: str = 'lse'
+  loss: PairLoss = PairLoss.LSE
   steps: int = 200
   learning_rate: float = 5e-3
   temperature: float = 0.05
   eval_every: int = 5
-  ste: str = 'round'
+  ste: proxy.Ste = proxy.Ste.ROUND
 
   def __post_init__(self):
-    if self.loss not in ('lse', 'product', 'both'):
-      raise ValueError(f"loss={self.loss!r}; expected 'lse', 'product' or 'both'.")
-    if self.ste not in ('full', 'round'):
-      raise ValueError(f"ste={self.ste!r}; expected 'full' or 'round'.")
+    object.__setattr__(self, 'loss', enums.coerce(PairLoss, self.loss, 'loss'))
+    object.__setattr__(self, 'ste', enums.coerce(proxy.Ste, self.ste, 'ste'))
+    for name in ('steps', 'eval_every'):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f'{name}={v!r} must be an int, not {type(v).__name__}.')
+    for name in ('learning_rate', 'temperature'):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f'{name}={v!r} must be a finite number.')
     if self.steps < 0 or self.eval_every < 1:
       raise ValueError(f'steps={self.steps} must be >= 0 and eval_every='
                        f'{self.eval_every} >= 1.')
     if not self.learning_rate > 0 or not self.temperature > 0:
       raise ValueError(f'learning_rate={self.learning_rate} and temperature='
                        f'{self.temperature} must be > 0.')
-
-
-def _ste(w, spec, mode):
-  if mode == 'full':
-    return qz.fake_quant(w, spec)
-  from cafeq_jax.core import proxy  # pylint: disable=g-import-not-at-top
-  return proxy.round_ste_quant(w, spec)
 
 
 @functools.partial(jax.jit, static_argnames=('kind', 'geom', 'spec_a', 'spec_b', 'config'))
@@ -323,8 +341,8 @@ def _optimize_jit(a, b, params0, kind, geom, spec_a, spec_b, config):
 
   def prod(p, a_l, b_l):
     a2, b2 = layer_fold(p, a_l, b_l)
-    return product_error(kind, geom, a2, b2, _ste(a2, spec_a, config.ste),
-                         _ste(b2, spec_b, config.ste))
+    return product_error(kind, geom, a2, b2, proxy.ste_quant(a2, spec_a, config.ste),
+                         proxy.ste_quant(b2, spec_b, config.ste))
 
   actual_v = jax.vmap(actual)
   lse_v, prod_v = jax.vmap(lse), jax.vmap(prod)

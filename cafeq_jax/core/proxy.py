@@ -1,4 +1,4 @@
-"""Data-free proxy losses (SPEC §2-4).
+"""Data-free proxy losses (docs/method.md#the-data-free-proxy-loss).
 
 With ``Σ = E[x xᵀ] ∝ I`` the layer loss ``E||x W - x Ŵ||²`` becomes the Frobenius
 proxy ``||W - Ŵ||_F²``. Every function here is batched over leading dims and
@@ -8,6 +8,8 @@ quantized loss and their gradient treats rounding as the identity.
 """
 
 from __future__ import annotations
+
+import enum
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +36,13 @@ def rtn_loss(w: jax.Array, spec: quantizer.QuantSpec) -> jax.Array:
   return frobenius(w, quantizer.quant_dequant(jnp.asarray(w, jnp.float32), spec))
 
 
-STE_MODES = ('round', 'full')
+class Ste(enum.StrEnum):
+  """Gradient through the quantizer."""
+  ROUND = 'round'  # STE on the rounding only; scales (ranges) differentiable
+  FULL = 'full'    # identity gradient through the whole quantizer (fake_quant)
+
+
+STE_MODES = tuple(m.value for m in Ste)
 
 
 def round_ste_quant(v: jax.Array, spec: quantizer.QuantSpec) -> jax.Array:

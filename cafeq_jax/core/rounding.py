@@ -1,6 +1,6 @@
 """Error-feedback (GPTQ-form) rounding and adaptive rounding of matrix pairs.
 
-Pure math on arrays (SPEC §5); nothing here knows about models.
+Pure math on arrays (docs/method.md#adaptive-rounding); nothing here knows about models.
 
 Terminology. ``W`` is ``(d_in, d_out)`` (Flax kernel layout, ``y = x @ W``) and its
 quantization groups are ``g`` consecutive rows of one column (``quantizer``).
@@ -17,7 +17,8 @@ quantization groups are ``g`` consecutive rows of one column (``quantizer``).
   ``Wᵀ``: the sweep runs over the columns of ``W``, each column is quantized as a
   whole with its own group scales, and its error is spread over the later columns.
   This is the rounding of the *left* factor of a product ``W A``.
-* ``adaptive_round_pair`` alternates these for a product ``W1 W2`` (SPEC §5).
+* ``adaptive_round_pair`` alternates these for a product ``W1 W2``
+  (docs/method.md#pair-adaptive-rounding).
 
 Blocking. The sweep processes ``block`` rows at a time: rank-1 updates stay inside
 the block and the rest of the matrix is updated by one matmul per block (GPTQ's
@@ -36,13 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cafeq_jax import quantizer as qz
+from cafeq_jax.core import transforms
 
 _HI = jax.lax.Precision.HIGHEST
-
-
-def _code_dtype(spec: qz.QuantSpec):
-  # Same convention as cafeq_jax.quantizer.quantize.
-  return jnp.int16 if spec.qmax > 127 else jnp.int8
 
 
 def _scale_zero(x: jax.Array, spec: qz.QuantSpec):
@@ -222,7 +219,7 @@ def _gptq_round_jit(w, h, spec, damp, block, act_order):
     return codes, scale, zero
 
   codes, scale, zero = _batched(one, w, h)
-  return qz.QArray(codes=codes.astype(_code_dtype(spec)), scale=scale,
+  return qz.QArray(codes=codes.astype(qz.code_dtype(spec)), scale=scale,
                    zero=None if spec.symmetric else zero, spec=spec)
 
 
@@ -279,7 +276,7 @@ def _gptq_round_output_jit(w, h, spec, damp, block):
     return codes[:d_out].T, s_buf[:d_out].T, z_buf[:d_out].T
 
   codes, scale, zero = _batched(one, w, h)
-  return qz.QArray(codes=codes.astype(_code_dtype(spec)), scale=scale,
+  return qz.QArray(codes=codes.astype(qz.code_dtype(spec)), scale=scale,
                    zero=None if spec.symmetric else zero, spec=spec)
 
 
@@ -364,12 +361,6 @@ def pair_product_error(w1: jax.Array, w2: jax.Array, w1_hat: jax.Array,
   return jnp.sum(a_ee * b_ww) + 2.0 * jnp.sum(a_eh * b_we) + jnp.sum(a_hh * b_ee)
 
 
-def _block_diag(blocks):  # (n, b, b) -> (n*b, n*b)
-  n, b, _ = blocks.shape
-  eye = jnp.eye(n, dtype=blocks.dtype)
-  return (eye[:, None, :, None] * blocks[:, :, None, :]).reshape(n * b, n * b)
-
-
 def _segment_sum(x, ids, n):
   return jax.ops.segment_sum(x, jnp.asarray(ids), num_segments=n)
 
@@ -391,14 +382,14 @@ def _adaptive_round_pair_jit(w1, w2, spec1, spec2, n1, n2, rounds, rounding, dam
       return qz.quantize(w1_target, spec1)
     bh = _blocks2(w2_hat, n2)
     h1 = _segment_sum(_mm(bh, _t(bh))[i2], i1, n1)  # Σ_j Ŵ2_j Ŵ2_jᵀ per W1 block
-    return gptq_round_output(w1_target, _block_diag(h1), spec1, damp=damp)
+    return gptq_round_output(w1_target, transforms.block_diag(h1), spec1, damp=damp)
 
   def round2(w2_target, w1_hat):
     if rounding == 'rtn':
       return qz.quantize(w2_target, spec2)
     bh = _blocks1(w1_hat, n1)
     h2 = _segment_sum(_mm(_t(bh), bh)[i1], i2, n2)  # Σ_i Ŵ1_iᵀŴ1_i per W2 block
-    return gptq_round(w2_target, _block_diag(h2), spec2, damp=damp)
+    return gptq_round(w2_target, transforms.block_diag(h2), spec2, damp=damp)
 
   def resolve2(w1_hat):
     # W2_j* = argmin Σ_{i~j} ||W1_i W2_j - Ŵ1_i X||² = (Σ Ŵ1ᵀŴ1)⁺ (Σ Ŵ1ᵀW1) W2_j.
@@ -445,7 +436,9 @@ def adaptive_round_pair(
     rounds: int = 3, rounding: Rounding = 'rtn', n1: int = 1, n2: int = 1,
     damp: float = 0.01, rcond: float = 1e-6,
 ) -> tuple[qz.QArray, qz.QArray, jax.Array]:
-  """Alternating re-solve-and-round of a pair for its product ``W1 W2`` (SPEC §5).
+  """Alternating re-solve-and-round of a pair for its product ``W1 W2``.
+
+  See docs/method.md#pair-adaptive-rounding.
 
   Start from ``Ŵ1 = Q(W1)``; then ``rounds`` times: re-solve the right factor for
   the product, ``W2* = Ŵ1⁺ W1 W2`` (``P = W1W2`` is never formed: only the ``(b, b)``

@@ -1,7 +1,7 @@
 """Second-moment estimates ``Σ = E[x xᵀ]`` of a linear layer's inputs, and diagnostics.
 
-Pure math on arrays (SPEC §2); nothing here knows about models (the model-level
-adapter is ``cafeq_jax.methods.stats_adapter``).
+Pure math on arrays (docs/method.md#the-data-free-proxy-loss); nothing here knows
+about models (the model-level adapter is ``cafeq_jax.methods.stats_adapter``).
 
 The true layer loss of a quantized ``W`` ``(d_in, d_out)`` is
 ``tr((W-Ŵ)ᵀ Σ (W-Ŵ))``; the data-free Frobenius proxy assumes ``Σ ∝ I``. This module
@@ -17,6 +17,16 @@ import jax
 import jax.numpy as jnp
 
 _HI = jax.lax.Precision.HIGHEST
+
+
+def gram(x: jax.Array) -> jax.Array:
+  """``XᵀX`` of activations ``x`` ``(..., d)`` (all leading dims are samples): ``(d, d)`` f32.
+
+  Sums over samples (GPTQ's ``H``); sums of chunks' grams equal the gram of the
+  concatenation.
+  """
+  x = jnp.asarray(x, jnp.float32).reshape(-1, x.shape[-1])
+  return jnp.matmul(x.T, x, precision=_HI)
 
 
 def second_moment(x: jax.Array) -> jax.Array:
@@ -59,7 +69,10 @@ def effective_rank(h: jax.Array) -> jax.Array:
 
 
 def weighted_loss(w: jax.Array, w_hat: jax.Array, h: jax.Array) -> jax.Array:
-  """``tr((W-Ŵ)ᵀ H (W-Ŵ))``; ``w``, ``w_hat`` ``(..., d_in, d_out)``, ``h`` ``(..., d_in, d_in)``."""
+  """``tr((W-Ŵ)ᵀ H (W-Ŵ))`` (``= ||X(W-Ŵ)||²`` for ``H = XᵀX``): the layer loss.
+
+  ``w``, ``w_hat`` ``(..., d_in, d_out)``, ``h`` ``(..., d_in, d_in)``.
+  """
   e = jnp.asarray(w, jnp.float32) - jnp.asarray(w_hat, jnp.float32)
   return jnp.sum(e * jnp.matmul(h, e, precision=_HI), axis=(-2, -1))
 

@@ -1,7 +1,7 @@
 """Block-diagonal invertible transforms for online single-matrix quantization.
 
-Conventions (SPEC §3). A linear layer computes ``y = x @ W`` with ``W`` of shape
-``(d_in, d_out)``. An online transform rewrites it exactly as
+Conventions (docs/method.md#single-matrix-transforms). A linear layer computes
+``y = x @ W`` with ``W`` of shape ``(d_in, d_out)``. An online transform rewrites it exactly as
 ``y = (x @ M⁻¹) @ (M @ W)``: the stored matrix is ``V = M W`` (quantized) and the
 activations are multiplied by ``M⁻¹`` at inference. ``M`` is block diagonal with
 ``nb = d_in // k`` blocks of size ``k x k``; a *block stack* is an array
@@ -42,6 +42,7 @@ online cost is ``d_in · k`` MACs per token beside ``d_in · d_out`` for the mat
 
 from __future__ import annotations
 
+import enum
 import functools
 
 import flax.struct
@@ -49,7 +50,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-INITS = ('identity', 'hadamard')
+class TransformInit(enum.StrEnum):
+  """Initialisation of a learned block transform."""
+  IDENTITY = 'identity'  # M = I: starts at RTN
+  HADAMARD = 'hadamard'  # randomised Sylvester Hadamard blocks (k a power of two)
+
+
+INITS = tuple(m.value for m in TransformInit)
 
 
 def _is_power_of_two(k: int) -> bool:

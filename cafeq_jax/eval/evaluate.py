@@ -37,8 +37,12 @@ def model_apply_fn(cfg, *, backend: str = 'xla', dtype=jnp.float32) -> ApplyFn:
   from cafeq_jax.models import decoder  # pylint: disable=g-import-not-at-top
 
   def apply_fn(params, tokens):
+    if tokens.shape[-1] > cfg.max_seq_len:
+      raise ValueError(f'token windows of {tokens.shape[-1]} tokens exceed the model\'s '
+                       f'max_seq_len={cfg.max_seq_len}.')
     return decoder.forward(params, cfg, tokens, dtype=dtype, backend=backend)
 
+  apply_fn.max_seq_len = cfg.max_seq_len  # checked by ``evaluate`` before any work
   return apply_fn
 
 
@@ -92,7 +96,8 @@ def evaluate(apply_fn: ApplyFn, fp_params: Params, tokens: np.ndarray | jax.Arra
     apply_fn: ``(params, tokens (B, T) int32) -> logits (B, T, V)``; pure and
       jittable (see ``model_apply_fn``). Used for every method not in ``apply_fns``.
     fp_params: the full-precision (reference) params.
-    tokens: (N, T) int token windows (``data.eval_tokens``); T >= 2.
+    tokens: (N, T) int token windows (``data.eval_tokens``); 2 <= T <= the
+      model's ``max_seq_len`` (checked for ``model_apply_fn`` functions).
     candidates: method name -> params (e.g. quantized param trees).
     batch_size: windows per forward pass; the last batch may be smaller.
     reference_name: key of the reference in the result.
@@ -119,6 +124,13 @@ def evaluate(apply_fn: ApplyFn, fp_params: Params, tokens: np.ndarray | jax.Arra
     raise ValueError(f'batch_size={batch_size!r}; expected a positive int.')
   tokens = tokens.astype(np.int32)
   n, t = tokens.shape
+  for name, fn in [(reference_name, apply_fns.get(reference_name, apply_fn)),
+                   *((m, apply_fns.get(m, apply_fn)) for m in candidates)]:
+    limit = getattr(fn, 'max_seq_len', None)
+    if limit is not None and t > limit:
+      raise ValueError(f'token windows of {t} tokens exceed the max_seq_len={limit} of '
+                       f'the model evaluated as {name!r}; use eval windows of at most '
+                       f'{limit} tokens.')
 
   ref = _Timed(_reference_step(apply_fns.get(reference_name, apply_fn)))
   steps = {name: _Timed(_candidate_step(apply_fns.get(name, apply_fn))) for name in candidates}

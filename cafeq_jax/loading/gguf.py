@@ -2,7 +2,7 @@
 
 Parsing and dequantisation are the ``gguf`` library's (``GGUFReader``,
 ``gguf.quants.dequantize``); this module only maps metadata to a ``ModelConfig``
-and tensors to the gemma-layout param tree of CONTRACTS.md:
+and tensors to the gemma-layout param tree (docs/params.md#float-param-tree):
 
   GGUF tensor (numpy shape = PyTorch (out, in))   param leaf
   token_embd.weight       (V, D)                  embedder.input_embedding (V, D)
@@ -268,7 +268,11 @@ def read_tensors(reader: Any, names: set[str] | None = None) -> dict[str, np.nda
           f'dequantize: {e}') from e
     # ggml lists dims fastest-first; numpy (row-major) order is the reverse.
     shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-    out[t.name] = np.asarray(w, dtype=np.float32).reshape(shape)
+    try:
+      out[t.name] = np.asarray(w, dtype=np.float32).reshape(shape)
+    except ValueError as e:
+      raise ValueError(f'GGUF tensor {t.name!r} holds {np.size(w)} values, not the '
+                       f'{int(np.prod(shape))} of its shape {shape} (truncated file?).') from e
   return out
 
 
@@ -285,7 +289,7 @@ def load_gguf(path: str | os.PathLike[str] | None = None, *,
       None reads it from the file's metadata.
     dtype: dtype of the returned param leaves (float32 by default).
   Returns:
-    params: nested dict in the layout of CONTRACTS.md (jax arrays of ``dtype``).
+    params: nested dict, docs/params.md#float-param-tree (jax arrays of ``dtype``).
     config: ``config`` or the ``ModelConfig`` read from the file's metadata.
   """
   path = smollm2_gguf_path() if path is None else os.fspath(path)
@@ -294,7 +298,10 @@ def load_gguf(path: str | os.PathLike[str] | None = None, *,
   tokens = reader.fields.get('tokenizer.ggml.tokens')
   n_tokens = len(tokens.data) if tokens is not None else None
   names = {t.name for t in reader.tensors}
-  file_cfg = gguf_model_config(metadata, tensor_names=names, vocab_size=n_tokens)
+  try:
+    file_cfg = gguf_model_config(metadata, tensor_names=names, vocab_size=n_tokens)
+  except (TypeError, ValueError) as e:  # e.g. int() of a list-valued key
+    raise ValueError(f'{path}: GGUF metadata does not describe a supported model: {e}') from e
   if config is None:
     cfg = file_cfg
   else:
@@ -306,7 +313,10 @@ def load_gguf(path: str | os.PathLike[str] | None = None, *,
           f'config.tie_embeddings={config.tie_embeddings} but the file '
           f'{"lacks" if file_cfg.tie_embeddings else "has"} an output.weight tensor.')
     cfg = config
-  tensors = read_tensors(reader, set(_expected_shapes(cfg)))
+  try:
+    tensors = read_tensors(reader, set(_expected_shapes(cfg)))
+  except ValueError as e:  # a tensor that does not dequantize or reshape (truncated file)
+    raise ValueError(f'{path}: {e}') from e
   try:
     params = gguf_tensors_to_params(tensors, cfg, dtype=dtype)
   except ValueError as e:

@@ -22,24 +22,33 @@ Name mapping (torch ``Linear.weight`` is ``(d_out, d_in)``)::
   lm_head.weight (V, D)                      unembed/w (D, V) (untied only)
 
 RoPE needs no permutation: HF Gemma 2 / Llama use the same half-split convention.
+
+``save_hf`` is atomic: the export is built in a hidden sibling directory and
+swapped in only when complete (``cafeq_jax.atomic.replace_dir``), so a
+previous export stays readable until then (Ctrl-C and SIGKILL included). It
+records what it wrote in ``.cafeq_export.json`` (file sha256s, provenance), never
+replaces a regular file, and refuses a non-empty directory it did not write;
+files a user added to one of its exports (a ``tokenizer.json``) are kept.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-import tempfile
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import numpy as np
 
+from cafeq_jax import atomic
 from cafeq_jax.models import linears as linears_lib
 from cafeq_jax.models.config import ModelConfig
 
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
+EXPORT_MARKER = '.cafeq_export.json'
 _ARCHS = {'gemma2': 'Gemma2ForCausalLM', 'llama': 'LlamaForCausalLM'}
 _LAYER_TYPES = {'sliding_attention': 'local', 'full_attention': 'global'}
 _GELU_TANH = ('gelu_pytorch_tanh', 'gelu_tanh', 'gelu_new')
@@ -78,6 +87,9 @@ def _smallest_period(types: tuple[str, ...]) -> tuple[str, ...]:
 
 def config_from_hf(d: dict) -> ModelConfig:
   """``ModelConfig`` from a Hugging Face ``config.json`` dict (Gemma 2 or Llama)."""
+  if not isinstance(d, Mapping):
+    raise ValueError(f'a Hugging Face config must be a JSON object (dict); got a '
+                     f'{type(d).__name__}.')
   family = _family(d)
   try:
     D, H = int(d['hidden_size']), int(d['num_attention_heads'])
@@ -89,6 +101,9 @@ def config_from_hf(d: dict) -> ModelConfig:
         max_seq_len=int(d.get('max_position_embeddings', 8192)), family=family)
   except KeyError as e:
     raise ValueError(f'Hugging Face config is missing field {e.args[0]!r}.') from None
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'Hugging Face config has a field of the wrong type (expected '
+                     f'numbers for the sizes): {e}') from None
   if family == 'gemma2':
     act = d.get('hidden_activation') or d.get('hidden_act') or 'gelu_pytorch_tanh'
     if act not in _GELU_TANH:
@@ -151,6 +166,14 @@ def config_to_hf(cfg: ModelConfig, **extra: Any) -> dict:
     common.update(hidden_act='silu', mlp_bias=False)
   common.update(extra)
   return common
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+  """Raises a ValueError unless ``cfg`` can be written as a Hugging Face checkpoint."""
+  if cfg.family not in _ARCHS:
+    raise ValueError(f'model family {cfg.family!r} has no Hugging Face export; expected '
+                     f'one of {sorted(_ARCHS)}.')
+  _check_llama_like(cfg)
 
 
 def _check_llama_like(cfg: ModelConfig) -> None:
@@ -285,43 +308,169 @@ def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
   return {k: np.ascontiguousarray(v) for k, v in sd.items()}
 
 
-def save_hf(params: dict, cfg: ModelConfig, out_dir: str | os.PathLike,
-            **config_extra: Any) -> str:
+def _file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def read_export_marker(out_dir: str | os.PathLike) -> dict | None:
+  """``save_hf``'s record in ``out_dir`` (files, sha256s, provenance), or None."""
+  path = os.path.join(os.fspath(out_dir), EXPORT_MARKER)
+  try:
+    with open(path) as f:
+      marker = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if not isinstance(marker, dict) or marker.get('format') != 'cafeq_jax.hf_export':
+    return None
+  return marker
+
+
+def verify_export(out_dir: str | os.PathLike) -> dict:
+  """Checks every file ``save_hf`` wrote in ``out_dir`` against its recorded sha256.
+
+  Returns:
+    The export's record (``read_export_marker``).
+
+  Raises:
+    ValueError: no record, or a file is missing or differs (names the file).
+  """
+  out_dir = os.fspath(out_dir)
+  marker = read_export_marker(out_dir)
+  if marker is None:
+    raise ValueError(f'{out_dir!r} has no readable {EXPORT_MARKER}: not written by save_hf.')
+  for name, digest in marker['files'].items():
+    path = os.path.join(out_dir, name)
+    if not os.path.isfile(path):
+      raise ValueError(f'export {out_dir!r} lacks {name!r}, which save_hf wrote.')
+    if _file_sha256(path) != digest:
+      raise ValueError(f'{path!r} does not match the sha256 save_hf recorded: corrupt.')
+  return marker
+
+
+_OWN_FILES = (WEIGHTS_FILE, CONFIG_FILE, EXPORT_MARKER)
+
+
+def _carried_files(out_dir: str) -> list[str]:
+  """Entries of an existing ``out_dir`` to keep in the new export (others' files).
+
+  Raises:
+    FileExistsError: ``out_dir`` is a file, or a non-empty directory that
+      ``save_hf`` did not write.
+  """
+  if os.path.islink(out_dir) or not os.path.isdir(out_dir):
+    raise FileExistsError(f'{out_dir!r} exists and is not a directory; save_hf never '
+                          'replaces a file. Choose another output directory.')
+  names = sorted(os.listdir(out_dir))
+  ours = read_export_marker(out_dir) is not None
+  # An export of an earlier version (no record) holds exactly our two files.
+  legacy = bool(names) and set(names) <= {WEIGHTS_FILE, CONFIG_FILE}
+  if names and not ours and not legacy:
+    raise FileExistsError(
+        f'{out_dir!r} is not empty ({names[:8]}{" ..." if len(names) > 8 else ""}) and was '
+        f'not written by save_hf (no {EXPORT_MARKER}); refusing to replace it. Export '
+        'to a new or empty directory.')
+  return [n for n in names if n not in _OWN_FILES and not atomic.is_temporary(n)]
+
+
+def check_export_dir(out_dir: str | os.PathLike) -> None:
+  """Raises FileExistsError unless ``save_hf`` may write ``out_dir`` (checks only)."""
+  path = os.path.abspath(os.fspath(out_dir))
+  if os.path.lexists(path):
+    _carried_files(path)
+
+
+def _carry(src: str, dst: str) -> None:
+  """Hard-links (else copies) ``src`` (a file or a directory tree) to ``dst``."""
+  if os.path.isdir(src) and not os.path.islink(src):
+    shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+  else:
+    _link_or_copy(src, dst)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+  if os.path.islink(src):
+    os.symlink(os.readlink(src), dst)
+    return
+  try:
+    os.link(src, dst)
+  except OSError:
+    shutil.copy2(src, dst)
+
+
+def save_hf(params: dict, cfg: ModelConfig, out_dir: str | os.PathLike, *,
+            provenance: Mapping[str, Any] | None = None, **config_extra: Any) -> str:
   """Writes ``model.safetensors`` + ``config.json`` to ``out_dir`` atomically.
 
-  The files are written to a temporary sibling directory that is then renamed to
-  ``out_dir`` (an existing ``out_dir`` is replaced). Returns ``out_dir``.
+  The files are written to a hidden temporary sibling directory that replaces
+  ``out_dir`` in one atomic swap once complete (``atomic.replace_dir``); until
+  then a previous export stays in place, readable.
+
+  Args:
+    params: the param tree (fp or with ``QuantizedLinear`` leaves, exported as
+      effective weights).
+    cfg: its ``ModelConfig``.
+    out_dir: the export directory. It may be absent, empty, or an earlier
+      ``save_hf`` export (whose other files, e.g. a ``tokenizer.json`` added
+      later, are kept); anything else is refused.
+    provenance: JSON-able record stored in ``.cafeq_export.json`` (e.g. which
+      recipe and inputs produced the weights).
+    **config_extra: fields overriding those of ``config.json``.
+
+  Returns:
+    ``out_dir``.
+
+  Raises:
+    FileExistsError: ``out_dir`` is a regular file or a non-empty directory not
+      written by ``save_hf`` (nothing is changed).
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   out_dir = os.fspath(out_dir)
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
+  path = os.path.abspath(out_dir)
+  atomic.recover(path)
+  carried = _carried_files(path) if os.path.lexists(path) else []
   sd = params_to_hf(params, cfg)
-  tmp = tempfile.mkdtemp(prefix='.tmp_hf_', dir=parent)
+  hf_config = json.dumps(config_to_hf(cfg, **config_extra), indent=2)
+  record = json.dumps(provenance or {}, default=str)  # fail before writing anything
+  tmp = atomic.make_temp_dir(path)
   try:
     save_file(sd, os.path.join(tmp, WEIGHTS_FILE), metadata={'format': 'pt'})
+    atomic.apply_umask(os.path.join(tmp, WEIGHTS_FILE))  # safetensors creates it 0600
     with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
-      json.dump(config_to_hf(cfg, **config_extra), f, indent=2)
-    if os.path.exists(out_dir):
-      old = tempfile.mkdtemp(prefix='.old_hf_', dir=parent)
-      os.rename(out_dir, os.path.join(old, 'd'))
-      os.rename(tmp, out_dir)
-      shutil.rmtree(old)
-    else:
-      os.rename(tmp, out_dir)
+      f.write(hf_config)
+    marker = {'format': 'cafeq_jax.hf_export',
+              'files': {n: _file_sha256(os.path.join(tmp, n)) for n in (WEIGHTS_FILE, CONFIG_FILE)},
+              'provenance': json.loads(record)}
+    with open(os.path.join(tmp, EXPORT_MARKER), 'w') as f:
+      json.dump(marker, f, indent=2)
+    for name in carried:
+      _carry(os.path.join(path, name), os.path.join(tmp, name))
+    atomic.fsync_tree(tmp)
+    atomic.replace_dir(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  atomic.clean_stale(path)
   return out_dir
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """All tensors of a safetensors file as float32-safe numpy arrays (bf16 via jax)."""
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'safetensors file {path!r} does not exist.')
   out = {}
-  with safe_open(os.fspath(path), framework='flax') as f:
-    for name in f.keys():
-      out[name] = np.asarray(f.get_tensor(name).astype(jax.numpy.float32))
+  try:
+    with safe_open(path, framework='flax') as f:
+      for name in f.keys():
+        out[name] = np.asarray(f.get_tensor(name).astype(jax.numpy.float32))
+  except Exception as e:  # pylint: disable=broad-except  # safetensors raises assorted types
+    raise ValueError(f'{path!r} could not be read as safetensors (truncated or corrupt?): '
+                     f'{type(e).__name__}: {e}') from e
   return out
 
 
@@ -339,16 +488,26 @@ def load_hf(model_dir: str | os.PathLike) -> tuple[dict, ModelConfig]:
     raise FileNotFoundError(f'{config_path!r} not found: an HF checkpoint needs config.json.')
   with open(config_path) as f:
     try:
-      cfg = config_from_hf(json.load(f))
-    except json.JSONDecodeError as e:
+      d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise ValueError(f'{config_path!r} is not valid JSON: {e}') from None
+  try:
+    cfg = config_from_hf(d)
+  except ValueError as e:
+    raise ValueError(f'{config_path}: {e}') from None
   single = os.path.join(model_dir, WEIGHTS_FILE)
   index = os.path.join(model_dir, WEIGHTS_FILE + '.index.json')
   if os.path.isfile(single):
     files = [single]
   elif os.path.isfile(index):
-    with open(index) as f:
-      files = sorted({os.path.join(model_dir, v) for v in json.load(f)['weight_map'].values()})
+    try:
+      with open(index) as f:
+        files = sorted({os.path.join(model_dir, v)
+                        for v in json.load(f)['weight_map'].values()})
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise ValueError(f'{index!r} is not a safetensors index (a JSON object with a '
+                       f'"weight_map" of tensor name -> file): {type(e).__name__}: '
+                       f'{e}') from None
   else:
     raise FileNotFoundError(
         f'no {WEIGHTS_FILE} (or {WEIGHTS_FILE}.index.json) in {model_dir!r}; found '
@@ -356,4 +515,7 @@ def load_hf(model_dir: str | os.PathLike) -> tuple[dict, ModelConfig]:
   sd: dict[str, np.ndarray] = {}
   for path in files:
     sd.update(read_safetensors(path))
-  return params_from_hf(sd, cfg), cfg
+  try:
+    return params_from_hf(sd, cfg), cfg
+  except ValueError as e:
+    raise ValueError(f'{model_dir}: {e}') from None

@@ -130,7 +130,11 @@ def load_gguf_tokenizer(path: str | os.PathLike[str] | None = None) -> Tokenizer
   merges = get('merges')
   if merges is None:
     raise ValueError(f'{path!r} has no BPE merges (tokenizer.ggml.merges is missing).')
-  return tokenizer_from_gguf_fields(
-      tokens, merges, model=get('model'), pre=get('pre'), token_types=get('token_type'),
-      bos_id=get('bos_token_id'), eos_id=get('eos_token_id'),
-      add_bos=bool(get('add_bos_token', False)))
+  try:
+    return tokenizer_from_gguf_fields(
+        tokens, merges, model=get('model'), pre=get('pre'), token_types=get('token_type'),
+        bos_id=get('bos_token_id'), eos_id=get('eos_token_id'),
+        add_bos=bool(get('add_bos_token', False)))
+  except Exception as e:  # pylint: disable=broad-except  # tokenizers raises its own types
+    raise ValueError(f'{path!r}: its tokenizer (tokenizer.ggml.*) could not be built: '
+                     f'{type(e).__name__}: {e}') from e

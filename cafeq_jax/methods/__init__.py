@@ -1,11 +1,7 @@
-"""Quantization methods over a model's param tree: RTN, Hadamard, CafeQ, GPTQ."""
+"""Running quantization recipes over a model's param tree (``cafeq_jax.recipes``)."""
 
-from cafeq_jax.methods.api import available_methods, quantize, register
-from cafeq_jax.methods.config import MATRICES, Method, QuantConfig
+from cafeq_jax.methods.api import quantize
 from cafeq_jax.methods.report import QuantReport
 from cafeq_jax.methods.run_options import RunOptions
 
-__all__ = [
-    'MATRICES', 'Method', 'QuantConfig', 'QuantReport', 'RunOptions', 'available_methods',
-    'quantize', 'register',
-]
+__all__ = ['QuantReport', 'RunOptions', 'quantize']

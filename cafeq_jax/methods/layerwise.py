@@ -6,8 +6,9 @@ then ``[c, 2c)``, ... of the model as if each chunk were a model of its own
 quantized layers to the host (numpy) and assembles one quantized param tree.
 Randomness is keyed per ``(layer, matrix)`` and per matrix shape, never by the
 position in a stack (``methods.single.transforms_for``), so the result is the
-same quantized model as the all-at-once run for 'rtn', 'hadamard' and 'cafeq'
-with single transforms: codes equal, learned transforms equal to float32
+same quantized model as the all-at-once run for recipes without pairs and
+without sequential statistics (RTN / Frobenius GPTQ rounding, any online
+transform): codes equal, learned transforms equal to float32
 rounding (stacks of another size may fuse reductions differently).
 
 What it bounds: the *device* holds, at any time, only the float32 matrices of
@@ -21,10 +22,9 @@ plus the quantized result; the embedding and final norm are not touched (left as
 given, on whatever device they are). ``params`` given as device arrays are
 already resident: pass host arrays to get the saving. The chunk size must keep
 one chunk's stacks (and, with a mesh, each device's share of them) within device
-memory. Not supported: pair transforms / pair adaptive rounding
-(``use_pairs``; they are per layer too, but their chunk invariance is not
-established), 'gptq' and ``statistics='selfgen'``, which propagate activations
-through the whole model.
+memory. Not supported: pair transforms / pair adaptive rounding (they are per
+layer too, but their chunk invariance is not established) and self-generated or
+calibration statistics, which propagate activations through the whole model.
 
 The report merges the chunks' reports (layers renumbered, timings summed) and
 records ``extra['layerwise']``: chunk size and count, the float32 bytes of the
@@ -45,48 +45,42 @@ from typing import Any
 import jax
 import numpy as np
 
+from cafeq_jax import recipes
 from cafeq_jax.distributed import memory
-from cafeq_jax.methods.config import Method, QuantConfig
 from cafeq_jax.methods.report import QuantReport
 from cafeq_jax.methods.run_options import RunOptions
+from cafeq_jax.models import linears
 
-SUPPORTED = (Method.RTN, Method.HADAMARD, Method.CAFEQ)
 
-
-def check_supported(quant_config: QuantConfig) -> None:
-  """Raises a ValueError for methods the layer-by-layer path does not run."""
-  if quant_config.method not in SUPPORTED:
+def check_supported(recipe: recipes.Recipe) -> None:
+  """Raises a ValueError for recipes the layer-by-layer path does not run."""
+  if recipe.pairs is not None:
     raise ValueError(
-        f'layers_per_chunk is not supported for method={quant_config.method.value!r}; '
-        f'supported: {[m.value for m in SUPPORTED]}.')
-  if quant_config.method == Method.CAFEQ and (quant_config.use_pairs or
-                                              quant_config.adaptive_rounding):
+        f'layers_per_chunk does not support pair transforms (recipe {recipe.name!r}); '
+        'quantize all layers at once, or use single transforms only.')
+  if recipe.sequential:
     raise ValueError(
-        'layers_per_chunk does not support pair transforms (use_pairs / '
-        'adaptive_rounding); quantize all layers at once, or use single transforms only.')
-  if quant_config.statistics != 'identity':
-    raise ValueError(
-        f'layers_per_chunk does not support statistics={quant_config.statistics!r}: its input '
-        'statistics run the whole model forward; quantize all layers at once.')
+        f'layers_per_chunk does not support {type(recipe.statistics).__name__} statistics '
+        f'(recipe {recipe.name!r}): its input statistics run the whole model forward; '
+        'quantize all layers at once.')
 
 
-def _fp32_mib(model_config, quant_config: QuantConfig, num_layers: int) -> float:
-  from cafeq_jax.models import linears  # pylint: disable=g-import-not-at-top
+def _fp32_mib(model_config, recipe: recipes.Recipe, num_layers: int) -> float:
   shapes = linears.linear_shapes(model_config)
-  return num_layers * sum(int(np.prod(shapes[n])) for n in quant_config.matrices) * 4 / 2**20
+  return num_layers * sum(int(np.prod(shapes[n])) for n in recipe.matrices) * 4 / 2**20
 
 
 def quantize_by_chunks(fn: Callable[..., tuple[Any, QuantReport]], params, model_config,
-                       quant_config: QuantConfig, key: jax.Array, run: RunOptions
-                       ) -> tuple[Any, QuantReport]:
-  """Runs the method ``fn`` chunk by chunk (see module docstring).
+                       recipe: recipes.Recipe, key: jax.Array, run: RunOptions, *,
+                       progress: bool = False) -> tuple[Any, QuantReport]:
+  """Runs the recipe chunk by chunk (see module docstring).
 
   Args:
-    fn: a registered method ``fn(params, model_config, quant_config, key, *,
-      run, layer_offset)``.
+    fn: ``methods.api.run_recipe(params, model_config, recipe, key, *, run,
+      layer_offset, progress)``.
     params: fp param tree (leaves preferably host numpy arrays).
     model_config: its ``ModelConfig``.
-    quant_config: the method's config (see ``check_supported``).
+    recipe: the recipe (see ``check_supported``).
     key: PRNG key.
     run: run options; ``run.layers_per_chunk`` layers per chunk. Chunk ``[a,
       b)`` is named ``layers_<a>-<b-1>`` (4 digits): it checkpoints under
@@ -97,7 +91,7 @@ def quantize_by_chunks(fn: Callable[..., tuple[Any, QuantReport]], params, model
     ``(quantized params, report)``: the layers' leaves as host numpy arrays
     (``QuantizedLinear`` nodes included), other top-level entries as given.
   """
-  check_supported(quant_config)
+  check_supported(recipe)
   num_layers = model_config.num_layers
   chunk = run.layers_per_chunk
   missing = [f'layer_{l}' for l in range(num_layers) if f'layer_{l}' not in params]
@@ -115,7 +109,8 @@ def quantize_by_chunks(fn: Callable[..., tuple[Any, QuantReport]], params, model
       sub_run = sub_run.replace(checkpoint_dir=os.path.join(run.checkpoint_dir, name))
     if run.callback is not None:
       sub_run = sub_run.replace(callback=functools.partial(_scoped, run.callback, name))
-    qsub, report = fn(sub, sub_cfg, quant_config, key, run=sub_run, layer_offset=start)
+    qsub, report = fn(sub, sub_cfg, recipe, key, run=sub_run, layer_offset=start,
+                      progress=progress)
     qsub = jax.device_get(qsub)  # the chunk leaves the device
     for i, l in enumerate(range(start, stop)):
       out[f'layer_{l}'] = qsub[f'layer_{i}']
@@ -125,8 +120,8 @@ def quantize_by_chunks(fn: Callable[..., tuple[Any, QuantReport]], params, model
   report = _merge(parts)
   report.extra['layerwise'] = {
       'layers_per_chunk': chunk, 'num_chunks': len(parts),
-      'chunk_fp32_mib': _fp32_mib(model_config, quant_config, min(chunk, num_layers)),
-      'model_fp32_mib': _fp32_mib(model_config, quant_config, num_layers),
+      'chunk_fp32_mib': _fp32_mib(model_config, recipe, min(chunk, num_layers)),
+      'model_fp32_mib': _fp32_mib(model_config, recipe, num_layers),
       'peak_memory_after_chunk': peaks,
   }
   return out, report

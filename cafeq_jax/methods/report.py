@@ -8,7 +8,7 @@ from typing import Any
 
 @dataclasses.dataclass
 class QuantReport:
-  """What a method did, measured by the data-free proxy (SPEC §2).
+  """What a method did, measured by the data-free proxy (docs/method.md#the-data-free-proxy-loss).
 
   Attributes:
     method: the method's name.

@@ -1,6 +1,6 @@
 """How a method runs, not what it computes: devices, processes, checkpoints, memory.
 
-``RunOptions`` is the run-level counterpart of ``QuantConfig``: it never changes
+``RunOptions`` is the run-level counterpart of a ``Recipe``: it never changes
 the quantized model (same codes; learned transforms equal to float32 rounding),
 only where and how the learned-transform optimisation (``core.optimize.run``)
 runs. ``RunOptions.loop(unit)`` builds the ``loop`` handed to

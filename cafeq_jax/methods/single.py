@@ -1,7 +1,7 @@
 """Single-matrix online transforms and rounding over a model (shared by methods).
 
 Matrices are processed in stacks of the same shape: every transform "unit" (one
-matrix, or the matrices of one param leaf when ``share_transforms``) becomes one
+matrix, or the matrices of one param leaf when the stage's ``share`` is set) becomes one
 entry of a ``(B, T, d_in, d_out)`` stack, and all units of one shape are
 optimised together in one jitted step (``core.optimize``).
 """
@@ -16,20 +16,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from cafeq_jax import quantizer
+from cafeq_jax import recipes
 from cafeq_jax.core import optimize
 from cafeq_jax.core import proxy
+from cafeq_jax.core import rounding
 from cafeq_jax.core import transforms
-from cafeq_jax.methods import config as config_lib
 from cafeq_jax.methods import run_options
+from cafeq_jax.models import linears
 
-Key = tuple[int, str]  # (layer, matrix name)
+Key = linears.Key
 
 
 def _units(mats: Mapping[str, object], layers: Mapping[str, list[int]],
            share: bool) -> list[tuple[tuple[str, ...], int]]:
   """Transform units ``(names sharing the transform, layer)`` (``mats``: its keys)."""
   units = []
-  for group in config_lib.LEAF_GROUPS:
+  for group in linears.LEAF_GROUPS:
     names = [n for n in group if n in mats]
     if not names:
       continue
@@ -50,7 +52,7 @@ def unit_stacks(shapes: Mapping[str, tuple[int, int]], layers: Mapping[str, list
   Args:
     shapes: ``name -> (d_in, d_out)`` of the matrices.
     layers: ``name -> layers`` to transform.
-    share: one transform per param leaf (``QuantConfig.share_transforms``).
+    share: one transform per param leaf (the transform stage's ``share``).
   """
   by_shape: dict[tuple[int, int, int], list] = {}
   for names, layer in _units(shapes, layers, share):
@@ -67,7 +69,7 @@ def _shape_key(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 def _unit_key(key: jax.Array, names: tuple[str, ...], layer: int) -> jax.Array:
   """Key of one transform unit (init signs): depends on its layer and matrix only."""
-  return jax.random.fold_in(jax.random.fold_in(key, layer), config_lib.MATRICES.index(names[0]))
+  return jax.random.fold_in(jax.random.fold_in(key, layer), linears.LINEAR_NAMES.index(names[0]))
 
 
 def _fingerprint(unit, w, spec, cfg, key, units) -> dict:
@@ -81,9 +83,9 @@ def _fingerprint(unit, w, spec, cfg, key, units) -> dict:
 
 
 def transforms_for(mats: Mapping[str, jax.Array], layers: Mapping[str, list[int]],
-                   quant_config: config_lib.QuantConfig, key: jax.Array, *,
-                   mode: str, run: run_options.RunOptions | None = None,
-                   layer_offset: int = 0
+                   stage: recipes.Hadamard | recipes.Learned, spec: quantizer.QuantSpec,
+                   key: jax.Array, *, run: run_options.RunOptions | None = None,
+                   layer_offset: int = 0, progress: bool = False
                    ) -> tuple[dict[Key, tuple[jax.Array, jax.Array]],
                               dict[Key, float], dict[str, float]]:
   """Block-diagonal transforms ``(M, M⁻¹)`` for the given matrices.
@@ -96,28 +98,28 @@ def transforms_for(mats: Mapping[str, jax.Array], layers: Mapping[str, list[int]
   Args:
     mats: ``name -> (L, d_in, d_out)`` float32 matrix stacks.
     layers: ``name -> layers`` to transform.
-    quant_config: the config (block size, optimiser, sharing).
+    stage: ``Learned`` (optimised, ``core.optimize``) or ``Hadamard`` (fixed
+      random block Hadamard rotation): block size, optimiser, sharing.
+    spec: the quantizer.
     key: PRNG key.
-    mode: 'learn' (optimise, ``core.optimize``) or 'hadamard' (fixed random
-      block Hadamard rotation).
     run: how the optimisation runs (mesh, checkpoints, processes; see
       ``RunOptions``); None: plain single-device loop.
     layer_offset: model index of layer 0 of ``mats`` (a chunk of layers): keys
       and checkpoint names use model layer indices.
+    progress: progress bars of the optimisation.
 
   Returns:
     ``(blocks, init_losses, timings)``: ``(layer, name) -> (M, M⁻¹)`` blocks
     ``(nb, k, k)``; for 'learn' the per-unit loss at init (attributed to each
     matrix of the unit); seconds per shape group.
   """
-  if mode not in ('learn', 'hadamard'):
-    raise ValueError(f'mode={mode!r}; expected "learn" or "hadamard".')
   run = run_options.RunOptions() if run is None else run
+  learn = isinstance(stage, recipes.Learned)
   by_shape = unit_stacks({n: tuple(m.shape[-2:]) for n, m in mats.items()}, layers,
-                         quant_config.share_transforms)
-  if mode == 'learn':  # every stack checked against the mesh before any work
-    run.validate([(len(e), *shape) for shape, e in by_shape.items()],
-                 quant_config.spec, quant_config.block_size)
+                         stage.share)
+  if learn:  # every stack checked against the mesh before any work
+    run.validate([(len(e), *shape) for shape, e in by_shape.items()], spec,
+                 stage.block_size)
   out, init_losses, timings = {}, {}, {}
   for shape, entries in sorted(by_shape.items()):
     t0 = time.perf_counter()
@@ -125,22 +127,21 @@ def transforms_for(mats: Mapping[str, jax.Array], layers: Mapping[str, list[int]
     w = jnp.stack([jnp.stack([mats[n][layer] for n in names]) for names, layer in entries])
     unit_keys = jnp.stack([_unit_key(key, names, layer + layer_offset)
                            for names, layer in entries])
-    if mode == 'hadamard':
-      transforms.check_block_size(shape[-2], quant_config.block_size)
-      nb = shape[-2] // quant_config.block_size
+    if not learn:
+      transforms.check_block_size(shape[-2], stage.block_size)
+      nb = shape[-2] // stage.block_size
       m = jax.vmap(lambda k, nb=nb: transforms.random_hadamard_blocks(
-          k, nb, quant_config.block_size))(unit_keys)
+          k, nb, stage.block_size))(unit_keys)
       m_inv = jnp.swapaxes(m, -1, -2)
       init = None
     else:
-      cfg = quant_config.transform_config()
+      cfg = stage.config
       k = _shape_key(key, shape)
       unit = 'single_' + 'x'.join(map(str, shape))
       glob = [(names, layer + layer_offset) for names, layer in entries]
-      fingerprint = (_fingerprint(unit, w, quant_config.spec, cfg, key, glob)
+      fingerprint = (_fingerprint(unit, w, spec, cfg, key, glob)
                      if run.checkpoint_dir is not None else None)
-      best, state = optimize.run(w, quant_config.spec, cfg, k,
-                                 progress=quant_config.progress,
+      best, state = optimize.run(w, spec, cfg, k, progress=progress,
                                  loop=run.loop(unit, fingerprint), unit_keys=unit_keys)
       m, m_inv = jax.jit(lambda t: t.matrix_and_inverse())(best)
       init = np.asarray(state.init_loss)
@@ -153,16 +154,6 @@ def transforms_for(mats: Mapping[str, jax.Array], layers: Mapping[str, list[int]
         if init is not None:
           init_losses[(layer, n)] = float(init[b]) / len(names)
   return out, init_losses, timings
-
-
-def _gptq_round_fn():
-  try:
-    from cafeq_jax.core import rounding  # pylint: disable=g-import-not-at-top
-    return rounding.gptq_round
-  except (ImportError, AttributeError) as e:
-    raise NotImplementedError(
-        "rounding='gptq' needs cafeq_jax.core.rounding.gptq_round(w, h, spec), which "
-        f"could not be imported ({e}); use rounding='rtn'.") from e
 
 
 @jax.jit
@@ -181,18 +172,21 @@ _rtn_loss = jax.jit(proxy.rtn_loss, static_argnums=1)
 
 def round_matrices(mats: Mapping[str, jax.Array], layers: Mapping[str, list[int]],
                    blocks: Mapping[Key, tuple[jax.Array, jax.Array]],
-                   quant_config: config_lib.QuantConfig
+                   spec: quantizer.QuantSpec, stage: recipes.RTN | recipes.GPTQ
                    ) -> tuple[dict[Key, quantizer.QArray], dict[Key, jax.Array | None]]:
   """Quantizes ``V = M W`` (or ``W`` without transform) for each matrix.
 
-  Rounding is RTN, or with ``quant_config.rounding == 'gptq'`` GPTQ-form
-  rounding minimising ``||M⁻¹ (V - V̂)||² = tr(Eᵀ H E)``, ``H = M⁻ᵀ M⁻¹``
-  (block diagonal, built from the ``M⁻¹`` blocks).
+  Rounding is RTN, or for a ``GPTQ`` stage with ``Frobenius`` statistics
+  GPTQ-form rounding minimising ``||M⁻¹ (V - V̂)||² = tr(Eᵀ H E)``,
+  ``H = M⁻ᵀ M⁻¹`` (block diagonal, built from the ``M⁻¹`` blocks; ``I`` without
+  a transform), with the stage's damping, block and act order.
 
   Returns:
     ``(qarrays, transform_invs)`` keyed by ``(layer, name)``.
   """
-  spec = quant_config.spec
+  if isinstance(stage, recipes.GPTQ) and not isinstance(stage.statistics, recipes.Frobenius):
+    raise ValueError(f'round_matrices rounds under the Frobenius proxy; {stage.statistics!r} '
+                     'needs methods.sequential.round_sequential.')
   qarrays, tinvs = {}, {}
   for name, ls in layers.items():
     if not ls:
@@ -209,20 +203,18 @@ def round_matrices(mats: Mapping[str, jax.Array], layers: Mapping[str, list[int]
       m = m_inv = None
       v = w
     quantizer.validate_weight(v, spec)
-    if quant_config.rounding == 'gptq':
-      gptq_round = _gptq_round_fn()
+    if isinstance(stage, recipes.GPTQ):
       if m_inv is None:
         h = jnp.broadcast_to(jnp.eye(v.shape[-2], dtype=jnp.float32), (v.shape[0],) + (v.shape[-2],) * 2)
       else:
         hb = jnp.swapaxes(m_inv, -1, -2) @ m_inv  # (B, nb, k, k): (M⁻¹)ᵀ M⁻¹ per block
         h = transforms.block_diag(hb)
-      q = gptq_round(v, h, spec, damp=quant_config.gptq_damp)
+      q = rounding.gptq_round(v, h, spec, damp=stage.damp, block=stage.block,
+                              act_order=stage.act_order)
     else:
       q = _rtn(v, spec)
     for b, l in enumerate(ls):
-      qarrays[(l, name)] = quantizer.QArray(
-          codes=q.codes[b], scale=q.scale[b], zero=None if q.zero is None else q.zero[b],
-          spec=q.spec)
+      qarrays[(l, name)] = q[b]
       tinvs[(l, name)] = None if m_inv is None else m_inv[b]
   return qarrays, tinvs
 
@@ -238,7 +230,6 @@ def _effective_loss(w, q, t):
 def proxy_losses(ref: Mapping[str, jax.Array], qarrays: Mapping[Key, quantizer.QArray],
                  tinvs: Mapping[Key, jax.Array | None]) -> dict[Key, float]:
   """``||W - M⁻¹ dequant(Q)||²`` per matrix, ``W = ref[name][layer]``."""
-  from cafeq_jax.methods import _tree  # pylint: disable=g-import-not-at-top
   out = {}
   names = sorted({n for _, n in qarrays})
   for n in names:
@@ -247,7 +238,7 @@ def proxy_losses(ref: Mapping[str, jax.Array], qarrays: Mapping[Key, quantizer.Q
     for subset in (with_t, [l for l in ls if l not in with_t]):
       if not subset:
         continue
-      q = _tree.stack_qarrays([qarrays[(l, n)] for l in subset])
+      q = quantizer.QArray.stack([qarrays[(l, n)] for l in subset])
       t = jnp.stack([tinvs[(l, n)] for l in subset]) if subset is with_t else None
       losses = np.asarray(_effective_loss(ref[n][jnp.asarray(subset)], q, t))
       out.update({(l, n): float(x) for l, x in zip(subset, losses)})
@@ -271,5 +262,5 @@ def online_overhead(mats: Mapping[str, jax.Array], tinvs: Mapping[Key, jax.Array
     d_in, d_out = mats[n].shape[-2:]
     total += d_in * d_out
     if t is not None:
-      extra += d_in * t.shape[-1]
+      extra += d_in * d_out * transforms.online_overhead(d_in, d_out, t.shape[-1])
   return extra / max(total, 1)

@@ -19,6 +19,13 @@ Any projection weight may be a ``QuantizedLinear`` instead of an array: all of t
 go through ``project``, which dispatches on the leaf type, so fp and quantized params
 run through the same module code.
 
+Inputs of the linears: ``Attention`` and ``MLP`` ``sow`` the input of every
+projection into the ``'intermediates'`` collection (``LINEAR_INPUTS`` names them per
+matrix); the sows cost nothing unless that collection is made mutable. ``Block``
+splits into ``attention_input`` / ``attend`` and ``mlp_input`` / ``feed_forward`` so
+that sequential quantization (``cafeq_jax.methods.sequential``) can run one
+sub-layer at a time.
+
 KV cache: ``init_cache`` builds ``{'layer_i': {'k', 'v': (B, T, K, hd)}, 'end_index':
 int32 ()}``. A call with a cache writes the new keys/values at slots
 ``end_index .. end_index + L - 1`` and returns the updated cache. Causality and the
@@ -42,6 +49,13 @@ Params = dict[str, Any]
 Cache = dict[str, Any]
 
 _MASK_VALUE = -2.3819763e38  # as the gemma library: finite, so fully masked rows stay finite
+
+# Where each per-layer matrix's input is sown: (sub-module of the block, sow name).
+LINEAR_INPUTS: dict[str, tuple[str, str]] = {
+    'q': ('attn', 'qkv_input'), 'k': ('attn', 'qkv_input'), 'v': ('attn', 'qkv_input'),
+    'o': ('attn', 'o_input'), 'gate': ('mlp', 'gating_input'),
+    'up': ('mlp', 'gating_input'), 'down': ('mlp', 'down_input'),
+}
 
 
 def _get_weight(module: nn.Module, name: str, shape: tuple[int, ...], init) -> Any:
@@ -174,6 +188,7 @@ class Attention(nn.Module):
     wkv = _Weight((2, K, D, hd), name='kv_einsum')()
     wo = _Weight((H, hd, D), name='attn_vec_einsum')()
 
+    self.sow('intermediates', 'qkv_input', x)
     q = project(x, wq, 'q', cfg, self.backend)
     kv = project(x, wkv, 'kv', cfg, self.backend)
     k, v = kv[0], kv[1]
@@ -206,7 +221,15 @@ class Attention(nn.Module):
     logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum('bkgls,bskh->blkgh', probs, v).reshape(B, L, H, hd)
+    self.sow('intermediates', 'o_input', out.reshape(B, L, H * hd))
     return project(out, wo, 'o', cfg, self.backend), new_cache
+
+
+def mlp_activation(x: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """The gate activation: tanh-approximate GELU (Gemma) or SiLU (Llama)."""
+  if cfg.activation == 'gelu_tanh':
+    return jax.nn.gelu(x, approximate=True)
+  return jax.nn.silu(x)
 
 
 class MLP(nn.Module):
@@ -222,37 +245,63 @@ class MLP(nn.Module):
     init = nn.initializers.normal(0.02)
     w_gating = _get_weight(self, 'gating_einsum', (2, cfg.hidden_dim, cfg.embed_dim), init)
     w_down = _get_weight(self, 'linear', (cfg.hidden_dim, cfg.embed_dim), init)
+    self.sow('intermediates', 'gating_input', x)
     gu = project(x, w_gating, 'gating', cfg, self.backend)
-    if cfg.activation == 'gelu_tanh':
-      act = jax.nn.gelu(gu[0], approximate=True)
-    else:
-      act = jax.nn.silu(gu[0])
-    return project(act * gu[1], w_down, 'down', cfg, self.backend)
+    h = mlp_activation(gu[0], cfg) * gu[1]
+    self.sow('intermediates', 'down_input', h)
+    return project(h, w_down, 'down', cfg, self.backend)
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block (with Gemma 2's extra post-norms when configured)."""
+  """Pre-norm transformer block (with Gemma 2's extra post-norms when configured).
+
+  ``__call__`` is ``feed_forward(attend(x))``; the sub-layer methods (and the norms
+  that make their first inputs, ``attention_input`` / ``mlp_input``) can be applied
+  on their own with ``Block(...).apply(..., method=Block.attend)``.
+  """
 
   config: ModelConfig
   attn_type: str
   dtype: Any = jnp.float32
   backend: str = 'xla'
 
-  @nn.compact
-  def __call__(self, x, positions, layer_cache, end_index, attention_mask):
+  def setup(self):
     cfg = self.config
-    norm = lambda name: RMSNorm(cfg.norm_scale_plus_one, cfg.norm_eps, self.dtype, name=name)
-    h = norm('pre_attention_norm')(x)
-    h, new_cache = Attention(cfg, self.attn_type, self.dtype, self.backend, name='attn')(
-        h, positions, layer_cache, end_index, attention_mask)
+    norm = lambda: RMSNorm(cfg.norm_scale_plus_one, cfg.norm_eps, self.dtype)
+    self.pre_attention_norm = norm()
+    self.attn = Attention(cfg, self.attn_type, self.dtype, self.backend)
+    self.pre_ffw_norm = norm()
+    self.mlp = MLP(cfg, self.dtype, self.backend)
     if cfg.use_post_norms:
-      h = norm('post_attention_norm')(h)
-    x = x + h
-    h = norm('pre_ffw_norm')(x)
-    h = MLP(cfg, self.dtype, self.backend, name='mlp')(h)
-    if cfg.use_post_norms:
-      h = norm('post_ffw_norm')(h)
+      self.post_attention_norm = norm()
+      self.post_ffw_norm = norm()
+
+  def attention_input(self, x):
+    """The normed block input that q, k and v read: ``(B, L, D)``."""
+    return self.pre_attention_norm(x)
+
+  def attend(self, x, positions, layer_cache=None, end_index=None, attention_mask=None):
+    """Attention sub-layer with its residual: ``(x_mid (B, L, D), new layer cache)``."""
+    h, new_cache = self.attn(self.attention_input(x), positions, layer_cache, end_index,
+                             attention_mask)
+    if self.config.use_post_norms:
+      h = self.post_attention_norm(h)
     return x + h, new_cache
+
+  def mlp_input(self, x):
+    """The normed residual that gate and up read: ``(B, L, D)``."""
+    return self.pre_ffw_norm(x)
+
+  def feed_forward(self, x):
+    """MLP sub-layer with its residual: ``(B, L, D)``."""
+    h = self.mlp(self.mlp_input(x))
+    if self.config.use_post_norms:
+      h = self.post_ffw_norm(h)
+    return x + h
+
+  def __call__(self, x, positions, layer_cache, end_index, attention_mask):
+    x, new_cache = self.attend(x, positions, layer_cache, end_index, attention_mask)
+    return self.feed_forward(x), new_cache
 
 
 class Embedder(nn.Module):
@@ -265,6 +314,15 @@ class Embedder(nn.Module):
   def __call__(self):
     return _get_weight(self, 'input_embedding', (self.vocab_size, self.embed_dim),
                        nn.initializers.normal(1.0))
+
+
+def embed_tokens(table: jax.Array, tokens: jax.Array, cfg: ModelConfig,
+                 dtype=jnp.float32) -> jax.Array:
+  """Input embeddings ``(B, L, D)`` of ``dtype``: table rows, times ``sqrt(D)`` for Gemma."""
+  x = jnp.asarray(table)[tokens].astype(dtype)
+  if cfg.scale_embeddings:
+    x = x * jnp.sqrt(jnp.float32(cfg.embed_dim)).astype(dtype)
+  return x
 
 
 class Transformer(nn.Module):
@@ -308,9 +366,7 @@ class Transformer(nn.Module):
     emb_table = Embedder(cfg.vocab_size, cfg.embed_dim, name='embedder')()
     if isinstance(emb_table, qlinear.QuantizedLinear):
       raise TypeError('the input embedding must stay a float array; got a QuantizedLinear.')
-    x = jnp.asarray(emb_table)[tokens].astype(self.dtype)
-    if cfg.scale_embeddings:
-      x = x * jnp.sqrt(jnp.float32(cfg.embed_dim)).astype(self.dtype)
+    x = embed_tokens(emb_table, tokens, cfg, self.dtype)
 
     new_cache = None if cache is None else {'end_index': end_index + L}
     for i, attn_type in enumerate(cfg.attention_types):

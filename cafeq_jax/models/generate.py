@@ -83,7 +83,8 @@ def generate(params: dict, cfg: ModelConfig, prompt: Any, *, max_new_tokens: int
     params: model params (fp or with ``QuantizedLinear`` leaves).
     cfg: the model config.
     prompt: ``(B, P)`` int token ids, left-padded when rows differ in length.
-    max_new_tokens: number of tokens to generate (>= 1).
+    max_new_tokens: number of tokens to generate (>= 1; with the prompt at most
+      ``cfg.max_seq_len``).
     prompt_mask: ``(B, P)`` bool, True on real tokens (default all True).
     temperature: 0 for greedy decoding; > 0 samples (needs ``key``).
     top_k: sample only among the k most likely tokens.
@@ -102,9 +103,18 @@ def generate(params: dict, cfg: ModelConfig, prompt: Any, *, max_new_tokens: int
   prompt = jnp.asarray(prompt, jnp.int32)
   if prompt.ndim != 2:
     raise ValueError(f'prompt must be (batch, length) ints; got shape {prompt.shape}.')
-  if max_new_tokens < 1:
-    raise ValueError(f'max_new_tokens={max_new_tokens}; expected >= 1.')
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
+      max_new_tokens < 1):
+    raise ValueError(f'max_new_tokens={max_new_tokens!r}; expected an int >= 1.')
   B, P = prompt.shape
+  if B < 1 or P < 1:
+    raise ValueError(f'prompt is empty (shape {prompt.shape}); give at least one token '
+                     '(e.g. a BOS id) per row.')
+  if P + max_new_tokens > cfg.max_seq_len:
+    raise ValueError(
+        f'prompt length {P} + max_new_tokens {max_new_tokens} = {P + max_new_tokens} '
+        f'exceeds the model\'s max_seq_len={cfg.max_seq_len}; shorten the prompt or '
+        'generate fewer tokens.')
   cache_len = P + max_new_tokens if cache_len is None else cache_len
   if cache_len < P + max_new_tokens:
     raise ValueError(f'cache_len={cache_len} < prompt length {P} + max_new_tokens '
@@ -119,6 +129,11 @@ def generate(params: dict, cfg: ModelConfig, prompt: Any, *, max_new_tokens: int
   mask = jnp.ones((B, P), bool) if prompt_mask is None else jnp.asarray(prompt_mask, bool)
   if mask.shape != (B, P):
     raise ValueError(f'prompt_mask shape {mask.shape} != prompt shape {(B, P)}.')
+  if prompt_mask is not None:
+    empty = [int(i) for i in jnp.flatnonzero(~jnp.any(mask, axis=1))]
+    if empty:
+      raise ValueError(f'prompt rows {empty[:8]} are empty (prompt_mask all False); '
+                       'every row needs at least one real token.')
   key = jax.random.key(0) if key is None else key
   return _generate(params, prompt, mask, key, jnp.float32(max(temperature, 1e-6)), cfg=cfg,
                    max_new_tokens=max_new_tokens, cache_len=cache_len, top_k=top_k,

@@ -10,39 +10,81 @@ Per layer, seven matrices in ``(d_in, d_out)`` layout (``y = x @ W``):
   up:   (D, F)       from mlp/gating_einsum[1].T
   down: (F, D)       from mlp/linear
 
-``get_linears`` stacks them over layers, ``set_linears`` is its exact inverse. Leaf
+This module is the one place that knows the layout (see docs/params.md): which
+param leaf holds which matrices (``LEAVES``: k/v and gate/up share a leaf),
+their shapes, one layer's get/set (``layer_matrices`` / ``set_layer_matrices``),
+the stacks over layers (``get_linears`` / ``set_linears``, exact inverses), and
+the quantized tree (``quantized_params`` puts ``QArray``s and online transforms
+into ``QuantizedLinear`` leaves, ``quantized_matrices`` reads them back). Leaf
 level helpers (``leaf_to_matrix`` / ``matrix_to_leaf``) convert one tree leaf to the
 layout a ``QuantizedLinear`` stores and back.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cafeq_jax import quantizer
 from cafeq_jax.models import qlinear
 from cafeq_jax.models.config import ModelConfig
 
 LINEAR_NAMES = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+Key = tuple[int, str]  # (layer, matrix name)
 
-# Leaf kind -> path inside 'layer_{i}'.
-LEAF_PATHS: dict[str, tuple[str, ...]] = {
-    'q_einsum': ('attn', 'q_einsum', 'w'),
-    'kv_einsum': ('attn', 'kv_einsum', 'w'),
-    'attn_vec_einsum': ('attn', 'attn_vec_einsum', 'w'),
-    'gating_einsum': ('mlp', 'gating_einsum'),
-    'linear': ('mlp', 'linear'),
-}
 
-# Matrix name -> (leaf kind, index into the leaf's stack dim or None).
-_SOURCES = {
-    'q': ('q_einsum', None), 'k': ('kv_einsum', 0), 'v': ('kv_einsum', 1),
-    'o': ('attn_vec_einsum', None), 'gate': ('gating_einsum', 0),
-    'up': ('gating_einsum', 1), 'down': ('linear', None),
-}
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+  """One param leaf of a layer holding projection matrices.
+
+  Attributes:
+    kind: the leaf's name in the tree ('q_einsum', 'kv_einsum', ...).
+    path: keys inside ``layer_{i}``.
+    names: the matrices it holds, in the order of its stack dim (one name: no
+      stack dim).
+  """
+  kind: str
+  path: tuple[str, ...]
+  names: tuple[str, ...]
+
+
+LEAVES = (
+    Leaf('q_einsum', ('attn', 'q_einsum', 'w'), ('q',)),
+    Leaf('kv_einsum', ('attn', 'kv_einsum', 'w'), ('k', 'v')),
+    Leaf('attn_vec_einsum', ('attn', 'attn_vec_einsum', 'w'), ('o',)),
+    Leaf('gating_einsum', ('mlp', 'gating_einsum'), ('gate', 'up')),
+    Leaf('linear', ('mlp', 'linear'), ('down',)),
+)
+LEAF_OF: dict[str, Leaf] = {n: leaf for leaf in LEAVES for n in leaf.names}
+# Matrices stored stacked in one param leaf: selected together or not at all.
+LEAF_GROUPS = tuple(leaf.names for leaf in LEAVES)
+
+
+def check_matrices(matrices: Iterable[str]) -> tuple[str, ...]:
+  """Validates a selection of matrix names; returns it in ``LINEAR_NAMES`` order.
+
+  Raises a ValueError for a string (not a sequence), an empty selection, unknown
+  names, repeats, or a leaf group taken only in part (k without v, ...).
+  """
+  if isinstance(matrices, str):
+    raise TypeError(f'matrices must be a sequence of names, not the string '
+                    f'{matrices!r}; e.g. ("q", "k", "v").')
+  matrices = tuple(matrices)
+  unknown = [m for m in matrices if m not in LINEAR_NAMES]
+  if unknown or not matrices or len(set(matrices)) != len(matrices):
+    raise ValueError(f'matrices={matrices!r} must be a non-empty subset of '
+                     f'{LINEAR_NAMES} without repeats (unknown: {unknown}).')
+  for group in LEAF_GROUPS:
+    chosen = [m for m in group if m in matrices]
+    if chosen and len(chosen) != len(group):
+      raise ValueError(
+          f'matrices {group} share one param leaf and must be quantized together; '
+          f'got {chosen} without {[m for m in group if m not in chosen]}.')
+  return tuple(m for m in LINEAR_NAMES if m in matrices)
 
 
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -54,7 +96,7 @@ def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 def leaf_shape(kind: str, cfg: ModelConfig) -> tuple[int, ...]:
-  """Tree-layout shape of leaf ``kind`` (a key of ``LEAF_PATHS``)."""
+  """Tree-layout shape of leaf ``kind`` (a ``Leaf.kind`` of ``LEAVES``)."""
   H, K, hd, D, F = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim,
                     cfg.hidden_dim)
   shapes = {'q_einsum': (H, D, hd), 'kv_einsum': (2, K, D, hd),
@@ -105,7 +147,8 @@ def matrix_to_leaf(kind: str, m, cfg: ModelConfig):
     return xp.transpose(m, (0, 2, 1))
   if kind == 'linear':
     return m
-  raise ValueError(f'unknown leaf kind {kind!r}; expected one of {sorted(LEAF_PATHS)}.')
+  raise ValueError(f'unknown leaf kind {kind!r}; expected one of '
+                   f'{sorted(l.kind for l in LEAVES)}.')
 
 
 def _get_path(tree, path):
@@ -142,14 +185,47 @@ def dequantize_params(params: dict, cfg: ModelConfig, dtype=jnp.float32) -> dict
   for i in range(cfg.num_layers):
     name = f'layer_{i}'
     layer = params[name]
-    for kind, path in LEAF_PATHS.items():
-      w = _get_path(layer, path)
+    for leaf in LEAVES:
+      w = _get_path(layer, leaf.path)
       if isinstance(w, qlinear.QuantizedLinear):
-        layer = _set_path(layer, path, effective_leaf(kind, w, cfg, dtype))
+        layer = _set_path(layer, leaf.path, effective_leaf(leaf.kind, w, cfg, dtype))
     out[name] = layer
   if 'unembed' in params and isinstance(params['unembed']['w'], qlinear.QuantizedLinear):
     out['unembed'] = {'w': qlinear.effective_weight(params['unembed']['w'], dtype)}
   return out
+
+
+def layer_matrices(layer: dict, cfg: ModelConfig) -> dict[str, jax.Array]:
+  """The seven matrices of one layer's params: ``name -> (d_in, d_out)``.
+
+  Quantized leaves contribute their effective (dequantized, transform-folded)
+  float32 weight; fp leaves keep their dtype.
+  """
+  out = {}
+  for leaf in LEAVES:
+    w = _get_path(layer, leaf.path)
+    if isinstance(w, qlinear.QuantizedLinear):
+      m = qlinear.effective_weight(w)
+    else:
+      m = leaf_to_matrix(leaf.kind, jnp.asarray(w), cfg)
+    for i, n in enumerate(leaf.names):
+      out[n] = m if len(leaf.names) == 1 else m[i]
+  return out
+
+
+def set_layer_matrices(layer: dict, cfg: ModelConfig, mats: Mapping[str, Any]) -> dict:
+  """Copy of one layer's params whose projection leaves hold ``mats`` (fp arrays).
+
+  ``mats`` maps some or all of ``LINEAR_NAMES`` to ``(d_in, d_out)``; a leaf is
+  replaced only when all of its matrices are given.
+  """
+  for leaf in LEAVES:
+    if not all(n in mats for n in leaf.names):
+      continue
+    m = [jnp.asarray(mats[n]) for n in leaf.names]
+    layer = _set_path(layer, leaf.path,
+                      matrix_to_leaf(leaf.kind, m[0] if len(m) == 1 else jnp.stack(m), cfg))
+  return layer
 
 
 def get_linears(params: dict, cfg: ModelConfig) -> dict[str, jax.Array]:
@@ -157,19 +233,8 @@ def get_linears(params: dict, cfg: ModelConfig) -> dict[str, jax.Array]:
 
   Quantized leaves contribute their effective (dequantized, transform-folded) weight.
   """
-  out: dict[str, list] = {n: [] for n in LINEAR_NAMES}
-  for i in range(cfg.num_layers):
-    layer = params[f'layer_{i}']
-    mats = {}
-    for kind, path in LEAF_PATHS.items():
-      w = _get_path(layer, path)
-      if isinstance(w, qlinear.QuantizedLinear):
-        mats[kind] = qlinear.effective_weight(w)
-      else:
-        mats[kind] = leaf_to_matrix(kind, jnp.asarray(w), cfg)
-    for name, (kind, idx) in _SOURCES.items():
-      out[name].append(mats[kind] if idx is None else mats[kind][idx])
-  return {n: jnp.stack(v) for n, v in out.items()}
+  per_layer = [layer_matrices(params[f'layer_{i}'], cfg) for i in range(cfg.num_layers)]
+  return {n: jnp.stack([m[n] for m in per_layer]) for n in LINEAR_NAMES}
 
 
 def set_linears(params: dict, cfg: ModelConfig, linears: dict[str, Any]) -> dict:
@@ -192,16 +257,89 @@ def set_linears(params: dict, cfg: ModelConfig, linears: dict[str, Any]) -> dict
           f'(num_layers, d_in, d_out).')
   out = dict(params)
   for i in range(cfg.num_layers):
-    m = {n: jnp.asarray(linears[n][i]) for n in LINEAR_NAMES}
-    leaves = {
-        'q_einsum': matrix_to_leaf('q_einsum', m['q'], cfg),
-        'kv_einsum': matrix_to_leaf('kv_einsum', jnp.stack([m['k'], m['v']]), cfg),
-        'attn_vec_einsum': matrix_to_leaf('attn_vec_einsum', m['o'], cfg),
-        'gating_einsum': matrix_to_leaf('gating_einsum', jnp.stack([m['gate'], m['up']]), cfg),
-        'linear': m['down'],
-    }
-    layer = params[f'layer_{i}']
-    for kind, path in LEAF_PATHS.items():
-      layer = _set_path(layer, path, leaves[kind])
-    out[f'layer_{i}'] = layer
+    out[f'layer_{i}'] = set_layer_matrices(params[f'layer_{i}'], cfg,
+                                           {n: linears[n][i] for n in LINEAR_NAMES})
   return out
+
+
+def selected_linears(params: dict, cfg: ModelConfig,
+                     matrices: Iterable[str]) -> dict[str, jax.Array]:
+  """``get_linears`` restricted to ``matrices``, as float32 stacks ``(L, d_in, d_out)``."""
+  mats = get_linears(params, cfg)
+  return {n: jnp.asarray(mats[n], jnp.float32) for n in check_matrices(matrices)}
+
+
+def _copy(tree):
+  if isinstance(tree, Mapping):
+    return {k: _copy(v) for k, v in tree.items()}
+  return tree
+
+
+def _leaf_transform(ts: list) -> jax.Array | None:
+  """One leaf's ``transform_inv`` from its matrices' (``None``: identity blocks)."""
+  if all(t is None for t in ts):
+    return None
+  if len(ts) == 1:
+    return jnp.asarray(ts[0], jnp.float32)
+  ref = next(t for t in ts if t is not None)
+  eye = jnp.broadcast_to(jnp.eye(ref.shape[-1], dtype=jnp.float32), ref.shape)
+  ts = [eye if t is None else t for t in ts]
+  same = all(t is ts[0] or bool(jnp.array_equal(t, ts[0])) for t in ts)
+  return jnp.asarray(ts[0] if same else jnp.stack(ts), jnp.float32)
+
+
+def quantized_params(params: dict, cfg: ModelConfig,
+                     qarrays: Mapping[Key, quantizer.QArray],
+                     transform_invs: Mapping[Key, jax.Array | None]) -> dict:
+  """Replaces the weight leaves of the quantized matrices by ``QuantizedLinear``.
+
+  Args:
+    params: the (fp, possibly pair-folded) param tree (not modified).
+    cfg: the ``ModelConfig``.
+    qarrays: ``(layer, name) -> QArray`` of the matrix view ``(d_in, d_out)`` of
+      the *stored* matrix (``M W`` when transformed), for every layer of each
+      quantized leaf.
+    transform_invs: ``(layer, name) -> (nb, k, k)`` blocks of ``M⁻¹`` or None.
+      Matrices of one leaf with equal blocks share one ``(nb, k, k)``;
+      otherwise the leaf stores ``(2, nb, k, k)`` (identity for a missing one).
+
+  Returns:
+    A new param tree.
+  """
+  out = _copy(params)
+  names = {n for _, n in qarrays}
+  for leaf in LEAVES:
+    chosen = [n for n in leaf.names if n in names]
+    if not chosen:
+      continue
+    if len(chosen) != len(leaf.names):
+      raise ValueError(f'matrices {leaf.names} share one leaf; got only {chosen}.')
+    for layer in range(cfg.num_layers):
+      node = _get_path(out[f'layer_{layer}'], leaf.path[:-1])
+      fp = node[leaf.path[-1]]
+      qs = [qarrays[(layer, n)] for n in leaf.names]
+      node[leaf.path[-1]] = qlinear.QuantizedLinear(
+          weight=qs[0] if len(qs) == 1 else quantizer.QArray.stack(qs),
+          transform_inv=_leaf_transform([transform_invs.get((layer, n)) for n in leaf.names]),
+          shape=tuple(fp.shape))
+  return out
+
+
+def quantized_matrices(qparams: dict, cfg: ModelConfig
+                       ) -> tuple[dict[Key, quantizer.QArray], dict[Key, jax.Array | None]]:
+  """Inverse of ``quantized_params``: ``(layer, name) -> QArray`` and ``M⁻¹`` blocks.
+
+  Only the ``QuantizedLinear`` leaves are read (fp leaves are skipped); packed
+  weights are unpacked.
+  """
+  qarrays, tinvs = {}, {}
+  for leaf in LEAVES:
+    for l in range(cfg.num_layers):
+      node = _get_path(qparams[f'layer_{l}'], leaf.path)
+      if not isinstance(node, qlinear.QuantizedLinear):
+        continue
+      q, t = qlinear.as_qarray(node.weight), node.transform_inv
+      for i, n in enumerate(leaf.names):
+        qarrays[(l, n)] = q if len(leaf.names) == 1 else q[i]
+        tinvs[(l, n)] = t if (t is None or t.ndim == 3) else t[i]
+  return qarrays, tinvs

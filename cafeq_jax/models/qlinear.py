@@ -31,6 +31,7 @@ import numpy as np
 
 from cafeq_jax import packing
 from cafeq_jax import quantizer
+from cafeq_jax.core import transforms
 
 BACKENDS = ('xla', 'pallas')
 
@@ -72,7 +73,7 @@ def _matrix_shape(w) -> tuple[int, ...]:
       f'QuantizedLinear.weight must be a QArray or PackedArray; got {type(w).__name__}.')
 
 
-def _qarray(w) -> quantizer.QArray:
+def as_qarray(w) -> quantizer.QArray:
   """The weight as a ``QArray`` (unpacking a ``PackedArray``)."""
   if isinstance(w, quantizer.QArray):
     return w
@@ -82,29 +83,9 @@ def _qarray(w) -> quantizer.QArray:
       f'QuantizedLinear.weight must be a QArray or PackedArray; got {type(w).__name__}.')
 
 
-def apply_transform(x: jax.Array, transform_inv: jax.Array) -> jax.Array:
-  """``x @ blockdiag(transform_inv)``.
-
-  Args:
-    x: ``(..., d_in)``.
-    transform_inv: ``(nb, k, k)`` with ``nb * k == d_in``.
-
-  Returns:
-    ``(..., d_in)`` in ``x``'s dtype.
-  """
-  nb, k, k2 = transform_inv.shape
-  if k != k2 or nb * k != x.shape[-1]:
-    raise ValueError(
-        f'transform_inv of shape {transform_inv.shape} does not match input width '
-        f'd_in={x.shape[-1]}; expected (d_in // k, k, k).')
-  xb = x.reshape(*x.shape[:-1], nb, k)
-  y = jnp.einsum('...bk,bkl->...bl', xb, transform_inv.astype(x.dtype))
-  return y.reshape(x.shape)
-
-
 def dequantize_weight(ql: QuantizedLinear, dtype=jnp.float32) -> jax.Array:
   """``dequant(W)``: ``(*lead, d_in, d_out)`` of ``dtype`` (transform not folded)."""
-  return quantizer.dequantize(_qarray(ql.weight), dtype)
+  return quantizer.dequantize(as_qarray(ql.weight), dtype)
 
 
 def effective_weight(ql: QuantizedLinear, dtype=jnp.float32) -> jax.Array:
@@ -113,12 +94,8 @@ def effective_weight(ql: QuantizedLinear, dtype=jnp.float32) -> jax.Array:
   ``x @ W_eff`` equals ``matmul(x, ql)`` up to float rounding.
   """
   w = dequantize_weight(ql, jnp.float32)
-  t = ql.transform_inv
-  if t is not None:
-    t = jnp.asarray(t, jnp.float32)
-    nb, k = t.shape[-3], t.shape[-1]
-    wb = w.reshape(*w.shape[:-2], nb, k, w.shape[-1])
-    w = jnp.einsum('...bkl,...bld->...bkd', t, wb).reshape(w.shape)
+  if ql.transform_inv is not None:
+    w = transforms.apply_left(jnp.asarray(ql.transform_inv, jnp.float32), w)
   return w.astype(dtype)
 
 
@@ -132,8 +109,7 @@ def _transform_for(ql: QuantizedLinear, index):
 def _index(w, i: int):
   """Matrix ``i`` of a stacked ``QArray`` / ``PackedArray`` (leading dim)."""
   if isinstance(w, quantizer.QArray):
-    return quantizer.QArray(codes=w.codes[i], scale=w.scale[i],
-                            zero=None if w.zero is None else w.zero[i], spec=w.spec)
+    return w[i]
   return w.replace(data=w.data[i], scale=w.scale[i],
                    zero=None if w.zero is None else w.zero[i], shape=tuple(w.shape[1:]))
 
@@ -212,7 +188,7 @@ def pack_params(params: Any, *, scale_dtype=jnp.float32) -> Any:
 def _matmul_one(x, weight, transform_inv, backend):
   if backend == 'xla':
     if transform_inv is not None:
-      x = apply_transform(x, transform_inv)
+      x = transforms.apply_to_activations(x, transform_inv)
     w = packing.dequantize(weight, x.dtype) if _is_packed(weight) else quantizer.dequantize(
         weight, x.dtype)
     return x @ w

@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.methods = ('rtn,hadamard,cafeq-single,cafeq-pairs,cafeq-pairs-ar,cafeq-sg,cafeq,'
                'gptq,gptq-offdomain')
   c.columns = 'w3g128,w4g128,w3pc,w4pc'
-  c.cafeq.pair_steps = 100       # half the default: 4 columns x 3 pair rows on 2 cores
+  c.cafeq.pairs.steps = 100      # half the default: 4 columns x 3 pair rows on 2 cores
   c.output_dir = 'outputs/quality_table'
   c.save_models = ''             # the table only; the default job saves a model
   c.prompt = ''                  # no generation samples

@@ -6,13 +6,29 @@
 
 import ml_collections
 
-from cafeq_jax.methods import QuantConfig
+from cafeq_jax import recipes
 
-# QuantConfig fields of the cafeq variants that the command line may override
-# (--config.cafeq.steps=300); the variants themselves fix which parts run.
-CAFEQ_TUNABLE = ('block_size', 'transform_init', 'steps', 'learning_rate', 'schedule',
-                 'pair_loss', 'pair_steps', 'pair_learning_rate', 'pair_temperature',
-                 'ar_rounds', 'ar_solver', 'gptq_damp')
+# Stage fields of the CafeQ recipes that the command line may override
+# (--config.cafeq.transform.steps=300); the recipes themselves fix which stages run,
+# and a field applies to every CafeQ recipe whose stage has it.
+_LEARNED = recipes.PRESETS['cafeq-single'].transform.config
+_PAIRS = recipes.PRESETS['cafeq-pairs'].pairs.opt
+_AR = recipes.PRESETS['cafeq-pairs-ar'].rounding
+
+
+def cafeq_options() -> ml_collections.ConfigDict:
+  """Stage fields of the CafeQ recipes, at the presets' defaults."""
+  return ml_collections.ConfigDict({
+      # Online transform: block size k (Hadamard and learned); learned: init, steps, lr.
+      'transform': {'block_size': _LEARNED.block_size, 'init': _LEARNED.init.value,
+                    'steps': _LEARNED.steps, 'learning_rate': _LEARNED.learning_rate,
+                    'schedule': _LEARNED.schedule.value},
+      # Pair transforms: loss ('lse', 'product', 'both'), steps, lr, temperature.
+      'pairs': {'loss': _PAIRS.loss.value, 'steps': _PAIRS.steps,
+                'learning_rate': _PAIRS.learning_rate, 'temperature': _PAIRS.temperature},
+      # Rounding: pair adaptive rounds / solver; damping of GPTQ-form rounding.
+      'rounding': {'rounds': _AR.rounds, 'solver': _AR.solver.value, 'damp': _AR.damp},
+  })
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -21,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Face model dir (config.json + model.safetensors), or a preset name from
   # cafeq_jax.models.PRESETS (random weights, for smoke tests).
   c.model = 'smollm2_135m'
-  # Rows of the table: comma-separated names from experiments.quantize_lib.VARIANTS.
+  # Rows of the table: comma-separated recipe names (cafeq_jax.recipes.PRESETS).
   # cafeq-sg: CafeQ with the self-generated data-free proxy; gptq: in-domain
   # calibration, the comparison (reads evaluation-domain text, never a default).
   c.methods = 'rtn,hadamard,cafeq-sg,gptq'
@@ -29,10 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.columns = 'w3g128'
   c.clip_search = False          # MSE-optimal clip ratio search for every method
   c.seed = 0                     # PRNG seed of every method (same seed, same codes)
-  # Options of every cafeq variant (QuantConfig fields; defaults from QuantConfig).
-  defaults = QuantConfig()
-  c.cafeq = ml_collections.ConfigDict({k: getattr(defaults, k) for k in CAFEQ_TUNABLE})
-  c.cafeq.steps = 50             # short enough for the 2-core quick start
+  # Stage options of every CafeQ recipe (defaults from the presets).
+  c.cafeq = cafeq_options()
+  c.cafeq.transform.steps = 50   # short enough for the 2-core quick start
   c.eval_text = ''               # evaluation text file; '' = Python's pydoc_data topics
   c.eval_num_seqs = 8            # evaluation windows
   c.eval_seq_len = 512           # tokens per window
@@ -42,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   # source (off-domain); or a text file.
   c.calib_num_seqs = 16          # calibration windows for GPTQ
   c.calib_seq_len = 512          # tokens per calibration window
-  c.selfgen_num_seqs = 32        # cafeq-sg/cafeq/gptq-selfgen: sequences the model samples
+  c.selfgen_num_seqs = 32        # recipes with SelfGenerated statistics: sequences sampled
   c.selfgen_seq_len = 256        # ... and tokens per sampled sequence
   c.output_dir = 'outputs/quantize'   # results.json, table.md, plots, models
   c.save_models = 'cafeq-sg'     # comma list of methods saved with Orbax ('' = none)
@@ -50,4 +65,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.prompt = 'The Python programming language'   # generation sample per method ('' = none)
   c.max_new_tokens = 24
   c.progress = True              # progress bars
+  c.plots = True                 # write output_dir/plots/*.png at the end
   return c

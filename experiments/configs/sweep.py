@@ -8,19 +8,24 @@
 
 import ml_collections
 
+from experiments.configs import quantize
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Grid axes (comma-separated strings, so `--config.bits=4,3` works on the command line).
   c.models = 'smollm2_135m'         # 'smollm2_135m', a .gguf / HF dir, or presets ('tiny_llama')
-  c.methods = 'rtn,hadamard,cafeq'  # rows of experiments.quantize_lib.VARIANTS
+  c.methods = 'rtn,hadamard,cafeq'  # recipe names (cafeq_jax.recipes.PRESETS)
   c.bits = '4,3'                    # code widths
   c.group_sizes = '128,0'           # group sizes; 0 = one scale per output channel
   c.symmetric = False               # symmetric codes (no zero point) for every point
   c.clip_search = False             # MSE-optimal clip ratio search for every point
   c.seed = 0                        # PRNG seed of every method and of random presets
-  # Overrides of every cafeq variant's QuantConfig fields, e.g. {'steps': 100}.
-  c.cafeq = ml_collections.ConfigDict()
+  # Stage options of every CafeQ recipe (--config.cafeq.transform.steps=100; defaults
+  # from the presets, see experiments/configs/quantize.py).
+  c.cafeq = quantize.cafeq_options()
+  c.selfgen_num_seqs = 32           # recipes with SelfGenerated statistics: sequences sampled
+  c.selfgen_seq_len = 256           # ... and tokens per sampled sequence
   # Evaluation (same tokens for every point of a model).
   c.eval_text = ''                  # text file; '' = Python's pydoc_data topics
   c.eval_num_seqs = 8               # evaluation windows

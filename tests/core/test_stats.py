@@ -114,32 +114,56 @@ def tiny():
 
 
 def test_activation_hessians_match_captured_inputs_of_first_layer(tiny):
-  from cafeq_jax.methods import gptq as gptq_method
   from cafeq_jax.methods import stats_adapter
+  from cafeq_jax.models import decoder
   params, cfg = tiny
   toks = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, cfg.vocab_size))
   hs = stats_adapter.activation_hessians(params, cfg, toks, batch_size=1)
-  x = gptq_method.embed(params, cfg, jnp.asarray(toks))
-  ref = stats.second_moment(gptq_method.capture(
-      params['layer_0'], x, cfg, cfg.attention_types[0], 'qkv'))
+  x = decoder.embed_tokens(params['embedder']['input_embedding'], jnp.asarray(toks), cfg)
+  xn = decoder.Block(cfg, cfg.attention_types[0]).apply(
+      {'params': params['layer_0']}, x, method=decoder.Block.attention_input)
+  ref = stats.second_moment(xn)
   np.testing.assert_allclose(hs['q'][0], ref, rtol=1e-4, atol=1e-6)
+  # The normed embedding, in numpy: x / rms(x) * g (Llama) or * (1 + g) (Gemma).
+  e = np.asarray(params['embedder']['input_embedding'], np.float64)[toks]
+  e = e * (np.sqrt(cfg.embed_dim) if cfg.scale_embeddings else 1.0)
+  g = np.asarray(params['layer_0']['pre_attention_norm']['scale'], np.float64)
+  xn_np = e / np.sqrt(np.mean(e * e, -1, keepdims=True) + cfg.norm_eps) * (
+      1 + g if cfg.norm_scale_plus_one else g)
+  xn_np = xn_np.reshape(-1, cfg.embed_dim)
+  np.testing.assert_allclose(hs['k'][0], xn_np.T @ xn_np / xn_np.shape[0], rtol=1e-4, atol=1e-6)
   assert hs['o'].shape == (cfg.num_layers, cfg.num_heads * cfg.head_dim,
                            cfg.num_heads * cfg.head_dim)
   assert hs['down'].shape == (cfg.num_layers, cfg.hidden_dim, cfg.hidden_dim)
 
 
 def test_selfgen_hessians_are_deterministic_given_the_key(tiny):
+  from cafeq_jax import recipes
+  from cafeq_jax.methods import selfgen
   from cafeq_jax.methods import stats_adapter
   params, cfg = tiny
-  kw = dict(num_seqs=2, seq_len=6, key=jax.random.PRNGKey(3), matrices=('q', 'down'))
+  stage = recipes.SelfGenerated(num_seqs=2, seq_len=6)
+  kw = dict(stage=stage, key=jax.random.PRNGKey(3), matrices=('q', 'down'))
   h1, t1 = stats_adapter.selfgen_hessians(params, cfg, return_tokens=True, **kw)
   h2, t2 = stats_adapter.selfgen_hessians(params, cfg, return_tokens=True, **kw)
   assert t1.shape == (2, 6) and np.all(t1[:, 0] == 0)
   np.testing.assert_array_equal(t1, t2)
   np.testing.assert_array_equal(h1['down'], h2['down'])
+  # They are the statistics of the sampled tokens, which come from the key.
+  np.testing.assert_array_equal(
+      t1, selfgen.sample_tokens(params, cfg, stage, jax.random.PRNGKey(3)))
+  np.testing.assert_allclose(
+      h1['q'], stats_adapter.activation_hessians(params, cfg, t1, matrices=('q',))['q'],
+      rtol=1e-6, atol=1e-7)
+  _, t3 = stats_adapter.selfgen_hessians(params, cfg, return_tokens=True,
+                                         **{**kw, 'key': jax.random.PRNGKey(4)})
+  assert not np.array_equal(t1, t3)
   with pytest.raises(ValueError, match='temperature'):
-    stats_adapter.selfgen_tokens(params, cfg, num_seqs=1, seq_len=4,
-                                 key=jax.random.PRNGKey(0), temperature=0.0)
+    recipes.SelfGenerated(num_seqs=1, seq_len=4, temperature=0.0)
+  with pytest.raises(ValueError, match=r'start_id=128; expected an id in \[0, 128\)'):
+    selfgen.sample_tokens(params, cfg, recipes.SelfGenerated(num_seqs=1, seq_len=4,
+                                                             start_id=cfg.vocab_size),
+                          jax.random.PRNGKey(0))
 
 
 def test_quantize_with_identity_hessians_equals_rtn(tiny):
@@ -163,6 +187,37 @@ def test_structural_hessians_have_matrix_input_shapes(tiny):
   from cafeq_jax.models import linears
   params, cfg = tiny
   hs = stats_adapter.structural_hessians(params, cfg, num_samples=64)
-  for n, w in linears.get_linears(params, cfg).items():
+  mats = linears.get_linears(params, cfg)
+  for n, w in mats.items():
     assert hs[n].shape == (cfg.num_layers, w.shape[-2], w.shape[-2])
     assert np.all(np.isfinite(np.asarray(hs[n])))
+  # Closed forms: diag(g²) of the RMSNorm scale for the normed inputs, and o's
+  # blocks W_v,kᵀ diag(g²) W_v,k of its KV group per query head.
+  for l in range(cfg.num_layers):
+    g = np.asarray(params[f'layer_{l}']['pre_attention_norm']['scale'], np.float64)
+    g = 1 + g if cfg.norm_scale_plus_one else g
+    np.testing.assert_allclose(hs['q'][l], np.diag(g ** 2), rtol=1e-6)
+    wv = np.asarray(mats['v'][l], np.float64)
+    hd, group = cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
+    for h in range(cfg.num_heads):
+      k = h // group
+      blk = wv[:, k * hd:(k + 1) * hd]
+      np.testing.assert_allclose(hs['o'][l][h * hd:(h + 1) * hd, h * hd:(h + 1) * hd],
+                                 blk.T @ np.diag(g ** 2) @ blk, rtol=1e-4, atol=1e-7)
+
+
+def test_gram_of_chunks_sums_to_one_matmul():
+  x = np.random.default_rng(0).normal(size=(3, 10, 16)).astype(np.float32)
+  h = sum(stats.gram(jnp.asarray(chunk)) for chunk in x)
+  want = x.reshape(-1, 16).astype(np.float64)
+  np.testing.assert_allclose(np.asarray(h), want.T @ want, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(stats.gram(jnp.asarray(x))), want.T @ want,
+                             rtol=1e-5, atol=1e-4)
+
+
+def test_weighted_loss_equals_activation_error():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(50, 16))
+  w, w_hat = rng.normal(size=(16, 4)), rng.normal(size=(16, 4))
+  got = stats.weighted_loss(jnp.asarray(w), jnp.asarray(w_hat), jnp.asarray(x.T @ x))
+  np.testing.assert_allclose(float(got), np.sum((x @ (w - w_hat)) ** 2), rtol=1e-4)

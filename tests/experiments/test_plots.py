@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -115,3 +117,32 @@ def test_rows_without_a_finite_ppl_are_skipped(bad):
   fig = plots.ppl_vs_bits_figure(results)
   lines = {l.get_label(): l for l in fig.axes[0].get_lines()}
   np.testing.assert_allclose(lines['rtn'].get_xdata(), [4.25])
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _cli(*args):
+  env = {**os.environ, 'PYTHONPATH': _REPO + os.pathsep + os.environ.get('PYTHONPATH', '')}
+  return subprocess.run([sys.executable, '-m', 'experiments.plots', *args], cwd=_REPO,
+                        env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_redraws_the_plots_of_a_job_dir(tmp_path):
+  out = str(tmp_path)
+  _write_reports(out, {'w3g128asym_rtn': _report('rtn', 2, lambda l, j: 1.0),
+                       'w3g128asym_cafeq': _report('cafeq', 2, lambda l, j: 0.7)})
+  with open(os.path.join(out, 'results.json'), 'w') as f:
+    json.dump(_results(), f)
+  proc = _cli(f'--config.output_dir={out}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  printed = sorted(os.path.basename(p) for p in proc.stdout.split())
+  assert printed == ['ppl_vs_bits.png', 'proxy_loss_w3g128asym.png', 'proxy_w3g128asym.png']
+  assert sorted(plots.redraw(out)) == sorted(proc.stdout.split())
+
+
+def test_cli_requires_an_output_dir_and_knows_only_config_fields(tmp_path):
+  proc = _cli()
+  assert proc.returncode != 0 and '--config.output_dir is required' in proc.stderr
+  proc = _cli(f'--output_dir={tmp_path}')   # the old argparse syntax
+  assert proc.returncode != 0 and 'output_dir' in proc.stderr

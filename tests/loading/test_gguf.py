@@ -86,7 +86,7 @@ def _write_gguf(path, cfg, hf, *, arch='llama', override_shapes=None, f16=()):
 
 
 def _expected_params(cfg, hf):
-  """Param tree of CONTRACTS.md built straight from HF tensors."""
+  """Param tree of docs/params.md#float-param-tree built straight from HF tensors."""
   h, k, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
   heads = lambda w, n: w.reshape(n, hd, d).transpose(0, 2, 1)
   p = {'embedder': {'input_embedding': hf['model.embed_tokens.weight']},

@@ -122,8 +122,9 @@ def test_save_hf_loads_in_transformers_with_same_logits(tmp_path, family):
   model = tiny_gemma2() if family == 'gemma2' else tiny_llama(tie=family == 'llama_tied')
   params, cfg = _ours(model)
   out = hf.save_hf(params, cfg, tmp_path / 'export')
-  assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors']
-  assert not [p for p in os.listdir(tmp_path) if p.startswith('.tmp')]
+  # save_hf's record of what it wrote (sha256s) sits beside the two HF files.
+  assert sorted(os.listdir(out)) == [hf.EXPORT_MARKER, 'config.json', 'model.safetensors']
+  assert os.listdir(tmp_path) == ['export']  # no temporary left behind
   loaded = transformers.AutoModelForCausalLM.from_pretrained(
       out, attn_implementation='eager', dtype=torch.float32).eval()
   tokens = _tokens(1, SEQ_LEN, cfg.vocab_size, seed=3)

@@ -32,14 +32,16 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from cafeq_jax import methods  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cafeq_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cafeq_jax import quantizer  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cafeq_jax import recipes  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# Learned single transforms with Hadamard init (per-unit keys) and column
-# subsets (keep-best evaluation folded into the step) of gate and up: one stack
-# of 4 units (2 layers x 2 matrices) of 64x128 (one shape: one compile).
-QC = methods.QuantConfig(method='cafeq', spec=dict(bits=3, group_size=32),
-                         matrices=('gate', 'up'), block_size=32, steps=6,
-                         transform_init='hadamard', columns_per_step=32, eval_every=2,
-                         learning_rate=1e-2)
+# The cafeq-single preset (learned single transforms) with Hadamard init (per-unit
+# keys) and column subsets (keep-best evaluation folded into the step) of gate and
+# up: one stack of 4 units (2 layers x 2 matrices) of 64x128 (one shape: one compile).
+RECIPE = recipes.get('cafeq-single', spec=quantizer.QuantSpec(bits=3, group_size=32),
+                     matrices=('gate', 'up'), transform__block_size=32, transform__steps=6,
+                     transform__init='hadamard', transform__columns_per_step=32,
+                     transform__eval_every=2, transform__learning_rate=1e-2)
 CHECKPOINT_EVERY = 2
 
 
@@ -84,7 +86,7 @@ def run_mesh(out: dict) -> None:
   from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
   cfg, params = tiny_model()
   out['device_count'] = jax.device_count()
-  ref, _ = methods.quantize(params, cfg, QC)
+  ref, _ = methods.quantize(params, cfg, RECIPE)
   out.update(flatten(ref, 'plain'))
   layouts = []
 
@@ -94,14 +96,14 @@ def run_mesh(out: dict) -> None:
                      f'{state.transform.skew.addressable_shards[0].data.shape[0]}')
 
   mesh8 = make_mesh()
-  q8, _ = methods.quantize(params, cfg, QC, mesh=mesh8,
+  q8, _ = methods.quantize(params, cfg, RECIPE, mesh=mesh8,
                            run_options=methods.RunOptions(callback=record))
   out.update(flatten(q8, 'mesh8'))
   out['layouts'] = np.array(layouts)
   out['err_unpadded'] = _error(lambda: methods.quantize(
-      params, cfg, QC, run_options=methods.RunOptions(mesh=mesh8, pad=False)))
+      params, cfg, RECIPE, run_options=methods.RunOptions(mesh=mesh8, pad=False)))
   out['err_axis'] = _error(lambda: methods.quantize(
-      params, cfg, QC, mesh=Mesh(np.asarray(jax.devices()), ('data',))))
+      params, cfg, RECIPE, mesh=Mesh(np.asarray(jax.devices()), ('data',))))
 
 
 def run_multihost(out: dict) -> None:
@@ -116,11 +118,11 @@ def run_multihost(out: dict) -> None:
     if step == 1:
       shares.append(f'{unit}:{state.transform.skew.shape[0]}')
 
-  split, _ = methods.quantize(params, cfg, QC,
+  split, _ = methods.quantize(params, cfg, RECIPE,
                               run_options=methods.RunOptions(callback=record))
   out.update(flatten(split, 'split'))
   out['shares'] = np.array(shares)
-  glob, _ = methods.quantize(params, cfg, QC, mesh=make_mesh())
+  glob, _ = methods.quantize(params, cfg, RECIPE, mesh=make_mesh())
   out.update(flatten(glob, 'global'))
   if info.initialized:
     jax.distributed.shutdown()
@@ -139,12 +141,12 @@ def run_checkpoint(out: dict, ckpt_dir: str) -> None:
     if unit == kill_unit and step == kill_step:
       os.kill(os.getpid(), signal.SIGKILL)
 
-  q, _ = methods.quantize(params, cfg, QC, checkpoint_dir=ckpt_dir,
+  q, _ = methods.quantize(params, cfg, RECIPE, checkpoint_dir=ckpt_dir,
                           checkpoint_every=CHECKPOINT_EVERY, layers_per_chunk=1,
                           run_options=methods.RunOptions(callback=maybe_die))
   out.update(flatten(q, 'resumed'))
   out['steps_seen'] = np.array(seen)
-  ref, _ = methods.quantize(params, cfg, QC, layers_per_chunk=1)
+  ref, _ = methods.quantize(params, cfg, RECIPE, layers_per_chunk=1)
   out.update(flatten(ref, 'plain'))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import sys
 
 import jax
@@ -10,29 +11,52 @@ import numpy as np
 import pytest
 
 from cafeq_jax import methods
+from cafeq_jax import quantizer
+from cafeq_jax import recipes
+from cafeq_jax.models import linears
 from cafeq_jax.models import qlinear
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import scaleout_worker as worker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-SPEC = dict(bits=3, group_size=32)
+SPEC = quantizer.QuantSpec(bits=3, group_size=32)
 
 
 def _assert_same(chunked, whole, atol):
   worker.assert_same_flat(worker.flatten(chunked), worker.flatten(whole), atol)
 
 
-@pytest.mark.parametrize('name, quant_config, chunk, atol', [
-    ('tiny_gemma2', methods.QuantConfig(method='rtn', spec=SPEC), 2, 0.0),
-    ('tiny_llama', methods.QuantConfig(method='hadamard', spec=SPEC, block_size=32), 1, 0.0),
+def _host_peak_mib() -> float:
+  """Peak RSS of this process read from the OS (Linux: ru_maxrss in KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**20
+
+
+def _device_peak_mib():
+  """Largest allocator peak over the local devices, or None (CPU has no statistics)."""
+  peaks = []
+  for d in jax.local_devices():
+    try:
+      stats = d.memory_stats() or {}
+    except Exception:  # pylint: disable=broad-except  (backends without statistics)
+      stats = {}
+    if 'peak_bytes_in_use' in stats:
+      peaks.append(stats['peak_bytes_in_use'])
+  return max(peaks) / 2**20 if peaks else None
+
+
+@pytest.mark.parametrize('name, recipe, chunk, atol', [
+    ('tiny_gemma2', recipes.get('rtn', spec=SPEC), 2, 0.0),
+    ('tiny_llama', recipes.get('hadamard', spec=SPEC, transform__block_size=32), 1, 0.0),
     # Learned transforms (Hadamard init, column subsets): stacks of 2 instead of
     # 4 units fuse reductions differently, so transforms agree to rounding.
-    ('tiny_llama', worker.QC, 1, 1e-5),
+    ('tiny_llama', worker.RECIPE, 1, 1e-5),
 ])
-def test_layer_by_layer_equals_all_at_once(name, quant_config, chunk, atol):
+def test_layer_by_layer_equals_all_at_once(name, recipe, chunk, atol):
   cfg, params = worker.tiny_model(name)  # host numpy weights
-  whole, rep_w = methods.quantize(params, cfg, quant_config)
-  chunked, rep_c = methods.quantize(params, cfg, quant_config, layers_per_chunk=chunk)
+  host_before = _host_peak_mib()
+  whole, rep_w = methods.quantize(params, cfg, recipe)
+  chunked, rep_c = methods.quantize(params, cfg, recipe, layers_per_chunk=chunk)
+  host_after = _host_peak_mib()
   _assert_same(chunked, whole, atol)
   # The quantized layers come back to the host.
   leaf = chunked['layer_0']['mlp']['gating_einsum']
@@ -49,5 +73,16 @@ def test_layer_by_layer_equals_all_at_once(name, quant_config, chunk, atol):
   assert lw['layers_per_chunk'] == chunk and lw['num_chunks'] == num_chunks
   assert lw['chunk_fp32_mib'] == pytest.approx(lw['model_fp32_mib'] * chunk / cfg.num_layers)
   assert len(lw['peak_memory_after_chunk']) == num_chunks
-  for rep in (rep_w, rep_c):
-    assert rep.extra['peak_memory']['peak_host_mib'] > 0
+  # Peaks as the OS and the device allocator report them, never decreasing.
+  peaks = [rep_w.extra['peak_memory'], *lw['peak_memory_after_chunk'], rep_c.extra['peak_memory']]
+  hosts = [p['peak_host_mib'] for p in peaks]
+  assert host_before <= hosts[0] and hosts == sorted(hosts) and hosts[-1] <= host_after
+  device = _device_peak_mib()
+  if device is None:
+    assert all(p['peak_device_mib'] is None for p in peaks)
+  else:
+    assert peaks[-1]['peak_device_mib'] == pytest.approx(device, rel=0.1)
+  # The chunk and model sizes: float32 bytes of the selected matrices.
+  shapes = [s for n, s in linears.linear_shapes(cfg).items() if n in recipe.matrices]
+  per_layer = sum(d_in * d_out for d_in, d_out in shapes) * 4 / 2**20
+  assert lw['model_fp32_mib'] == pytest.approx(per_layer * cfg.num_layers)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cafeq_jax import quantizer as qz
+from cafeq_jax import recipes
 from cafeq_jax.core import pairs as pairs_lib
 from cafeq_jax.core import rounding
 from cafeq_jax.methods import paired
@@ -18,17 +17,12 @@ from cafeq_jax.models import decoder
 from cafeq_jax.models import linears
 
 
-@dataclasses.dataclass(frozen=True)
-class _Config:
-  """Stand-in for QuantConfig carrying only the fields methods.paired reads."""
-  spec: qz.QuantSpec = qz.QuantSpec(bits=3, group_size=32)
-  matrices: tuple[str, ...] = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
-  pairs: tuple[str, ...] = ('vo', 'qk', 'updown')
-  pair_loss: str = 'product'
-  pair_steps: int = 20
-  pair_learning_rate: float = 1e-2
-  ar_rounds: int = 2
-  ar_solver: str = 'gptq'
+SPEC = qz.QuantSpec(bits=3, group_size=32)
+ALL = recipes.LINEAR_NAMES
+# The stages of a pairs recipe, as methods.quantize hands them to methods.paired.
+RECIPE = recipes.get('cafeq-pairs-ar', spec=SPEC, pairs__loss='product', pairs__steps=20,
+                     pairs__learning_rate=1e-2, rounding__rounds=2)
+PAIRS, ADAPTIVE = RECIPE.pairs, RECIPE.rounding
 
 
 def _model(name):
@@ -72,7 +66,7 @@ def test_random_pair_transforms_leave_model_logits_unchanged(name):
 def test_apply_pair_transforms_is_exact_and_reduces_product_error():
   cfg, params = _model('tiny_llama')
   tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 10), 0, cfg.vocab_size)
-  new, report = paired.apply_pair_transforms(params, cfg, _Config(), jax.random.PRNGKey(0))
+  new, report = paired.apply_pair_transforms(params, cfg, PAIRS, SPEC, ALL)
   want, got = decoder.forward(params, cfg, tokens), decoder.forward(new, cfg, tokens)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want),
                              atol=2e-4 * float(jnp.abs(want).max()))
@@ -86,15 +80,22 @@ def test_apply_pair_transforms_is_exact_and_reduces_product_error():
 
 def test_apply_pair_transforms_skips_pairs_of_unquantized_matrices():
   cfg, params = _model('tiny_llama')
-  qc = dataclasses.replace(_Config(), matrices=('gate', 'up', 'down'), pair_steps=2)
-  _, report = paired.apply_pair_transforms(params, cfg, qc)
+  # PAIRS as above: its compiled optimisation steps are reused.
+  new, report = paired.apply_pair_transforms(params, cfg, PAIRS, SPEC, ('gate', 'up', 'down'))
   assert set(report) == {'updown'}
+  # The attention matrices are left exactly as they were.
+  for name, w in linears.get_linears(params, cfg).items():
+    if name in ('q', 'k', 'v', 'o', 'gate'):
+      np.testing.assert_array_equal(np.asarray(linears.get_linears(new, cfg)[name]),
+                                    np.asarray(w), err_msg=name)
+  _, report = paired.apply_pair_transforms(params, cfg, PAIRS, SPEC, ('q', 'k', 'v'))
+  assert set(report) == {'vo', 'qk'}  # a pair is transformed when either matrix is
 
 
 def test_adaptive_round_pairs_beats_rtn_per_layer():
   cfg, params = _model('tiny_gemma2')
-  qc = _Config()
-  out, hist = paired.adaptive_round_pairs(params, cfg, qc, return_history=True)
+  out, hist = paired.adaptive_round_pairs(params, cfg, ADAPTIVE, SPEC, ALL, return_history=True)
+  assert hist.shape[0] == cfg.num_layers and hist.shape[1] > ADAPTIVE.rounds
   assert set(out) == {(l, n) for l in range(cfg.num_layers) for n in ('v', 'o')}
   mats = linears.get_linears(params, cfg)
   for l in range(cfg.num_layers):
@@ -104,13 +105,16 @@ def test_adaptive_round_pairs_beats_rtn_per_layer():
         v, o, qz.dequantize(out[(l, 'v')]), qz.dequantize(out[(l, 'o')]),
         n1=cfg.num_kv_heads, n2=cfg.num_heads)
     rtn = rounding.pair_product_error(
-        v, o, qz.quant_dequant(v, qc.spec), qz.quant_dequant(o, qc.spec),
+        v, o, qz.quant_dequant(v, SPEC), qz.quant_dequant(o, SPEC),
         n1=cfg.num_kv_heads, n2=cfg.num_heads)
     np.testing.assert_allclose(float(rtn), hist[l, 0], rtol=1e-4)
+    np.testing.assert_allclose(float(err), hist[l].min(), rtol=1e-4)  # the best candidate
     assert float(err) < 0.95 * float(rtn)
 
 
 def test_adaptive_round_pairs_needs_both_v_and_o():
   cfg, params = _model('tiny_llama')
-  qc = dataclasses.replace(_Config(), matrices=('q',))
-  assert paired.adaptive_round_pairs(params, cfg, qc) == {}
+  assert paired.adaptive_round_pairs(params, cfg, ADAPTIVE, SPEC, ('q',)) == {}
+  assert paired.adaptive_round_pairs(params, cfg, ADAPTIVE, SPEC, ('v', 'k')) == {}
+  assert paired.adaptive_round_pairs(params, cfg, ADAPTIVE, SPEC, ('q',),
+                                     return_history=True) == ({}, None)

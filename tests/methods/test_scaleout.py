@@ -22,6 +22,7 @@ import pytest
 from cafeq_jax import checkpointing
 from cafeq_jax import methods
 from cafeq_jax import quantizer
+from cafeq_jax import recipes
 from cafeq_jax.distributed import make_mesh
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -84,15 +85,16 @@ def test_quantize_over_a_mesh_matches_the_single_device_run(tmp_path):
 
 
 @pytest.mark.parametrize('change, match', [
-    (dict(spec=dict(bits=3, group_size=128)), r'd_in=64 of stack \(2, 64, 128\) is not '
-                                              r'divisible by group_size=128'),
-    (dict(block_size=48, transform_init='identity'), 'not divisible by block_size=48'),
+    ({'spec.group_size': 128}, r'd_in=64 of stack \(2, 64, 128\) is not '
+                               r'divisible by group_size=128'),
+    ({'transform.block_size': 48, 'transform.init': 'identity'},
+     'not divisible by block_size=48'),
 ])
 def test_mesh_with_groups_or_blocks_not_dividing_d_in_fails_up_front(change, match):
   cfg, params = worker.tiny_model()
-  qc = worker.QC.replace(**change)
+  recipe = recipes.override(worker.RECIPE, change)
   with pytest.raises(ValueError, match=match):
-    methods.quantize(params, cfg, qc, mesh=make_mesh(devices=jax.devices()[:1]))
+    methods.quantize(params, cfg, recipe, mesh=make_mesh(devices=jax.devices()[:1]))
 
 
 def test_mesh_validation_uses_the_group_size_after_fallback():
@@ -110,12 +112,15 @@ def test_run_options_reject_bad_values_and_unsupported_combinations():
   with pytest.raises(ValueError, match='checkpoint_every=0'):
     methods.RunOptions(checkpoint_every=0)
   with pytest.raises(ValueError, match='layers_per_chunk=0'):
-    methods.quantize(params, cfg, worker.QC, layers_per_chunk=0)
-  with pytest.raises(ValueError, match='takes no run options'):
-    methods.quantize(params, cfg, methods.QuantConfig(method='gptq'), mesh=make_mesh(),
+    methods.quantize(params, cfg, worker.RECIPE, layers_per_chunk=0)
+  with pytest.raises(ValueError, match=r"recipe 'gptq' \(calibration GPTQ\) takes no run options"):
+    methods.quantize(params, cfg, recipes.get('gptq'), mesh=make_mesh(),
                      calib_tokens=np.zeros((1, 8), np.int32))
-  with pytest.raises(ValueError, match='pair transforms'):
-    methods.quantize(params, cfg, worker.QC.replace(use_pairs=True), layers_per_chunk=1)
+  with pytest.raises(ValueError, match='does not support pair transforms'):
+    methods.quantize(params, cfg, worker.RECIPE.replace(pairs=recipes.PairTransforms()),
+                     layers_per_chunk=1)
+  with pytest.raises(ValueError, match='does not support SelfGenerated statistics'):
+    methods.quantize(params, cfg, recipes.get('cafeq-sg'), layers_per_chunk=1)
 
 
 def test_checkpoint_of_other_inputs_is_refused(tmp_path):
@@ -145,7 +150,7 @@ def test_two_processes_quantize_the_same_model_as_one(tmp_path):
                   JAX_PROCESS_ID=str(pid)) for pid in range(2)]
   try:
     cfg, params = worker.tiny_model()  # the single-process reference, meanwhile
-    ref = worker.flatten(methods.quantize(params, cfg, worker.QC)[0])
+    ref = worker.flatten(methods.quantize(params, cfg, worker.RECIPE)[0])
   finally:
     results = [_finish(p) for p in procs]
   for code, log in results:

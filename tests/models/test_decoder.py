@@ -54,15 +54,16 @@ def test_param_tree_has_gemma_layout():
   assert 'post_ffw_norm' not in llama['layer_0']
 
 
-def _numpy_reference(params, cfg, tokens):
-  """Straight-line numpy forward pass (float64) written from the architecture notes."""
-  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
-  H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  B, L = tokens.shape
+def _numpy_norm(x, s, cfg):
+  y = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.norm_eps)
+  return y * ((1 + s) if cfg.norm_scale_plus_one else s)
 
-  def norm(x, s):
-    y = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.norm_eps)
-    return y * ((1 + s) if cfg.norm_scale_plus_one else s)
+
+def _numpy_layer(lp, cfg, kind, x):
+  """One block in float64 numpy from the architecture notes: the inputs of its linears
+  (``qkv``, ``o``, ``gating``, ``down``), the residual after attention and its output."""
+  H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  B, L, _ = x.shape
 
   def rope(x):  # (B, L, N, hd)
     inv = 1.0 / cfg.rope_base ** (np.arange(0, hd, 2) / hd)
@@ -72,44 +73,100 @@ def _numpy_reference(params, cfg, tokens):
     return np.concatenate([a * c - b * s, b * c + a * s], -1)
 
   cap = lambda x, c: x if c is None else c * np.tanh(x / c)
+  out = {}
+  h = out['qkv'] = _numpy_norm(x, lp['pre_attention_norm']['scale'], cfg)
+  q = rope(np.einsum('bld,hdk->blhk', h, lp['attn']['q_einsum']['w'])) * cfg.query_scale
+  k = rope(np.einsum('bld,hdk->blhk', h, lp['attn']['kv_einsum']['w'][0]))
+  v = np.einsum('bld,hdk->blhk', h, lp['attn']['kv_einsum']['w'][1])
+  att = np.zeros((B, L, H, hd))
+  for head in range(H):
+    kv = head // (H // K)
+    s = cap(np.einsum('bqd,bkd->bqk', q[:, :, head], k[:, :, kv]), cfg.attn_logits_softcap)
+    qi, ki = np.arange(L)[:, None], np.arange(L)[None, :]
+    allowed = ki <= qi
+    if kind == 'local':
+      allowed &= qi - ki < cfg.sliding_window_size
+    s = np.where(allowed, s, -np.inf)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    att[:, :, head] = np.einsum('bqk,bkd->bqd', w, v[:, :, kv])
+  out['o'] = att.reshape(B, L, H * hd)
+  h = np.einsum('blhk,hkd->bld', att, lp['attn']['attn_vec_einsum']['w'])
+  if cfg.use_post_norms:
+    h = _numpy_norm(h, lp['post_attention_norm']['scale'], cfg)
+  x = out['mid'] = x + h
+  h = out['gating'] = _numpy_norm(x, lp['pre_ffw_norm']['scale'], cfg)
+  g = h @ lp['mlp']['gating_einsum'][0].T
+  u = h @ lp['mlp']['gating_einsum'][1].T
+  if cfg.activation == 'gelu_tanh':
+    g = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))
+  else:
+    g = g / (1 + np.exp(-g))
+  out['down'] = g * u
+  h = out['down'] @ lp['mlp']['linear']
+  if cfg.use_post_norms:
+    h = _numpy_norm(h, lp['post_ffw_norm']['scale'], cfg)
+  out['out'] = x + h
+  return out
+
+
+def _numpy_embed(p, cfg, tokens):
   emb = p['embedder']['input_embedding']
-  x = emb[np.asarray(tokens)] * (np.sqrt(cfg.embed_dim) if cfg.scale_embeddings else 1.0)
+  return emb[np.asarray(tokens)] * (np.sqrt(cfg.embed_dim) if cfg.scale_embeddings else 1.0)
+
+
+def _numpy_reference(params, cfg, tokens):
+  """Straight-line numpy forward pass (float64) written from the architecture notes."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  x = _numpy_embed(p, cfg, tokens)
   for i, kind in enumerate(cfg.attention_types):
-    lp = p[f'layer_{i}']
-    h = norm(x, lp['pre_attention_norm']['scale'])
-    q = rope(np.einsum('bld,hdk->blhk', h, lp['attn']['q_einsum']['w'])) * cfg.query_scale
-    k = rope(np.einsum('bld,hdk->blhk', h, lp['attn']['kv_einsum']['w'][0]))
-    v = np.einsum('bld,hdk->blhk', h, lp['attn']['kv_einsum']['w'][1])
-    out = np.zeros((B, L, H, hd))
-    for head in range(H):
-      kv = head // (H // K)
-      s = cap(np.einsum('bqd,bkd->bqk', q[:, :, head], k[:, :, kv]), cfg.attn_logits_softcap)
-      qi, ki = np.arange(L)[:, None], np.arange(L)[None, :]
-      allowed = ki <= qi
-      if kind == 'local':
-        allowed &= qi - ki < cfg.sliding_window_size
-      s = np.where(allowed, s, -np.inf)
-      w = np.exp(s - s.max(-1, keepdims=True))
-      w /= w.sum(-1, keepdims=True)
-      out[:, :, head] = np.einsum('bqk,bkd->bqd', w, v[:, :, kv])
-    h = np.einsum('blhk,hkd->bld', out, lp['attn']['attn_vec_einsum']['w'])
-    if cfg.use_post_norms:
-      h = norm(h, lp['post_attention_norm']['scale'])
-    x = x + h
-    h = norm(x, lp['pre_ffw_norm']['scale'])
-    g = h @ lp['mlp']['gating_einsum'][0].T
-    u = h @ lp['mlp']['gating_einsum'][1].T
-    if cfg.activation == 'gelu_tanh':
-      g = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))
-    else:
-      g = g / (1 + np.exp(-g))
-    h = (g * u) @ lp['mlp']['linear']
-    if cfg.use_post_norms:
-      h = norm(h, lp['post_ffw_norm']['scale'])
-    x = x + h
-  x = norm(x, p['final_norm']['scale'])
+    x = _numpy_layer(p[f'layer_{i}'], cfg, kind, x)['out']
+  x = _numpy_norm(x, p['final_norm']['scale'], cfg)
+  emb = p['embedder']['input_embedding']
   logits = x @ (emb.T if cfg.tie_embeddings else p['unembed']['w'])
-  return cap(logits, cfg.final_logit_softcap)
+  c = cfg.final_logit_softcap
+  return logits if c is None else c * np.tanh(logits / c)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_block_sub_layers_sow_the_inputs_of_every_linear(name):
+  """``Block.attend`` / ``Block.feed_forward`` sow the inputs of q/k/v, o, gate/up and
+  down (``decoder.LINEAR_INPUTS``), equal to a numpy recomputation, on every layer."""
+  cfg, params = _setup(name)
+  tokens = _tokens(cfg, 2, 7)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
+  x = decoder.embed_tokens(params['embedder']['input_embedding'], tokens, cfg)
+  x_np = _numpy_embed(p, cfg, tokens)
+  np.testing.assert_allclose(x, x_np, rtol=1e-6)
+  for i, kind in enumerate(cfg.attention_types):
+    ref = _numpy_layer(p[f'layer_{i}'], cfg, kind, x_np)
+    block, v = decoder.Block(cfg, kind), {'params': params[f'layer_{i}']}
+    (mid, _), st = block.apply(v, x, pos, method=decoder.Block.attend,
+                               mutable=['intermediates'])
+    out, st2 = block.apply(v, mid, method=decoder.Block.feed_forward,
+                           mutable=['intermediates'])
+    sown = {**st['intermediates'], **st2['intermediates']}
+    want = {'q': ref['qkv'], 'k': ref['qkv'], 'v': ref['qkv'], 'o': ref['o'],
+            'gate': ref['gating'], 'up': ref['gating'], 'down': ref['down']}
+    assert set(decoder.LINEAR_INPUTS) == set(linears.LINEAR_NAMES)
+    for n, (module, field) in decoder.LINEAR_INPUTS.items():
+      (got,) = sown[module][field]
+      np.testing.assert_allclose(got, want[n], atol=2e-5, rtol=1e-4, err_msg=f'{i}/{n}')
+    np.testing.assert_allclose(mid, ref['mid'], atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(out, ref['out'], atol=5e-5, rtol=1e-4)
+    # The norm methods give the first inputs of each sub-layer.
+    np.testing.assert_allclose(block.apply(v, x, method=decoder.Block.attention_input),
+                               ref['qkv'], atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(block.apply(v, mid, method=decoder.Block.mlp_input),
+                               ref['gating'], atol=2e-5, rtol=1e-4)
+    x, x_np = out, ref['out']
+  # The whole model sows the same per layer; its logits are the plain forward's.
+  (logits, _), state = decoder.Transformer(cfg).apply({'params': params}, tokens,
+                                                      mutable=['intermediates'])
+  np.testing.assert_allclose(logits, decoder.forward(params, cfg, tokens), atol=1e-5, rtol=1e-5)
+  last = state['intermediates'][f'layer_{cfg.num_layers - 1}']
+  np.testing.assert_allclose(last['mlp']['down_input'][0], ref['down'], atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize('name', NAMES)
@@ -165,7 +222,8 @@ def _quantize_all(params, cfg, spec, key, with_transform):
   out = dict(params)
   for i in range(cfg.num_layers):
     layer = params[f'layer_{i}']
-    for kind, path in linears.LEAF_PATHS.items():
+    for lf in linears.LEAVES:
+      kind, path = lf.kind, lf.path
       leaf = linears._get_path(layer, path)
       m = linears.leaf_to_matrix(kind, jnp.asarray(leaf), cfg)
       t = None
@@ -192,7 +250,8 @@ def test_quantized_forward_equals_fp_forward_on_effective_weights(name, with_tra
   ref_params = dict(params)
   for i in range(cfg.num_layers):
     layer = qparams[f'layer_{i}']
-    for kind, path in linears.LEAF_PATHS.items():
+    for lf in linears.LEAVES:
+      kind, path = lf.kind, lf.path
       ql = linears._get_path(layer, path)
       q = ql.weight
       g = spec.group_size
