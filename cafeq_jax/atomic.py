@@ -37,15 +37,18 @@ import secrets
 import shutil
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
+from typing import Iterator
 
 from absl import logging
 
 _TMP, _OLD = 'tmp', 'old'
 # Orbax writes a save into ``<dest>.orbax-checkpoint-tmp`` first: that of a temporary
 # counts as the temporary's.
-_TEMP_NAME = re.compile(r'^\.(?P<base>.+)\.(?P<kind>tmp|old)\.(?P<pid>\d+)\.[0-9a-f]+'
-                        r'(\.orbax-checkpoint-tmp.*)?$')
+_TEMP_NAME = re.compile(
+  r'^\.(?P<base>.+)\.(?P<kind>tmp|old)\.(?P<pid>\d+)\.[0-9a-f]+'
+  r'(\.orbax-checkpoint-tmp.*)?$'
+)
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 _exchange_ok = True  # cleared after the first EINVAL / ENOSYS from renameat2
@@ -252,8 +255,11 @@ def recover(path: str | os.PathLike) -> bool:
   path = os.path.abspath(os.fspath(path))
   if os.path.lexists(path):
     return False
-  olds = [(os.path.getmtime(p), p) for p, kind, _ in _temporaries(path)
-          if kind == _OLD and os.path.isdir(p)]
+  olds = [
+    (os.path.getmtime(p), p)
+    for p, kind, _ in _temporaries(path)
+    if kind == _OLD and os.path.isdir(p)
+  ]
   if not olds:
     return False
   _, newest = max(olds)
@@ -261,8 +267,11 @@ def recover(path: str | os.PathLike) -> bool:
     os.rename(newest, path)
   except OSError:
     return False
-  logging.warning('%s was missing after an interrupted replace; restored its previous '
-                  'version from %s', path, newest)
+  logging.warning(
+    '%s was missing after an interrupted replace; restored its previous version from %s',
+    path,
+    newest,
+  )
   return True
 
 

@@ -36,7 +36,8 @@ container and cast back on restore: Orbax round-trips ``int4`` but not ``uint4``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from collections.abc import Mapping
 import dataclasses
 import hashlib
 import importlib
@@ -77,8 +78,11 @@ def is_finalized(path: str | os.PathLike) -> bool:
   ``_CHECKPOINT_METADATA`` file Orbax writes when it finalises a save.
   """
   path = os.fspath(path)
-  return (os.path.isdir(path) and _TMP_MARKER not in os.path.basename(path) and
-          os.path.isfile(os.path.join(path, _FINALIZED_MARKER)))
+  return (
+    os.path.isdir(path)
+    and _TMP_MARKER not in os.path.basename(path)
+    and os.path.isfile(os.path.join(path, _FINALIZED_MARKER))
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -96,8 +100,10 @@ def _to_savable(state: PyTree) -> PyTree:
 
 def _from_savable(saved: PyTree, like: PyTree) -> PyTree:
   return jax.tree.map(
-      lambda s, l: jax.random.wrap_key_data(s, impl=jax.random.key_impl(l))
-      if _key_leaf(l) else s, saved, like)
+    lambda s, l: jax.random.wrap_key_data(s, impl=jax.random.key_impl(l)) if _key_leaf(l) else s,
+    saved,
+    like,
+  )
 
 
 def _abstract(tree: PyTree) -> PyTree:
@@ -106,19 +112,21 @@ def _abstract(tree: PyTree) -> PyTree:
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     x = np.asarray(x)
     return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
   return jax.tree.map(one, tree)
 
 
-def make_manager(ckpt_dir: str | os.PathLike, every: int, keep: int | None = 2, *,
-                 async_save: bool = False) -> ocp.CheckpointManager:
+def make_manager(
+  ckpt_dir: str | os.PathLike, every: int, keep: int | None = 2, *, async_save: bool = False
+) -> ocp.CheckpointManager:
   """An Orbax ``CheckpointManager`` saving every ``every`` steps, keeping ``keep``."""
   if every < 1:
     raise ValueError(f'checkpoint interval every={every} must be >= 1.')
   if keep is not None and keep < 1:
     raise ValueError(f'keep={keep} must be >= 1 (or None to keep all).')
   options = ocp.CheckpointManagerOptions(
-      save_interval_steps=every, max_to_keep=keep, create=True,
-      enable_async_checkpointing=async_save)
+    save_interval_steps=every, max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+  )
   return ocp.CheckpointManager(os.path.abspath(os.fspath(ckpt_dir)), options=options)
 
 
@@ -151,8 +159,9 @@ def _quarantine_incomplete_steps(ckpt_dir: str) -> None:
       os.rename(path, dest)
 
 
-def restore_state(ckpt_dir: str | os.PathLike, like: PyTree,
-                  step: int | None = None) -> tuple[PyTree, int]:
+def restore_state(
+  ckpt_dir: str | os.PathLike, like: PyTree, step: int | None = None
+) -> tuple[PyTree, int]:
   """Restores the state saved at ``step`` (default: newest finalized step).
 
   Args:
@@ -175,29 +184,39 @@ def restore_state(ckpt_dir: str | os.PathLike, like: PyTree,
     step = steps[-1]
   elif step not in steps:
     raise CheckpointError(
-        f'step {step} has no finalized checkpoint under {ckpt_dir!r}; '
-        f'finalized steps: {steps}.')
+      f'step {step} has no finalized checkpoint under {ckpt_dir!r}; finalized steps: {steps}.'
+    )
   manager = ocp.CheckpointManager(
-      ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True, create=False)
+  )
   try:
     saved = manager.restore(step, args=ocp.args.StandardRestore(_abstract(_to_savable(like))))
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(
-        f'checkpoint {os.path.join(ckpt_dir, str(step))!r} could not be restored '
-        f'(corrupt, or saved from a state of a different structure/shape): '
-        f'{type(e).__name__}: {str(e)[:500]}. Delete that step directory to resume '
-        f'from the previous one.') from e
+      f'checkpoint {os.path.join(ckpt_dir, str(step))!r} could not be restored '
+      f'(corrupt, or saved from a state of a different structure/shape): '
+      f'{type(e).__name__}: {str(e)[:500]}. Delete that step directory to resume '
+      f'from the previous one.'
+    ) from e
   finally:
     manager.close()
   return _from_savable(saved, like), step
 
 
-def resumable_run(step_fn: Callable[..., PyTree], init_state: PyTree,
-                  num_steps: int, ckpt_dir: str | os.PathLike, every: int, *,
-                  args: tuple[PyTree, ...] = (),
-                  keep: int | None = 2, mesh: Any = None, pad: bool = False,
-                  async_save: bool = False,
-                  callback: Callable[[int, PyTree], None] | None = None) -> PyTree:
+def resumable_run(
+  step_fn: Callable[..., PyTree],
+  init_state: PyTree,
+  num_steps: int,
+  ckpt_dir: str | os.PathLike,
+  every: int,
+  *,
+  args: tuple[PyTree, ...] = (),
+  keep: int | None = 2,
+  mesh: Any = None,
+  pad: bool = False,
+  async_save: bool = False,
+  callback: Callable[[int, PyTree], None] | None = None,
+) -> PyTree:
   """``state = step_fn(state, *args)`` ``num_steps`` times, checkpointed, resumable.
 
   Saves after every ``every``-th step and after the last one; on start, resumes
@@ -234,6 +253,7 @@ def resumable_run(step_fn: Callable[..., PyTree], init_state: PyTree,
   step, state, args = step_fn, init_state, tuple(args)
   if mesh is not None:
     from cafeq_jax.distributed import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
     step, state, args, n = mesh_lib.shard_step(step_fn, init_state, mesh, args=args, pad=pad)
 
   _quarantine_incomplete_steps(ckpt_dir)
@@ -242,8 +262,9 @@ def resumable_run(step_fn: Callable[..., PyTree], init_state: PyTree,
     state, start = restore_state(ckpt_dir, state)
     if start > num_steps:
       raise CheckpointError(
-          f'{ckpt_dir!r} holds step {start}, beyond num_steps={num_steps}; '
-          'use a fresh directory for a shorter run.')
+        f'{ckpt_dir!r} holds step {start}, beyond num_steps={num_steps}; '
+        'use a fresh directory for a shorter run.'
+      )
     logging.info('resuming from step %d of %d (%s)', start, num_steps, ckpt_dir)
 
   manager = make_manager(ckpt_dir, every, keep, async_save=async_save)
@@ -251,8 +272,9 @@ def resumable_run(step_fn: Callable[..., PyTree], init_state: PyTree,
     for i in range(start, num_steps):
       state = step(state, *args)
       if (i + 1) % every == 0 or i + 1 == num_steps:
-        manager.save(i + 1, args=ocp.args.StandardSave(_to_savable(state)),
-                     force=i + 1 == num_steps)
+        manager.save(
+          i + 1, args=ocp.args.StandardSave(_to_savable(state)), force=i + 1 == num_steps
+        )
       if callback is not None:
         callback(i + 1, state)
     manager.wait_until_finished()
@@ -261,6 +283,7 @@ def resumable_run(step_fn: Callable[..., PyTree], init_state: PyTree,
 
   if mesh is not None:
     from cafeq_jax.distributed import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
     n_pad = mesh_lib.padded_size(n, mesh.shape[mesh_lib.STACK_AXIS])
     state = mesh_lib.gather_to_host(mesh_lib.unpad_stack(state, n, n_pad))
   return state
@@ -282,17 +305,19 @@ def _load_class(name: str):
   module, _, qualname = name.partition(':')
   if not module.startswith(_ALLOWED_MODULE_PREFIXES):
     raise CheckpointError(
-        f'checkpoint names class {name!r}; only classes from modules starting with '
-        f'{_ALLOWED_MODULE_PREFIXES} are restored.')
+      f'checkpoint names class {name!r}; only classes from modules starting with '
+      f'{_ALLOWED_MODULE_PREFIXES} are restored.'
+    )
   try:
     obj = importlib.import_module(module)
     for part in qualname.split('.'):
       obj = getattr(obj, part)
   except (ImportError, AttributeError) as e:
     raise CheckpointError(
-        f'checkpoint names class {name!r}, which this version of cafeq_jax does not '
-        f'have ({type(e).__name__}: {e}); it was written by another version or is '
-        'corrupt.') from None
+      f'checkpoint names class {name!r}, which this version of cafeq_jax does not '
+      f'have ({type(e).__name__}: {e}); it was written by another version or is '
+      'corrupt.'
+    ) from None
   if not isinstance(obj, type) or not dataclasses.is_dataclass(obj):
     raise CheckpointError(f'checkpoint class {name!r} is not a dataclass.')
   return obj
@@ -303,8 +328,9 @@ def _build(cls, kwargs: dict, where: str):
     return cls(**kwargs)
   except (TypeError, ValueError) as e:
     raise CheckpointError(
-        f'checkpoint node {where or "<root>"!r} of class {_class_name(cls)} could not be '
-        f'rebuilt from its saved fields {sorted(kwargs)}: {type(e).__name__}: {e}') from None
+      f'checkpoint node {where or "<root>"!r} of class {_class_name(cls)} could not be '
+      f'rebuilt from its saved fields {sorted(kwargs)}: {type(e).__name__}: {e}'
+    ) from None
 
 
 def _encode_static(value):
@@ -324,12 +350,16 @@ def _encode_static(value):
       raise TypeError(f'metadata dict keys must be str; got {list(value)!r}.')
     return {'__dict__': {k: _encode_static(v) for k, v in value.items()}}
   if dataclasses.is_dataclass(value) and not isinstance(value, type):
-    return {'__dataclass__': _class_name(value),
-            'static': {f.name: _encode_static(getattr(value, f.name))
-                       for f in dataclasses.fields(value) if f.init}}
+    return {
+      '__dataclass__': _class_name(value),
+      'static': {
+        f.name: _encode_static(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init
+      },
+    }
   raise TypeError(
-      f'cannot store {type(value).__name__} value {value!r} as checkpoint metadata; '
-      'expected JSON scalars, tuples, lists, dicts, ConfigDicts or dataclasses.')
+    f'cannot store {type(value).__name__} value {value!r} as checkpoint metadata; '
+    'expected JSON scalars, tuples, lists, dicts, ConfigDicts or dataclasses.'
+  )
 
 
 def _decode_static(obj, where: str = ''):
@@ -345,8 +375,9 @@ def _decode_static(obj, where: str = ''):
     return ml_collections.ConfigDict(_decode_static(obj['__configdict__'], where))
   if '__dataclass__' in obj:
     cls = _load_class(obj['__dataclass__'])
-    return _build(cls, {k: _decode_static(v, f'{where}/{k}')
-                        for k, v in obj['static'].items()}, where)
+    return _build(
+      cls, {k: _decode_static(v, f'{where}/{k}') for k, v in obj['static'].items()}, where
+    )
   raise CheckpointError(f'unrecognised metadata entry {str(obj)[:200]!r} at {where!r}.')
 
 
@@ -372,27 +403,37 @@ def _encode_tree(node, arrays: dict[str, Any], where: str = ''):
     key = f'leaf_{len(arrays):05d}'
     dtype = str(node.dtype)
     if _key_leaf(node):
-      raise TypeError(f'leaf {where!r}: typed PRNG keys are not model parameters; store '
-                      'key_data.')
+      raise TypeError(f'leaf {where!r}: typed PRNG keys are not model parameters; store key_data.')
     # Host numpy copies: written once (by the primary process) whatever devices
     # held them; sub-byte dtypes widened to their 8-bit container.
     node = np.asarray(node)
     if dtype in _SUB_BYTE:
       node = node.astype(_SUB_BYTE[dtype])
     arrays[key] = node
-    return {'__array__': key, 'dtype': dtype, 'shape': list(np.shape(node)),
-            'path': where, 'sha256': _sha256(node)}
+    return {
+      '__array__': key,
+      'dtype': dtype,
+      'shape': list(np.shape(node)),
+      'path': where,
+      'sha256': _sha256(node),
+    }
   if isinstance(node, (bool, int, float, str)):
     return {'__value__': node}
   if isinstance(node, Mapping):
     if not all(isinstance(k, str) for k in node):
       raise TypeError(f'param dict keys must be str; got {list(node)!r} at {where!r}.')
-    return {'__dict__': {k: _encode_tree(v, arrays, f'{where}/{k}' if where else k)
-                         for k, v in node.items()}}
+    return {
+      '__dict__': {
+        k: _encode_tree(v, arrays, f'{where}/{k}' if where else k) for k, v in node.items()
+      }
+    }
   if isinstance(node, (list, tuple)):
     tag = '__tuple__' if isinstance(node, tuple) else '__list__'
-    return {tag: [_encode_tree(v, arrays, f'{where}/{i}' if where else str(i))
-                  for i, v in enumerate(node)]}
+    return {
+      tag: [
+        _encode_tree(v, arrays, f'{where}/{i}' if where else str(i)) for i, v in enumerate(node)
+      ]
+    }
   if dataclasses.is_dataclass(node) and not isinstance(node, type):
     children, static = {}, {}
     for f in dataclasses.fields(node):
@@ -405,8 +446,9 @@ def _encode_tree(node, arrays: dict[str, Any], where: str = ''):
         static[f.name] = _encode_static(value)
     return {'__dataclass__': _class_name(node), 'children': children, 'static': static}
   raise TypeError(
-      f'cannot checkpoint a {type(node).__name__} node at {where!r}; expected arrays, '
-      'dicts, lists/tuples, None, Python scalars or (flax.struct) dataclasses.')
+    f'cannot checkpoint a {type(node).__name__} node at {where!r}; expected arrays, '
+    'dicts, lists/tuples, None, Python scalars or (flax.struct) dataclasses.'
+  )
 
 
 def _decode_tree(obj, arrays: Mapping[str, Any], where: str = ''):
@@ -421,8 +463,9 @@ def _decode_tree(obj, arrays: Mapping[str, Any], where: str = ''):
       x = x.astype(obj['dtype'])
     if list(np.shape(x)) != obj['shape'] or str(x.dtype) != obj['dtype']:
       raise CheckpointError(
-          f'leaf {obj.get("path", where)!r} ({obj["__array__"]}) restored as '
-          f'{x.dtype}{list(np.shape(x))}, expected {obj["dtype"]}{obj["shape"]}.')
+        f'leaf {obj.get("path", where)!r} ({obj["__array__"]}) restored as '
+        f'{x.dtype}{list(np.shape(x))}, expected {obj["dtype"]}{obj["shape"]}.'
+      )
     return x
   if '__value__' in obj:
     return obj['__value__']
@@ -456,8 +499,11 @@ def _replaceable(path: str) -> bool:
   if os.path.islink(path) or not os.path.isdir(path):
     return False
   names = set(os.listdir(path))
-  return not names or _FINALIZED_MARKER in names or {'arrays', 'metadata'} & names == {
-      'arrays', 'metadata'}
+  return (
+    not names
+    or _FINALIZED_MARKER in names
+    or {'arrays', 'metadata'} & names == {'arrays', 'metadata'}
+  )
 
 
 def check_overwritable(path: str | os.PathLike) -> None:
@@ -466,20 +512,27 @@ def check_overwritable(path: str | os.PathLike) -> None:
   path = os.path.abspath(os.fspath(path))
   if os.path.lexists(path) and not _replaceable(path):
     raise FileExistsError(
-        f'{path!r} exists and is not a checkpoint directory (a file, or a directory '
-        'holding other files); refusing to replace it. Choose another path.')
+      f'{path!r} exists and is not a checkpoint directory (a file, or a directory '
+      'holding other files); refusing to replace it. Choose another path.'
+    )
 
 
 def _sync(tag: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     multihost_utils.sync_global_devices(tag)
 
 
-def save_quantized(path: str | os.PathLike, params: PyTree, *,
-                   model_config: Any = None, quant_config: Any = None,
-                   metadata: Mapping[str, Any] | None = None,
-                   overwrite: bool = False) -> str:
+def save_quantized(
+  path: str | os.PathLike,
+  params: PyTree,
+  *,
+  model_config: Any = None,
+  quant_config: Any = None,
+  metadata: Mapping[str, Any] | None = None,
+  overwrite: bool = False,
+) -> str:
   """Atomically saves a (quantized) model's params and configs with Orbax.
 
   The checkpoint is written to a hidden sibling temporary and swapped in only
@@ -520,11 +573,12 @@ def save_quantized(path: str | os.PathLike, params: PyTree, *,
   arrays: dict[str, Any] = {}
   tree = _encode_tree(params, arrays)
   meta = {
-      'format': 'cafeq_jax.quantized_model', 'format_version': FORMAT_VERSION,
-      'tree': tree,
-      'model_config': _encode_static(model_config),
-      'quant_config': _encode_static(quant_config),
-      'metadata': _encode_static(dict(metadata or {})),
+    'format': 'cafeq_jax.quantized_model',
+    'format_version': FORMAT_VERSION,
+    'tree': tree,
+    'model_config': _encode_static(model_config),
+    'quant_config': _encode_static(quant_config),
+    'metadata': _encode_static(dict(metadata or {})),
   }
   meta['checksum'] = _meta_checksum(meta)
   if jax.process_count() > 1:  # one temporary name shared by every process
@@ -540,8 +594,12 @@ def save_quantized(path: str | os.PathLike, params: PyTree, *,
     os.rmdir(tmp)  # Orbax creates it (and refuses an existing one)
   checkpointer = _composite_checkpointer()
   try:
-    checkpointer.save(tmp, args=ocp.args.Composite(
-        arrays=ocp.args.StandardSave(arrays), metadata=ocp.args.JsonSave(meta)))
+    checkpointer.save(
+      tmp,
+      args=ocp.args.Composite(
+        arrays=ocp.args.StandardSave(arrays), metadata=ocp.args.JsonSave(meta)
+      ),
+    )
     if primary:
       atomic.fsync_tree(tmp)
       atomic.replace_dir(tmp, path)
@@ -585,12 +643,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
   path = _check_model_dir(path)
   checkpointer = _composite_checkpointer()
   try:
-    meta = checkpointer.restore(path, args=ocp.args.Composite(
-        metadata=ocp.args.JsonRestore()))['metadata']
+    meta = checkpointer.restore(path, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))[
+      'metadata'
+    ]
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(
-        f'metadata of checkpoint {path!r} ({_metadata_file(path)}) could not be read '
-        f'(corrupt?): {type(e).__name__}: {str(e)[:500]}') from e
+      f'metadata of checkpoint {path!r} ({_metadata_file(path)}) could not be read '
+      f'(corrupt?): {type(e).__name__}: {str(e)[:500]}'
+    ) from e
   finally:
     checkpointer.close()
   if not isinstance(meta, dict) or meta.get('format') != 'cafeq_jax.quantized_model':
@@ -598,17 +658,23 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
   version = meta.get('format_version', 0)
   if not isinstance(version, int) or version > FORMAT_VERSION:
     raise CheckpointError(
-        f'{path!r} has format_version {version!r}; this code reads <= {FORMAT_VERSION}.')
+      f'{path!r} has format_version {version!r}; this code reads <= {FORMAT_VERSION}.'
+    )
   _check_classes(meta, path)
   if version >= 2:
     if meta.get('checksum') != _meta_checksum(meta):
       raise CheckpointError(
-          f'metadata of checkpoint {path!r} ({_metadata_file(path)}) does not match its '
-          'sha256 checksum: the file is corrupt (bit rot, a partial copy or an edit); '
-          're-save the model.')
+        f'metadata of checkpoint {path!r} ({_metadata_file(path)}) does not match its '
+        'sha256 checksum: the file is corrupt (bit rot, a partial copy or an edit); '
+        're-save the model.'
+      )
   else:
-    logging.warning('checkpoint %s has format_version %s: its arrays carry no checksums '
-                    'and are restored unverified.', path, version)
+    logging.warning(
+      'checkpoint %s has format_version %s: its arrays carry no checksums '
+      'and are restored unverified.',
+      path,
+      version,
+    )
   return meta
 
 
@@ -626,8 +692,9 @@ def _check_model_dir(path) -> str:
     raise FileNotFoundError(f'no checkpoint at {path!r}.')
   if not is_finalized(path):
     raise CheckpointError(
-        f'{path!r} is not a finalized Orbax checkpoint (no {_FINALIZED_MARKER}: the '
-        'save was interrupted or the directory is not a checkpoint); refusing to load it.')
+      f'{path!r} is not a finalized Orbax checkpoint (no {_FINALIZED_MARKER}: the '
+      'save was interrupted or the directory is not a checkpoint); refusing to load it.'
+    )
   return path
 
 
@@ -671,19 +738,28 @@ def restore_quantized(path: str | os.PathLike) -> tuple[PyTree, dict[str, Any]]:
   # numpy targets (pages allocated lazily): read on the host, then put on the
   # default device by _decode_tree, the same on every process.
   try:
-    abstract = {k: np.zeros(tuple(v['shape']), _SUB_BYTE.get(v['dtype'], v['dtype']))
-                for k, v in leaves.items()}
+    abstract = {
+      k: np.zeros(tuple(v['shape']), _SUB_BYTE.get(v['dtype'], v['dtype']))
+      for k, v in leaves.items()
+    }
   except (KeyError, TypeError, ValueError) as e:
-    raise CheckpointError(f'metadata of checkpoint {path!r} has a malformed array entry: '
-                          f'{type(e).__name__}: {e}') from None
+    raise CheckpointError(
+      f'metadata of checkpoint {path!r} has a malformed array entry: {type(e).__name__}: {e}'
+    ) from None
   checkpointer = _composite_checkpointer()
   try:
-    arrays = checkpointer.restore(path, args=ocp.args.Composite(
-        arrays=ocp.args.StandardRestore(abstract)))['arrays'] if abstract else {}
+    arrays = (
+      checkpointer.restore(
+        path, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract))
+      )['arrays']
+      if abstract
+      else {}
+    )
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(
-        f'arrays of checkpoint {path!r} could not be restored (corrupt or '
-        f'incomplete): {type(e).__name__}: {str(e)[:500]}') from e
+      f'arrays of checkpoint {path!r} could not be restored (corrupt or '
+      f'incomplete): {type(e).__name__}: {str(e)[:500]}'
+    ) from e
   finally:
     checkpointer.close()
   for key, entry in leaves.items():
@@ -692,11 +768,12 @@ def restore_quantized(path: str | os.PathLike) -> tuple[PyTree, dict[str, Any]]:
     got = _sha256(np.asarray(arrays[key]))
     if got != entry['sha256']:
       raise CheckpointError(
-          f'checkpoint {path!r}: leaf {entry.get("path", key)!r} ({key}, '
-          f'{entry["dtype"]}{entry["shape"]}) does not match its sha256 checksum (got '
-          f'{got[:12]}..., saved {entry["sha256"][:12]}...): the array data under '
-          f'{os.path.join(path, "arrays")} is corrupt (bit rot or a partial copy); '
-          're-save the model.')
+        f'checkpoint {path!r}: leaf {entry.get("path", key)!r} ({key}, '
+        f'{entry["dtype"]}{entry["shape"]}) does not match its sha256 checksum (got '
+        f'{got[:12]}..., saved {entry["sha256"][:12]}...): the array data under '
+        f'{os.path.join(path, "arrays")} is corrupt (bit rot or a partial copy); '
+        're-save the model.'
+      )
   params = _decode_tree(meta['tree'], arrays)
   info = {k: _decode_static(meta[k], k) for k in ('model_config', 'quant_config', 'metadata')}
   return params, info

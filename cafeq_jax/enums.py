@@ -17,5 +17,6 @@ def coerce(cls: type[E], value, field: str) -> E:
   try:
     return cls(value)
   except ValueError:
-    raise ValueError(f'{field}={value!r} is not supported; expected one of '
-                     f'{[m.value for m in cls]}.') from None
+    raise ValueError(
+      f'{field}={value!r} is not supported; expected one of {[m.value for m in cls]}.'
+    ) from None

@@ -84,8 +84,7 @@ class PackedArray:
 
   @property
   def spec(self) -> quantizer.QuantSpec:
-    return quantizer.QuantSpec(
-        bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+    return quantizer.QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
 
   @property
   def codes_per_unit(self) -> int:
@@ -109,8 +108,7 @@ def packed_columns(n: int, bits: int) -> int:
 
 def _check_bits(bits: int) -> None:
   if bits not in CODES_PER_UNIT:
-    raise ValueError(f'bits={bits!r} cannot be packed; expected one of '
-                     f'{tuple(CODES_PER_UNIT)}.')
+    raise ValueError(f'bits={bits!r} cannot be packed; expected one of {tuple(CODES_PER_UNIT)}.')
 
 
 def _xp(a):
@@ -137,14 +135,14 @@ def pack_codes(u, bits: int):
   if np_ * p != n:
     pad = [(0, 0)] * (u.ndim - 1) + [(0, np_ * p - n)]
     u = xp.pad(u, pad)
-  planes = [u[..., i * np_:(i + 1) * np_] for i in range(p)]
+  planes = [u[..., i * np_ : (i + 1) * np_] for i in range(p)]
   word = planes[0]
   for i in range(1, p):
     word = word | (planes[i] << xp.uint32(bits * i))
   if bits == 3:
     return xp.stack(
-        [((word >> xp.uint32(8 * j)) & xp.uint32(0xFF)).astype(xp.uint8)
-         for j in range(3)], axis=-3)
+      [((word >> xp.uint32(8 * j)) & xp.uint32(0xFF)).astype(xp.uint8) for j in range(3)], axis=-3
+    )
   return word.astype(xp.uint8)
 
 
@@ -158,17 +156,17 @@ def unpack_codes(data, bits: int, n: int):
   p = CODES_PER_UNIT[bits]
   if bits == 3:
     if data.ndim < 3 or data.shape[-3] != 3:
-      raise ValueError(
-          f'int3 packed data must have shape (..., 3, K, Np); got {data.shape}.')
+      raise ValueError(f'int3 packed data must have shape (..., 3, K, Np); got {data.shape}.')
     d = data.astype(xp.uint32)
-    word = (d[..., 0, :, :] | (d[..., 1, :, :] << xp.uint32(8))
-            | (d[..., 2, :, :] << xp.uint32(16)))
+    word = d[..., 0, :, :] | (d[..., 1, :, :] << xp.uint32(8)) | (d[..., 2, :, :] << xp.uint32(16))
   else:
     word = data.astype(xp.uint32)
   np_ = word.shape[-1]
   if np_ != packed_columns(n, bits):
-    raise ValueError(f'packed data has {np_} packed columns but n={n} needs '
-                     f'{packed_columns(n, bits)} for bits={bits}.')
+    raise ValueError(
+      f'packed data has {np_} packed columns but n={n} needs '
+      f'{packed_columns(n, bits)} for bits={bits}.'
+    )
   mask = xp.uint32(2**bits - 1)
   planes = [(word >> xp.uint32(bits * i)) & mask for i in range(p)]
   u = xp.concatenate(planes, axis=-1) if p > 1 else planes[0]
@@ -199,9 +197,15 @@ def pack(q: quantizer.QArray, *, scale_dtype=jnp.float32) -> PackedArray:
     zero = xp.full(scale.shape, -qmin, scale_dtype)
   else:
     zero = (xp.asarray(q.zero).astype(xp.float32) - qmin).astype(scale_dtype)
-  return PackedArray(data=data, scale=scale, zero=zero, bits=spec.bits,
-                     group_size=spec.group_size, symmetric=spec.symmetric,
-                     shape=tuple(q.codes.shape))
+  return PackedArray(
+    data=data,
+    scale=scale,
+    zero=zero,
+    bits=spec.bits,
+    group_size=spec.group_size,
+    symmetric=spec.symmetric,
+    shape=tuple(q.codes.shape),
+  )
 
 
 def unpack(p: PackedArray) -> quantizer.QArray:
@@ -211,8 +215,7 @@ def unpack(p: PackedArray) -> quantizer.QArray:
   u = unpack_codes(p.data, p.bits, p.shape[-1]).astype(xp.int32)
   codes = (u + spec.qmin).astype(xp.int16 if spec.qmax > 127 else xp.int8)
   zero = None if p.symmetric else p.zero.astype(xp.float32) + spec.qmin
-  return quantizer.QArray(codes=codes, scale=p.scale.astype(xp.float32),
-                          zero=zero, spec=spec)
+  return quantizer.QArray(codes=codes, scale=p.scale.astype(xp.float32), zero=zero, spec=spec)
 
 
 def dequantize(p: PackedArray, dtype=jnp.float32) -> jax.Array:
@@ -239,8 +242,15 @@ def index(p: PackedArray, i) -> PackedArray:
   """
   if len(p.shape) < 3:
     raise ValueError(f'index needs a stacked PackedArray (rank >= 3); got shape {p.shape}.')
-  return PackedArray(data=p.data[i], scale=p.scale[i], zero=p.zero[i], bits=p.bits,
-                     group_size=p.group_size, symmetric=p.symmetric, shape=p.shape[1:])
+  return PackedArray(
+    data=p.data[i],
+    scale=p.scale[i],
+    zero=p.zero[i],
+    bits=p.bits,
+    group_size=p.group_size,
+    symmetric=p.symmetric,
+    shape=p.shape[1:],
+  )
 
 
 def nbytes(p: PackedArray) -> int:

@@ -13,6 +13,7 @@ stacks of same-shape matrices (layers, heads) are processed in one call.
 from __future__ import annotations
 
 import dataclasses
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -57,19 +58,19 @@ class QuantSpec:
       object.__setattr__(self, name, bool(getattr(self, name)))
     for name in ('bits', 'group_size'):
       v = getattr(self, name)
-      if v is not None and (isinstance(v, (bool, np.bool_)) or
-                            not isinstance(v, (int, np.integer))):
+      if v is not None and (
+        isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))
+      ):
         raise TypeError(f'{name}={v!r} must be an int, not {type(v).__name__}.')
     if self.bits not in SUPPORTED_BITS:
-      raise ValueError(
-          f'bits={self.bits!r} is not supported; expected one of {SUPPORTED_BITS}.')
+      raise ValueError(f'bits={self.bits!r} is not supported; expected one of {SUPPORTED_BITS}.')
     if self.group_size is not None and self.group_size not in SUPPORTED_GROUP_SIZES:
       raise ValueError(
-          f'group_size={self.group_size!r} is not supported; expected None '
-          f'(per output channel) or one of {SUPPORTED_GROUP_SIZES}.')
+        f'group_size={self.group_size!r} is not supported; expected None '
+        f'(per output channel) or one of {SUPPORTED_GROUP_SIZES}.'
+      )
     if not self.clip_grid or any(not 0.0 < r <= 1.0 for r in self.clip_grid):
-      raise ValueError(
-          f'clip_grid={self.clip_grid!r} must be non-empty with ratios in (0, 1].')
+      raise ValueError(f'clip_grid={self.clip_grid!r} must be non-empty with ratios in (0, 1].')
     object.__setattr__(self, 'clip_grid', tuple(float(r) for r in self.clip_grid))
 
   @property
@@ -95,10 +96,14 @@ class QuantSpec:
         if g < self.group_size and d_in % g == 0:
           return g
     raise ValueError(
-        f'd_in={d_in} is not divisible by group_size={self.group_size}'
-        + ('' if self.group_fallback else
-           '; use a group size dividing d_in, group_size=None, or group_fallback=True')
-        + '.')
+      f'd_in={d_in} is not divisible by group_size={self.group_size}'
+      + (
+        ''
+        if self.group_fallback
+        else '; use a group size dividing d_in, group_size=None, or group_fallback=True'
+      )
+      + '.'
+    )
 
   def for_rows(self, d_in: int) -> QuantSpec:
     """This spec with the group size actually used for ``d_in`` rows."""
@@ -146,22 +151,32 @@ class QArray:
     """
     codes = self.codes[index]
     if codes.ndim < 2 or codes.shape[-2:] != self.codes.shape[-2:]:
-      raise IndexError(f'QArray index {index!r} must select along the stack dims only; '
-                       f'codes {self.codes.shape} -> {codes.shape}.')
-    return QArray(codes=codes, scale=self.scale[index],
-                  zero=None if self.zero is None else self.zero[index], spec=self.spec)
+      raise IndexError(
+        f'QArray index {index!r} must select along the stack dims only; '
+        f'codes {self.codes.shape} -> {codes.shape}.'
+      )
+    return QArray(
+      codes=codes,
+      scale=self.scale[index],
+      zero=None if self.zero is None else self.zero[index],
+      spec=self.spec,
+    )
 
   @classmethod
   def stack(cls, qs) -> QArray:
     """Stacks same-spec, same-shape ``QArray``s along a new leading dim."""
     qs = list(qs)
     if not qs or any(q.spec != qs[0].spec or q.shape != qs[0].shape for q in qs):
-      raise ValueError('QArray.stack needs a non-empty list of QArrays with one spec and '
-                       f'shape; got {[(q.spec.name, q.shape) for q in qs]}.')
-    return cls(codes=jnp.stack([q.codes for q in qs]),
-               scale=jnp.stack([q.scale for q in qs]),
-               zero=None if qs[0].zero is None else jnp.stack([q.zero for q in qs]),
-               spec=qs[0].spec)
+      raise ValueError(
+        'QArray.stack needs a non-empty list of QArrays with one spec and '
+        f'shape; got {[(q.spec.name, q.shape) for q in qs]}.'
+      )
+    return cls(
+      codes=jnp.stack([q.codes for q in qs]),
+      scale=jnp.stack([q.scale for q in qs]),
+      zero=None if qs[0].zero is None else jnp.stack([q.zero for q in qs]),
+      spec=qs[0].spec,
+    )
 
 
 def code_dtype(spec: QuantSpec):
@@ -178,7 +193,8 @@ def validate_weight(w, spec: QuantSpec, *, check_finite: bool = True) -> None:
   shape = tuple(w.shape)
   if len(shape) < 2:
     raise ValueError(
-        f'weight must have rank >= 2 with shape (..., d_in, d_out); got shape {shape}.')
+      f'weight must have rank >= 2 with shape (..., d_in, d_out); got shape {shape}.'
+    )
   if not jnp.issubdtype(w.dtype, jnp.floating):
     raise ValueError(f'weight must be floating point; got dtype {w.dtype}.')
   try:
@@ -190,8 +206,9 @@ def validate_weight(w, spec: QuantSpec, *, check_finite: bool = True) -> None:
     if not finite.all():
       bad = np.argwhere(~finite)[0].tolist()
       raise ValueError(
-          f'weight of shape {shape} has {int((~finite).sum())} NaN/Inf entries '
-          f'(first at index {bad}); refusing to quantize.')
+        f'weight of shape {shape} has {int((~finite).sum())} NaN/Inf entries '
+        f'(first at index {bad}); refusing to quantize.'
+      )
 
 
 def _grouped(w: jax.Array, spec: QuantSpec) -> jax.Array:
@@ -264,13 +281,15 @@ def compute_scale_zero(w: jax.Array, spec: QuantSpec):
   return best_s, best_z
 
 
-def round_with_scale(w: jax.Array, scale: jax.Array, zero: jax.Array | None,
-                     spec: QuantSpec) -> QArray:
+def round_with_scale(
+  w: jax.Array, scale: jax.Array, zero: jax.Array | None, spec: QuantSpec
+) -> QArray:
   """Round-to-nearest codes of ``w`` for given per-group ``scale``/``zero``."""
   wg = _grouped(jnp.asarray(w, jnp.float32), spec)
   q = _round_grouped(wg, scale, zero, spec).reshape(w.shape)
-  return QArray(codes=q.astype(code_dtype(spec)), scale=scale, zero=zero,
-                spec=spec.for_rows(w.shape[-2]))
+  return QArray(
+    codes=q.astype(code_dtype(spec)), scale=scale, zero=zero, spec=spec.for_rows(w.shape[-2])
+  )
 
 
 def quantize(w: jax.Array, spec: QuantSpec) -> QArray:
@@ -313,4 +332,3 @@ def bits_per_weight(spec: QuantSpec, d_in: int, scale_bits: int = 16) -> float:
   """Storage bits per weight: codes plus amortised scales (and zeros)."""
   per_group = scale_bits * (1 if spec.symmetric else 2)
   return spec.bits + per_group / spec.effective_group_size(d_in)
-

@@ -43,7 +43,9 @@ import dataclasses
 import enum
 import types
 import typing
-from typing import Any, Mapping, Union
+from typing import Any
+from typing import Mapping
+from typing import Union
 
 from cafeq_jax import enums
 from cafeq_jax import quantizer
@@ -57,7 +59,8 @@ LINEAR_NAMES = linears.LINEAR_NAMES
 
 class Solver(enum.StrEnum):
   """Rounding of a re-solved factor inside pair adaptive rounding."""
-  RTN = 'rtn'    # the paper's form
+
+  RTN = 'rtn'  # the paper's form
   GPTQ = 'gptq'  # error feedback under H = Ŵ1ᵀ Ŵ1 (stronger)
 
 
@@ -67,8 +70,9 @@ def _check_int(value, name: str, least: int) -> None:
 
 
 def _check_positive(value, name: str) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-      0 < value < float('inf')):
+  if (
+    isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < float('inf'))
+  ):
     raise ValueError(f'{name}={value!r} must be a finite number > 0.')
 
 
@@ -94,6 +98,7 @@ class PairTransforms:
     kinds: which pairs: value/output, query/key (RoPE-commuting), up/down.
     opt: their optimisation (loss, steps, learning rate, temperature, STE).
   """
+
   kinds: tuple[PairKind, ...] = (PairKind.VO, PairKind.QK, PairKind.UPDOWN)
   opt: pairs_lib.PairOptConfig = pairs_lib.PairOptConfig()
 
@@ -116,6 +121,7 @@ class Hadamard:
     share: one transform per param leaf (k/v and gate/up read one input: one
       ``x M⁻¹`` per leaf) instead of one per matrix.
   """
+
   block_size: int = 64
   share: bool = False
 
@@ -134,6 +140,7 @@ class Learned:
     config: parameterisation and optimiser (``core.optimize.TransformConfig``).
     share: one transform per param leaf (see ``Hadamard.share``).
   """
+
   config: optimize.TransformConfig = optimize.TransformConfig()
   share: bool = False
 
@@ -169,6 +176,7 @@ class SelfGenerated:
     start_id: the first token of every sequence.
     batch_size: sequences per forward pass while capturing inputs.
   """
+
   num_seqs: int = 32
   seq_len: int = 256
   temperature: float = 1.0
@@ -197,6 +205,7 @@ class Calibration:
     num_seqs, seq_len: the calibration windows.
     batch_size: sequences per forward pass while capturing inputs.
   """
+
   source: str = 'in-domain'
   num_seqs: int = 16
   seq_len: int = 512
@@ -204,8 +213,9 @@ class Calibration:
 
   def __post_init__(self):
     if not isinstance(self.source, str) or not self.source:
-      raise TypeError(f"source={self.source!r} must be a non-empty str ('in-domain', "
-                      "'code' or a text file).")
+      raise TypeError(
+        f"source={self.source!r} must be a non-empty str ('in-domain', 'code' or a text file)."
+      )
     _check_int(self.num_seqs, 'num_seqs', 1)
     _check_int(self.seq_len, 'seq_len', 2)
     _check_int(self.batch_size, 'batch_size', 1)
@@ -234,6 +244,7 @@ class GPTQ:
     act_order: sweep rows by decreasing Σ_ii (static group scales).
     block: rows per lazy-update block.
   """
+
   statistics: Statistics = Frobenius()
   damp: float = 0.01
   act_order: bool = False
@@ -241,8 +252,10 @@ class GPTQ:
 
   def __post_init__(self):
     if not isinstance(self.statistics, (Frobenius, SelfGenerated, Calibration)):
-      raise TypeError(f'GPTQ.statistics must be Frobenius(), SelfGenerated(...) or '
-                      f'Calibration(...); got {self.statistics!r}.')
+      raise TypeError(
+        f'GPTQ.statistics must be Frobenius(), SelfGenerated(...) or '
+        f'Calibration(...); got {self.statistics!r}.'
+      )
     _check_fraction(self.damp, 'damp')
     if not isinstance(self.act_order, bool):
       raise TypeError(f'act_order={self.act_order!r} must be a bool.')
@@ -262,6 +275,7 @@ class PairAdaptive:
     solver: rounding of each re-solved factor.
     damp: relative damping of ``H`` for the GPTQ solver.
   """
+
   rounds: int = 3
   solver: Solver = Solver.GPTQ
   damp: float = 0.01
@@ -292,6 +306,7 @@ class Recipe:
     transform: online single-matrix transform, or None.
     rounding: how every matrix is rounded.
   """
+
   name: str = 'custom'
   spec: quantizer.QuantSpec = quantizer.QuantSpec(bits=4, group_size=128)
   matrices: tuple[str, ...] = LINEAR_NAMES
@@ -309,8 +324,10 @@ class Recipe:
     _check_type(self.transform, (Hadamard, Learned, type(None)), 'transform')
     _check_type(self.rounding, (RTN, GPTQ, PairAdaptive), 'rounding')
     if isinstance(self.rounding, PairAdaptive) and self.pairs is None:
-      raise ValueError('rounding=PairAdaptive() rounds transformed value/output pairs and '
-                       'needs pairs=PairTransforms(...); for single matrices use GPTQ().')
+      raise ValueError(
+        'rounding=PairAdaptive() rounds transformed value/output pairs and '
+        'needs pairs=PairTransforms(...); for single matrices use GPTQ().'
+      )
 
   @property
   def statistics(self) -> Statistics | None:
@@ -342,10 +359,24 @@ def _check_type(value, types_, name):
 
 
 # Every dataclass a recipe can hold, by name (for to_dict / from_dict).
-_TYPES = {t.__name__: t for t in (
-    Recipe, PairTransforms, Hadamard, Learned, Frobenius, SelfGenerated, Calibration,
-    RTN, GPTQ, PairAdaptive, quantizer.QuantSpec, optimize.TransformConfig,
-    pairs_lib.PairOptConfig)}
+_TYPES = {
+  t.__name__: t
+  for t in (
+    Recipe,
+    PairTransforms,
+    Hadamard,
+    Learned,
+    Frobenius,
+    SelfGenerated,
+    Calibration,
+    RTN,
+    GPTQ,
+    PairAdaptive,
+    quantizer.QuantSpec,
+    optimize.TransformConfig,
+    pairs_lib.PairOptConfig,
+  )
+}
 
 
 def _encode(x):
@@ -401,8 +432,11 @@ def _stage_fields(obj) -> dict[str, tuple[Any, str]]:
 
 def _slot_types(slot: str) -> tuple[type, ...]:
   hint = typing.get_type_hints(Recipe)[slot]
-  args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(
-      hint) is Union else (hint,)
+  args = (
+    typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is Union
+    else (hint,)
+  )
   out = []
   for a in args:
     out += list(typing.get_args(a)) if typing.get_origin(a) is Union else [a]
@@ -467,26 +501,32 @@ def override(recipe: Recipe, overrides: Mapping[str, Any], *, strict: bool = Tru
       spec_fields[field] = value
       continue
     if slot not in ('pairs', 'transform', 'rounding', 'statistics') or not field:
-      raise ValueError(f'override {key!r}: expected <slot>.<field> with slot one of '
-                       f"'pairs', 'transform', 'rounding', 'statistics', 'spec'.")
+      raise ValueError(
+        f'override {key!r}: expected <slot>.<field> with slot one of '
+        f"'pairs', 'transform', 'rounding', 'statistics', 'spec'."
+      )
     if slot == 'statistics':
       slot, prefix = 'rounding', ('statistics',)
     else:
       prefix = ()
     known = _known_fields(slot)
     if field not in known:
-      raise ValueError(f'override {key!r}: no {slot} stage has a field {field!r}; '
-                       f'known: {sorted(known)}.')
+      raise ValueError(
+        f'override {key!r}: no {slot} stage has a field {field!r}; known: {sorted(known)}.'
+      )
     stage = getattr(recipe, slot)
     target = stage
     for p in prefix:
       target = getattr(target, p, None)
-    fields = {} if target is None or not dataclasses.is_dataclass(target) else (
-        _stage_fields(target))
+    fields = (
+      {} if target is None or not dataclasses.is_dataclass(target) else (_stage_fields(target))
+    )
     if field not in fields:
       if strict:
-        raise ValueError(f'override {key!r}: the recipe {recipe.name!r} has {slot}='
-                         f'{stage!r}, which has no field {field!r}.')
+        raise ValueError(
+          f'override {key!r}: the recipe {recipe.name!r} has {slot}='
+          f'{stage!r}, which has no field {field!r}.'
+        )
       continue
     owner, name = fields[field]
     path = prefix + ((owner,) if owner else ())
@@ -511,18 +551,19 @@ _LEARNED = Learned(config=optimize.TransformConfig(columns_per_step=256))
 _SHARED_HADAMARD = Hadamard(block_size=64, share=True)
 
 PRESETS: dict[str, Recipe] = {
-    'rtn': Recipe(name='rtn'),
-    'hadamard': Recipe(name='hadamard', transform=Hadamard(block_size=64)),
-    'cafeq-single': Recipe(name='cafeq-single', transform=_LEARNED),
-    'cafeq-pairs': Recipe(name='cafeq-pairs', pairs=_PAIRS),
-    'cafeq-pairs-ar': Recipe(name='cafeq-pairs-ar', pairs=_PAIRS, rounding=PairAdaptive()),
-    'cafeq-sg': Recipe(name='cafeq-sg', transform=_SHARED_HADAMARD, rounding=_SELFGEN),
-    'cafeq-sg-rounding': Recipe(name='cafeq-sg-rounding', rounding=_SELFGEN),
-    'cafeq': Recipe(name='cafeq', pairs=_PAIRS, transform=_SHARED_HADAMARD, rounding=_SELFGEN),
-    'gptq': Recipe(name='gptq', rounding=GPTQ(statistics=Calibration(source='in-domain'))),
-    'gptq-offdomain': Recipe(name='gptq-offdomain',
-                             rounding=GPTQ(statistics=Calibration(source='code'))),
-    'gptq-selfgen': Recipe(name='gptq-selfgen', rounding=GPTQ(statistics=SelfGenerated())),
+  'rtn': Recipe(name='rtn'),
+  'hadamard': Recipe(name='hadamard', transform=Hadamard(block_size=64)),
+  'cafeq-single': Recipe(name='cafeq-single', transform=_LEARNED),
+  'cafeq-pairs': Recipe(name='cafeq-pairs', pairs=_PAIRS),
+  'cafeq-pairs-ar': Recipe(name='cafeq-pairs-ar', pairs=_PAIRS, rounding=PairAdaptive()),
+  'cafeq-sg': Recipe(name='cafeq-sg', transform=_SHARED_HADAMARD, rounding=_SELFGEN),
+  'cafeq-sg-rounding': Recipe(name='cafeq-sg-rounding', rounding=_SELFGEN),
+  'cafeq': Recipe(name='cafeq', pairs=_PAIRS, transform=_SHARED_HADAMARD, rounding=_SELFGEN),
+  'gptq': Recipe(name='gptq', rounding=GPTQ(statistics=Calibration(source='in-domain'))),
+  'gptq-offdomain': Recipe(
+    name='gptq-offdomain', rounding=GPTQ(statistics=Calibration(source='code'))
+  ),
+  'gptq-selfgen': Recipe(name='gptq-selfgen', rounding=GPTQ(statistics=SelfGenerated())),
 }
 
 
@@ -531,9 +572,18 @@ def names() -> tuple[str, ...]:
   return tuple(PRESETS)
 
 
-def get(name: str, *, bits: int = 3, group_size: int | None = 128, symmetric: bool = False,
-        clip_search: bool = False, group_fallback: bool = True, spec: quantizer.QuantSpec
-        | None = None, strict: bool = True, **overrides) -> Recipe:
+def get(
+  name: str,
+  *,
+  bits: int = 3,
+  group_size: int | None = 128,
+  symmetric: bool = False,
+  clip_search: bool = False,
+  group_fallback: bool = True,
+  spec: quantizer.QuantSpec | None = None,
+  strict: bool = True,
+  **overrides,
+) -> Recipe:
   """The preset ``name`` with the given quantizer and stage overrides.
 
   Args:
@@ -553,15 +603,32 @@ def get(name: str, *, bits: int = 3, group_size: int | None = 128, symmetric: bo
   if name not in PRESETS:
     raise ValueError(f'recipe {name!r} is unknown; expected one of {list(PRESETS)}.')
   if spec is None:
-    spec = quantizer.QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric,
-                               clip_search=clip_search, group_fallback=group_fallback)
+    spec = quantizer.QuantSpec(
+      bits=bits,
+      group_size=group_size,
+      symmetric=symmetric,
+      clip_search=clip_search,
+      group_fallback=group_fallback,
+    )
   recipe = PRESETS[name].replace(spec=spec)
-  return override(recipe, {k.replace('__', '.'): v for k, v in overrides.items()},
-                  strict=strict)
+  return override(recipe, {k.replace('__', '.'): v for k, v in overrides.items()}, strict=strict)
 
 
 __all__ = [
-    'Calibration', 'Frobenius', 'GPTQ', 'Hadamard', 'Learned', 'PRESETS', 'PairAdaptive',
-    'PairKind', 'PairTransforms', 'RTN', 'Recipe', 'SelfGenerated', 'Solver', 'get',
-    'names', 'override',
+  'Calibration',
+  'Frobenius',
+  'GPTQ',
+  'Hadamard',
+  'Learned',
+  'PRESETS',
+  'PairAdaptive',
+  'PairKind',
+  'PairTransforms',
+  'RTN',
+  'Recipe',
+  'SelfGenerated',
+  'Solver',
+  'get',
+  'names',
+  'override',
 ]

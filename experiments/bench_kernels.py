@@ -82,9 +82,11 @@ import os
 import statistics
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
-from absl import app, logging
+from absl import app
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections

@@ -58,28 +58,50 @@ _TABLE_ROW = re.compile(r'^\| (\S+) \|(.*)\|$')
 
 def job_command(output_dir: str, seed: int, columns=COLUMNS) -> list[str]:
   """The main job on the tiny model, as a subprocess command line."""
-  return [sys.executable, '-m', 'experiments.quantize', '--logtostderr',
-          '--config.model=tiny_llama', f'--config.methods={",".join(METHODS)}',
-          f'--config.columns={",".join(columns)}', '--config.eval_num_seqs=2',
-          '--config.eval_seq_len=16', '--config.eval_batch_size=2',
-          f'--config.save_models={SAVED}', f'--config.export_hf={EXPORTED}',
-          '--config.prompt=', '--config.progress=False', '--config.plots=False',
-          f'--config.seed={seed}', f'--config.output_dir={output_dir}']
+  return [
+    sys.executable,
+    '-m',
+    'experiments.quantize',
+    '--logtostderr',
+    '--config.model=tiny_llama',
+    f'--config.methods={",".join(METHODS)}',
+    f'--config.columns={",".join(columns)}',
+    '--config.eval_num_seqs=2',
+    '--config.eval_seq_len=16',
+    '--config.eval_batch_size=2',
+    f'--config.save_models={SAVED}',
+    f'--config.export_hf={EXPORTED}',
+    '--config.prompt=',
+    '--config.progress=False',
+    '--config.plots=False',
+    f'--config.seed={seed}',
+    f'--config.output_dir={output_dir}',
+  ]
 
 
 def _env(cache_dir: str) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if not k.startswith(('JAX_', 'XLA_'))}
-  env.update(PYTHONPATH=REPO + os.pathsep + env.get('PYTHONPATH', ''), JAX_PLATFORMS='cpu',
-             JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  env.update(
+    PYTHONPATH=REPO + os.pathsep + env.get('PYTHONPATH', ''),
+    JAX_PLATFORMS='cpu',
+    JAX_COMPILATION_CACHE_DIR=cache_dir,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+  )
   return env
 
 
-def _start(output_dir: str, seed: int, log_path: str, cache_dir: str,
-           columns=COLUMNS) -> subprocess.Popen:
+def _start(
+  output_dir: str, seed: int, log_path: str, cache_dir: str, columns=COLUMNS
+) -> subprocess.Popen:
   log = open(log_path, 'w')  # pylint: disable=consider-using-with
-  proc = subprocess.Popen(job_command(output_dir, seed, columns), cwd=REPO, env=_env(cache_dir),
-                          stdout=log, stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(
+    job_command(output_dir, seed, columns),
+    cwd=REPO,
+    env=_env(cache_dir),
+    stdout=log,
+    stderr=subprocess.STDOUT,
+  )
   proc.log = log
   return proc
 
@@ -107,10 +129,16 @@ def _phase(log: str) -> str:
   """Where a killed run was, from its last log lines."""
   lines = [l for l in log.splitlines() if '] ' in l]
   for line in reversed(lines):
-    for key, name in (('exported ', 'after an export'), ('saved ', 'after a model save'),
-                      ('] wrote ', 'after a results write'), ('] evaluating ', 'evaluating'),
-                      ('] quantizing with', 'quantizing'), (': computing', 'planning'),
-                      (': kept', 'planning'), ('loaded ', 'after the model load')):
+    for key, name in (
+      ('exported ', 'after an export'),
+      ('saved ', 'after a model save'),
+      ('] wrote ', 'after a results write'),
+      ('] evaluating ', 'evaluating'),
+      ('] quantizing with', 'quantizing'),
+      (': computing', 'planning'),
+      (': kept', 'planning'),
+      ('loaded ', 'after the model load'),
+    ):
       if key in line:
         return name
   return 'start-up'
@@ -138,6 +166,7 @@ def _model_digest(path: str) -> tuple[str | None, str]:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from cafeq_jax import checkpointing  # pylint: disable=g-import-not-at-top
+
   params, info = checkpointing.restore_quantized(path)
   h = hashlib.sha256()
   for leaf in jax.tree.leaves(params):
@@ -148,6 +177,7 @@ def _model_digest(path: str) -> tuple[str | None, str]:
 
 def _export_digest(path: str) -> tuple[str | None, str]:
   from cafeq_jax.loading import hf  # pylint: disable=g-import-not-at-top
+
   marker = hf.verify_export(path)
   return marker['provenance'].get('row_hash'), json.dumps(marker['files'], sort_keys=True)
 
@@ -169,8 +199,9 @@ def snapshot(output_dir: str) -> dict[str, Any]:
   """
   with open(os.path.join(output_dir, 'results.json')) as f:
     results = json.load(f)
-  cells = {(c, m): _cell(r) for c, col in results['columns'].items()
-           for m, r in col['methods'].items()}
+  cells = {
+    (c, m): _cell(r) for c, col in results['columns'].items() for m, r in col['methods'].items()
+  }
   models, exports, reports = {}, {}, {}
   for col in results['columns']:
     path = os.path.join(output_dir, 'models', f'{col}_{SAVED}')
@@ -188,8 +219,14 @@ def snapshot(output_dir: str) -> dict[str, Any]:
   with open(os.path.join(output_dir, 'table.md')) as f:
     table = _table_cells(f.read())
   aside = sorted(n for n in os.listdir(output_dir) if '.corrupt-' in n)
-  return {'cells': cells, 'models': models, 'exports': exports, 'reports': reports,
-          'table': table, 'aside': aside}
+  return {
+    'cells': cells,
+    'models': models,
+    'exports': exports,
+    'reports': reports,
+    'table': table,
+    'aside': aside,
+  }
 
 
 class Reference:
@@ -217,9 +254,11 @@ class Reference:
       ref = self.cells.get(cell.get('hash'))
       if ref != cell:
         out.append(f'cell {key} (hash {cell.get("hash")}) is no reference version')
-    for what, got, ref in (('model', snap['models'], self.models),
-                           ('export', snap['exports'], self.exports),
-                           ('report', snap['reports'], self.reports)):
+    for what, got, ref in (
+      ('model', snap['models'], self.models),
+      ('export', snap['exports'], self.exports),
+      ('report', snap['reports'], self.reports),
+    ):
       for key, (h, digest) in got.items():
         if ref.get(h) != digest:
           out.append(f'{what} {key} (row hash {h}) is no reference version')
@@ -239,9 +278,15 @@ def _copy(src: str, dst: str) -> None:
   # The copy's own lock; a lock file is no output.
 
 
-def run_trials(trials: int, seed: int = 0, workdir: str | None = None,
-               timeout: float = 300.0, verbose: bool = True, columns=COLUMNS,
-               cache_dir: str | None = None) -> dict[str, Any]:
+def run_trials(
+  trials: int,
+  seed: int = 0,
+  workdir: str | None = None,
+  timeout: float = 300.0,
+  verbose: bool = True,
+  columns=COLUMNS,
+  cache_dir: str | None = None,
+) -> dict[str, Any]:
   """Runs the reference runs, ``trials`` killed restarts and a final run; checks each.
 
   Args:
@@ -280,8 +325,9 @@ def run_trials(trials: int, seed: int = 0, workdir: str | None = None,
       time.sleep(0.02)
     rc = _wait(proc, timeout)
     if rc != 0:
-      raise RuntimeError(f'reference run (seed {s}) failed with status {rc}:\n'
-                         f'{_log_text(log)[-3000:]}')
+      raise RuntimeError(
+        f'reference run (seed {s}) failed with status {rc}:\n{_log_text(log)[-3000:]}'
+      )
     work_seconds = time.perf_counter() - (loaded or t0)
     refs.append(snapshot(out))
     say(f'reference run seed={s}: {time.perf_counter() - t0:.1f}s')
@@ -289,8 +335,15 @@ def run_trials(trials: int, seed: int = 0, workdir: str | None = None,
 
   out = os.path.join(workdir, 'out')
   _copy(os.path.join(workdir, f'ref_{SEEDS[0]}'), out)
-  tally = {'trials': trials, 'killed': 0, 'finished': 0, 'failed_runs': 0,
-           'phases': collections.Counter(), 'problems': [], 'final_ok': False}
+  tally = {
+    'trials': trials,
+    'killed': 0,
+    'finished': 0,
+    'failed_runs': 0,
+    'phases': collections.Counter(),
+    'problems': [],
+    'final_ok': False,
+  }
   before = snapshot(out)
   log = os.path.join(workdir, 'trial.log')
   for i in range(trials):
@@ -326,8 +379,10 @@ def run_trials(trials: int, seed: int = 0, workdir: str | None = None,
     except Exception as e:  # pylint: disable=broad-except  # unreadable output: a failure
       snap, problems = before, [f'an output could not be read back: {type(e).__name__}: {e}']
     tally['problems'] += [f'trial {i} (seed {s}, killed {phase}): {p}' for p in problems]
-    say(f'trial {i}: seed={s} delay={delay:.2f}s -> {phase}; '
-        f'{"consistent" if not problems else "; ".join(problems)}')
+    say(
+      f'trial {i}: seed={s} delay={delay:.2f}s -> {phase}; '
+      f'{"consistent" if not problems else "; ".join(problems)}'
+    )
     before = snap
 
   # A final uninterrupted run completes the version of its seed.
@@ -345,7 +400,8 @@ def run_trials(trials: int, seed: int = 0, workdir: str | None = None,
       if final[kind] != want[kind]:
         final_problems.append(f'final {kind} are not those of seed {s}')
     if {k: c['hash'] for k, c in final['cells'].items()} != {
-        k: c['hash'] for k, c in want['cells'].items()}:
+      k: c['hash'] for k, c in want['cells'].items()
+    }:
       final_problems.append(f'final cells are not those of seed {s}')
   tally['problems'] += final_problems
   tally['final_ok'] = not final_problems
@@ -360,27 +416,32 @@ def format_tally(t: dict[str, Any]) -> str:
   phases = ', '.join(f'{k}: {v}' for k, v in sorted(t['phases'].items()))
   n_models = t['columns']
   n_cells = n_models * (len(METHODS) + 1)
-  verdict = ('all consistent' if not t['problems'] else
-             f'{len(t["problems"])} INCONSISTENT')
-  return (f'fault injection: {t["trials"]} trials, {t["killed"]} SIGKILLed mid-run, '
-          f'{t["finished"]} finished before the kill, {t["failed_runs"]} failed; kill points '
-          f'({phases}); after every trial each of {n_cells} cells, {n_models} saved models, '
-          f'{n_models} exports and reports was the old or the new complete version: '
-          f'{verdict}; final run {"ok" if t["final_ok"] else "NOT ok"} '
-          f'({t["seconds"]:.0f}s)')
+  verdict = 'all consistent' if not t['problems'] else f'{len(t["problems"])} INCONSISTENT'
+  return (
+    f'fault injection: {t["trials"]} trials, {t["killed"]} SIGKILLed mid-run, '
+    f'{t["finished"]} finished before the kill, {t["failed_runs"]} failed; kill points '
+    f'({phases}); after every trial each of {n_cells} cells, {n_models} saved models, '
+    f'{n_models} exports and reports was the old or the new complete version: '
+    f'{verdict}; final run {"ok" if t["final_ok"] else "NOT ok"} '
+    f'({t["seconds"]:.0f}s)'
+  )
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--trials', type=int, default=20,
-                      help=f'killed restarts (1..{MAX_TRIALS}; default 20)')
+  parser = argparse.ArgumentParser(
+    description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    '--trials', type=int, default=20, help=f'killed restarts (1..{MAX_TRIALS}; default 20)'
+  )
   parser.add_argument('--seed', type=int, default=0, help='seed of the kill delays')
-  parser.add_argument('--workdir', default=None,
-                      help='directory for the runs (default: a new temporary one)')
+  parser.add_argument(
+    '--workdir', default=None, help='directory for the runs (default: a new temporary one)'
+  )
   parser.add_argument('--timeout', type=float, default=300.0, help='seconds per run (bound)')
-  parser.add_argument('--columns', default=','.join(COLUMNS),
-                      help='the job\'s columns (default %(default)s)')
+  parser.add_argument(
+    '--columns', default=','.join(COLUMNS), help="the job's columns (default %(default)s)"
+  )
   parser.add_argument('--keep', action='store_true', help='keep the workdir')
   args = parser.parse_args(argv)
   columns = tuple(c.strip() for c in args.columns.split(',') if c.strip())

@@ -34,7 +34,9 @@ import json
 import math
 import os
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any
+from typing import Iterable
+from typing import Mapping
 
 from absl import app
 from absl import logging
@@ -48,7 +50,7 @@ from ml_collections import config_flags
 _MATRIX_ORDER = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 _MARKERS = ('o', 's', '^', 'D', 'v', 'P', 'X', '*', '<', '>')
 _BIT_TICKS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32)
-_COLUMN_FAMILY = re.compile(r'^w\d+')   # 'w3g128asym' -> family 'g128asym'
+_COLUMN_FAMILY = re.compile(r'^w\d+')  # 'w3g128asym' -> family 'g128asym'
 _KEY = re.compile(r'^layer_(\d+)/(.+)$')
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'plots.py')
@@ -78,8 +80,9 @@ def _colors(methods: Iterable[str], given: Mapping[str, Any] | None = None) -> d
 
 def method_colors(results: Mapping[str, Any]) -> dict[str, Any]:
   """One color per method of ``results`` (order of first appearance, fp excluded)."""
-  methods = dict.fromkeys(m for c in results.get('columns', {}).values()
-                          for m in c.get('methods', {}) if m != 'fp')
+  methods = dict.fromkeys(
+    m for c in results.get('columns', {}).values() for m in c.get('methods', {}) if m != 'fp'
+  )
   return _colors(methods)
 
 
@@ -111,7 +114,7 @@ def _auto_log(ax, values: Iterable[float], axis: str = 'y', min_ratio: float = 1
   a = ax.yaxis if axis == 'y' else ax.xaxis
   if log:
     (ax.set_yscale if axis == 'y' else ax.set_xscale)('log')
-    if max(vals) / min(vals) < 1e3:   # a few decades: label 1, 2, 5 of each
+    if max(vals) / min(vals) < 1e3:  # a few decades: label 1, 2, 5 of each
       a.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     a.set_major_formatter(ticker.FuncFormatter(_fmt))
     a.set_minor_formatter(ticker.NullFormatter())
@@ -121,12 +124,14 @@ def _auto_log(ax, values: Iterable[float], axis: str = 'y', min_ratio: float = 1
 
 def _matrix_names(names: Iterable[str]) -> list[str]:
   names = set(names)
-  return ([n for n in _MATRIX_ORDER if n in names]
-          + sorted(n for n in names if n not in _MATRIX_ORDER))
+  return [n for n in _MATRIX_ORDER if n in names] + sorted(
+    n for n in names if n not in _MATRIX_ORDER
+  )
 
 
-def load_reports(output_dir: str, results: Mapping[str, Any] | None = None
-                 ) -> dict[str, dict[str, dict[str, Any]]]:
+def load_reports(
+  output_dir: str, results: Mapping[str, Any] | None = None
+) -> dict[str, dict[str, dict[str, Any]]]:
   """``{column: {method: report dict}}`` from ``output_dir/reports/*.json``.
 
   With ``results``, only the (column, method) cells present in
@@ -141,7 +146,7 @@ def load_reports(output_dir: str, results: Mapping[str, Any] | None = None
   for fname in sorted(os.listdir(report_dir)):
     if not fname.endswith('.json') or '_' not in fname:
       continue
-    col, method = fname[:-len('.json')].split('_', 1)
+    col, method = fname[: -len('.json')].split('_', 1)
     if cols is not None and method not in cols.get(col, {}).get('methods', {}):
       continue
     try:
@@ -151,7 +156,7 @@ def load_reports(output_dir: str, results: Mapping[str, Any] | None = None
       continue
     if isinstance(report.get('per_matrix'), dict):
       out[col][method] = report
-  if cols is not None:   # methods in the job's order (the order of the table rows)
+  if cols is not None:  # methods in the job's order (the order of the table rows)
     out = {c: {m: out[c][m] for m in cols[c]['methods'] if m in out[c]} for c in out}
   return dict(out)
 
@@ -166,8 +171,9 @@ def _per_layer(report: Mapping[str, Any], key: str) -> dict[str, dict[int, float
   return dict(out)
 
 
-def proxy_ratio_figure(column: str, reports: Mapping[str, Mapping[str, Any]],
-                       colors: Mapping[str, Any] | None = None) -> mpl_figure.Figure:
+def proxy_ratio_figure(
+  column: str, reports: Mapping[str, Mapping[str, Any]], colors: Mapping[str, Any] | None = None
+) -> mpl_figure.Figure:
   """Per matrix name: final / RTN proxy loss per layer, a line per method.
 
   Args:
@@ -193,8 +199,15 @@ def proxy_ratio_figure(column: str, reports: Mapping[str, Mapping[str, Any]],
       fin, rtn = per[m][0].get(name, {}), per[m][1].get(name, {})
       layers = sorted(l for l in fin if rtn.get(l, 0) > 0)
       if layers:
-        ax.plot(layers, [fin[l] / rtn[l] for l in layers], marker=_MARKERS[i % len(_MARKERS)],
-                ms=3.5, lw=1.2, color=colors[m], label=m)
+        ax.plot(
+          layers,
+          [fin[l] / rtn[l] for l in layers],
+          marker=_MARKERS[i % len(_MARKERS)],
+          ms=3.5,
+          lw=1.2,
+          color=colors[m],
+          label=m,
+        )
     ax.axhline(1.0, color='0.4', lw=0.8, ls='--')
     ax.set_title(name)
     ax.set_xlabel('layer')
@@ -214,31 +227,31 @@ def proxy_ratio_figure(column: str, reports: Mapping[str, Mapping[str, Any]],
       if layers and total_rtn > 0:
         xs.append(j + (i - (len(methods) - 1) / 2) * width)
         ys.append(sum(fin[name][l] for l in layers) / total_rtn)
-    ax.plot(xs, ys, ls='none', marker=_MARKERS[i % len(_MARKERS)], ms=6, color=colors[m],
-            label=m)
+    ax.plot(xs, ys, ls='none', marker=_MARKERS[i % len(_MARKERS)], ms=6, color=colors[m], label=m)
   ax.axhline(1.0, color='0.4', lw=0.8, ls='--')
   ax.set_xticks(range(len(names)), names)
   ax.set_title('all layers')
   ax.set_ylabel('Σ final / Σ RTN')
   ax.grid(alpha=0.3)
-  for ax in axes[len(names) + 1:]:
+  for ax in axes[len(names) + 1 :]:
     ax.set_visible(False)
   handles, labels = axes[len(names)].get_legend_handles_labels()
-  fig.legend(handles, labels, loc='outside lower center', ncols=min(len(methods), 6),
-             frameon=False)
-  fig.suptitle(f'{column}: proxy loss ||W - Ŵ||² relative to round-to-nearest '
-               f'(< 1 is better)', fontsize=11)
+  fig.legend(handles, labels, loc='outside lower center', ncols=min(len(methods), 6), frameon=False)
+  fig.suptitle(
+    f'{column}: proxy loss ||W - Ŵ||² relative to round-to-nearest (< 1 is better)', fontsize=11
+  )
   return fig
 
 
-def proxy_loss_figure(column: str, reports: Mapping[str, Mapping[str, Any]],
-                      colors: Mapping[str, Any] | None = None) -> mpl_figure.Figure:
+def proxy_loss_figure(
+  column: str, reports: Mapping[str, Mapping[str, Any]], colors: Mapping[str, Any] | None = None
+) -> mpl_figure.Figure:
   """Per matrix name: absolute proxy loss per layer (log scale); RTN dashed."""
   methods = list(reports)
   colors = _colors(methods, colors)
   finals = {m: _per_layer(r, 'final') for m, r in reports.items()}
   rtn = {}
-  for r in reports.values():   # RTN loss is the same in every report: take the first
+  for r in reports.values():  # RTN loss is the same in every report: take the first
     for name, by_layer in _per_layer(r, 'rtn').items():
       rtn.setdefault(name, by_layer)
   names = _matrix_names(set(rtn) | {n for f in finals.values() for n in f})
@@ -249,26 +262,41 @@ def proxy_loss_figure(column: str, reports: Mapping[str, Mapping[str, Any]],
   for ax, name in zip(axes, names):
     if name in rtn:
       layers = sorted(rtn[name])
-      ax.plot(layers, [rtn[name][l] for l in layers], color='k', ls='--', lw=1.0,
-              label='RTN (no transform)', zorder=5)
+      ax.plot(
+        layers,
+        [rtn[name][l] for l in layers],
+        color='k',
+        ls='--',
+        lw=1.0,
+        label='RTN (no transform)',
+        zorder=5,
+      )
     for i, m in enumerate(methods):
       fin = finals[m].get(name, {})
       layers = sorted(l for l in fin if fin[l] > 0)
       if layers:
-        ax.plot(layers, [fin[l] for l in layers], marker=_MARKERS[i % len(_MARKERS)], ms=3.5,
-                lw=1.2, color=colors[m], label=m)
+        ax.plot(
+          layers,
+          [fin[l] for l in layers],
+          marker=_MARKERS[i % len(_MARKERS)],
+          ms=3.5,
+          lw=1.2,
+          color=colors[m],
+          label=m,
+        )
     _auto_log(ax, [y for line in ax.get_lines() for y in line.get_ydata()])
     ax.set_title(name)
     ax.set_xlabel('layer')
     ax.set_ylabel('||W - Ŵ||²')
     ax.grid(alpha=0.3, which='both')
     ax.xaxis.get_major_locator().set_params(integer=True)
-  for ax in axes[len(names):]:
+  for ax in axes[len(names) :]:
     ax.set_visible(False)
   if names:
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc='outside lower center', ncols=min(len(labels), 6),
-               frameon=False)
+    fig.legend(
+      handles, labels, loc='outside lower center', ncols=min(len(labels), 6), frameon=False
+    )
   fig.suptitle(f'{column}: per-matrix proxy loss', fontsize=11)
   return fig
 
@@ -307,29 +335,43 @@ def ppl_vs_bits_figure(results: Mapping[str, Any]) -> mpl_figure.Figure | None:
       families[_COLUMN_FAMILY.sub('', p[3])].append(p)
     for f, (family, fpts) in enumerate(sorted(families.items())):
       fpts = sorted(fpts)
-      kw = dict(color=colors[m], marker=_MARKERS[i % len(_MARKERS)], ms=6, lw=1.2,
-                label=m if f == 0 else '_nolegend_')
+      kw = dict(
+        color=colors[m],
+        marker=_MARKERS[i % len(_MARKERS)],
+        ms=6,
+        lw=1.2,
+        label=m if f == 0 else '_nolegend_',
+      )
       ax_ppl.plot([p[0] for p in fpts], [p[1] for p in fpts], **kw)
       kpts = [p for p in fpts if _finite(p[2]) and p[2] > 0]
       if kpts:
         ax_kld.plot([p[0] for p in kpts], [p[2] for p in kpts], **kw)
     for b, ppl, kld, col in series[m]:
-      ax_ppl.annotate(col, (b, ppl), textcoords='offset points', xytext=(4, 3), fontsize=7,
-                      color=colors[m])
+      ax_ppl.annotate(
+        col, (b, ppl), textcoords='offset points', xytext=(4, 3), fontsize=7, color=colors[m]
+      )
       if _finite(kld) and kld > 0:
-        ax_kld.annotate(col, (b, kld), textcoords='offset points', xytext=(4, 3), fontsize=7,
-                        color=colors[m])
+        ax_kld.annotate(
+          col, (b, kld), textcoords='offset points', xytext=(4, 3), fontsize=7, color=colors[m]
+        )
   if fp_ppl is not None:
     ax_ppl.plot([16.0], [fp_ppl], color='k', marker='*', ms=11, ls='none', label='fp (bf16)')
     ax_ppl.axhline(fp_ppl, color='k', lw=0.8, ls=':')
-    ax_ppl.annotate(f'fp {fp_ppl:.2f}', (16.0, fp_ppl), textcoords='offset points',
-                    xytext=(-10, 6), fontsize=8, ha='right')
+    ax_ppl.annotate(
+      f'fp {fp_ppl:.2f}',
+      (16.0, fp_ppl),
+      textcoords='offset points',
+      xytext=(-10, 6),
+      fontsize=8,
+      ha='right',
+    )
   _auto_log(ax_ppl, [y for line in ax_ppl.get_lines() for y in line.get_ydata()], min_ratio=2)
   _auto_log(ax_kld, [y for line in ax_kld.get_lines() for y in line.get_ydata()])
   ax_ppl.set_ylabel('perplexity' + (' (log scale)' if ax_ppl.get_yscale() == 'log' else ''))
   ax_ppl.set_title('perplexity vs bits per weight')
-  ax_kld.set_ylabel('KL(fp || method), nats/token'
-                    + (' (log scale)' if ax_kld.get_yscale() == 'log' else ''))
+  ax_kld.set_ylabel(
+    'KL(fp || method), nats/token' + (' (log scale)' if ax_kld.get_yscale() == 'log' else '')
+  )
   ax_kld.set_title('KL divergence vs bits per weight')
   for ax in (ax_ppl, ax_kld):
     ax.set_xscale('log', base=2)
@@ -337,16 +379,18 @@ def ppl_vs_bits_figure(results: Mapping[str, Any]) -> mpl_figure.Figure | None:
     bits = [p[0] for pts in series.values() for p in pts] or [16.0]
     if ax is ax_ppl and fp_ppl is not None:
       bits.append(16.0)
-    ticks = (_BIT_TICKS if max(bits) / min(bits) > 1.5 else
-             [t / 4 for t in range(int(4 * min(bits)), int(4 * max(bits)) + 2)])
+    ticks = (
+      _BIT_TICKS
+      if max(bits) / min(bits) > 1.5
+      else [t / 4 for t in range(int(4 * min(bits)), int(4 * max(bits)) + 2)]
+    )
     ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f'{v:g}'))
     ax.xaxis.set_minor_locator(ticker.NullLocator())
     ax.grid(alpha=0.3, which='both')
     if num_weights:
       mb = num_weights / 8 / 1e6
-      top = ax.secondary_xaxis('top', functions=(lambda b, mb=mb: b * mb,
-                                                 lambda y, mb=mb: y / mb))
+      top = ax.secondary_xaxis('top', functions=(lambda b, mb=mb: b * mb, lambda y, mb=mb: y / mb))
       top.set_xlabel('MB on disk of the quantized linears', fontsize=8)
       top.xaxis.set_major_locator(ticker.FixedLocator([b * mb for b in ticks]))
       top.xaxis.set_major_formatter(ticker.FuncFormatter(_fmt))
@@ -375,10 +419,14 @@ def write_all(results: Mapping[str, Any], output_dir: str) -> list[str]:
   written = []
   colors = method_colors(results)
   for col, reports in sorted(load_reports(output_dir, results).items()):
-    written.append(_save(proxy_ratio_figure(col, reports, colors),
-                         os.path.join(plot_dir, f'proxy_{col}.png')))
-    written.append(_save(proxy_loss_figure(col, reports, colors),
-                         os.path.join(plot_dir, f'proxy_loss_{col}.png')))
+    written.append(
+      _save(proxy_ratio_figure(col, reports, colors), os.path.join(plot_dir, f'proxy_{col}.png'))
+    )
+    written.append(
+      _save(
+        proxy_loss_figure(col, reports, colors), os.path.join(plot_dir, f'proxy_loss_{col}.png')
+      )
+    )
   fig = ppl_vs_bits_figure(results)
   if fig is not None:
     written.append(_save(fig, os.path.join(plot_dir, 'ppl_vs_bits.png')))
@@ -401,8 +449,9 @@ def main(argv):
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
   config = _CONFIG.value
   if not config.output_dir:
-    raise app.UsageError('--config.output_dir is required: the job output dir holding '
-                         'results.json and reports/.')
+    raise app.UsageError(
+      '--config.output_dir is required: the job output dir holding results.json and reports/.'
+    )
   # Host-only job: JAX is not initialised, so redrawing next to a running job on an
   # accelerator takes none of its memory.
   logging.info('plots: one host process (pid %d), no accelerator used', os.getpid())
@@ -414,6 +463,9 @@ if __name__ == '__main__':
   # Defined here, not at import: experiments.quantize imports this module and has
   # its own --config flag.
   _CONFIG = config_flags.DEFINE_config_file(
-      'config', _DEFAULT_CONFIG, 'Plots configuration (experiments/configs/plots.py).',
-      lock_config=True)
+    'config',
+    _DEFAULT_CONFIG,
+    'Plots configuration (experiments/configs/plots.py).',
+    lock_config=True,
+  )
   app.run(main)

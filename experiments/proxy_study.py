@@ -38,12 +38,29 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'proxy_stud
 _CONFIG = None  # the --config flag, defined only when run as a program (see bottom)
 
 # Candidates of --config.methods (see the module docstring).
-CANDIDATES = ('rtn', 'hadamard', 'gptq_pydoc', 'selfgen_seq', 'selfgen_h', 'random_h',
-              'struct_h', 'pydoc_h')
+CANDIDATES = (
+  'rtn',
+  'hadamard',
+  'gptq_pydoc',
+  'selfgen_seq',
+  'selfgen_h',
+  'random_h',
+  'struct_h',
+  'pydoc_h',
+)
 
 # Fields recorded under 'flags' in the results JSON.
-_RECORDED = ('eval_num_seqs', 'eval_seq_len', 'calib_num_seqs', 'calib_seq_len',
-             'gen_num_seqs', 'gen_seq_len', 'temperature', 'start_id', 'seed')
+_RECORDED = (
+  'eval_num_seqs',
+  'eval_seq_len',
+  'calib_num_seqs',
+  'calib_seq_len',
+  'gen_num_seqs',
+  'gen_seq_len',
+  'temperature',
+  'start_id',
+  'seed',
+)
 
 
 def _log(msg):
@@ -64,10 +81,11 @@ def _spearman(a, b):
 def diagnose(params, cfg, spec, h_pydoc, h_est: dict, key, seed: int = 0) -> dict:
   """Per-matrix isotropy diagnostics under the pydoc Σ (diagnosis only)."""
   from cafeq_jax import quantizer as qz
-  from cafeq_jax.core import stats
   from cafeq_jax import recipes
+  from cafeq_jax.core import stats
   from cafeq_jax.methods import quantize
   from cafeq_jax.models import linears
+
   del seed  # the key carries it
   mats = linears.get_linears(params, cfg)
   qh, _ = quantize(params, cfg, recipes.get('hadamard', spec=spec), key)
@@ -84,43 +102,51 @@ def diagnose(params, cfg, spec, h_pydoc, h_est: dict, key, seed: int = 0) -> dic
     frob_ratio = stats.weighted_loss(w, w_had, eye) / stats.weighted_loss(w, w_rtn, eye)
     diag = jnp.diagonal(h, axis1=-2, axis2=-1)
     r = {
-        'd_in': d,
-        'top1_mass': np.asarray(stats.top_channel_mass(h, 1)).round(4).tolist(),
-        'top8_mass': np.asarray(stats.top_channel_mass(h, 8)).round(4).tolist(),
-        'eff_rank_frac': np.asarray(stats.effective_rank(h) / d).round(4).tolist(),
-        'max_over_median_diag': np.asarray(
-            jnp.max(diag, -1) / jnp.median(diag, -1)).round(1).tolist(),
-        'loss_ratio_hadamard_vs_rtn_true': float(jnp.sum(stats.weighted_loss(w, w_had, h)) /
-                                                 jnp.sum(stats.weighted_loss(w, w_rtn, h))),
-        'loss_ratio_hadamard_vs_rtn_frob': float(jnp.sum(stats.weighted_loss(w, w_had, eye)) /
-                                                 jnp.sum(stats.weighted_loss(w, w_rtn, eye))),
-        'per_layer_true_ratio': np.asarray(true_ratio).round(3).tolist(),
-        'per_layer_frob_ratio': np.asarray(frob_ratio).round(3).tolist(),
+      'd_in': d,
+      'top1_mass': np.asarray(stats.top_channel_mass(h, 1)).round(4).tolist(),
+      'top8_mass': np.asarray(stats.top_channel_mass(h, 8)).round(4).tolist(),
+      'eff_rank_frac': np.asarray(stats.effective_rank(h) / d).round(4).tolist(),
+      'max_over_median_diag': np.asarray(jnp.max(diag, -1) / jnp.median(diag, -1))
+      .round(1)
+      .tolist(),
+      'loss_ratio_hadamard_vs_rtn_true': float(
+        jnp.sum(stats.weighted_loss(w, w_had, h)) / jnp.sum(stats.weighted_loss(w, w_rtn, h))
+      ),
+      'loss_ratio_hadamard_vs_rtn_frob': float(
+        jnp.sum(stats.weighted_loss(w, w_had, eye)) / jnp.sum(stats.weighted_loss(w, w_rtn, eye))
+      ),
+      'per_layer_true_ratio': np.asarray(true_ratio).round(3).tolist(),
+      'per_layer_frob_ratio': np.asarray(frob_ratio).round(3).tolist(),
     }
     for src, hs in h_est.items():
       de = jnp.diagonal(hs[n], axis1=-2, axis2=-1)
-      r[f'spearman_diag_{src}'] = float(np.mean(
-          [_spearman(diag[l], de[l]) for l in range(cfg.num_layers)]))
+      r[f'spearman_diag_{src}'] = float(
+        np.mean([_spearman(diag[l], de[l]) for l in range(cfg.num_layers)])
+      )
       # Cosine similarity of the full normalised matrices (1 = same up to scale).
       a, b = stats.normalize_trace(h), stats.normalize_trace(hs[n])
-      cos = jnp.sum(a * b, (-2, -1)) / jnp.sqrt(jnp.sum(a * a, (-2, -1)) *
-                                                jnp.sum(b * b, (-2, -1)))
+      cos = jnp.sum(a * b, (-2, -1)) / jnp.sqrt(jnp.sum(a * a, (-2, -1)) * jnp.sum(b * b, (-2, -1)))
       r[f'cosine_{src}'] = float(jnp.mean(cos))
     out[n] = r
-    _log(f'diag {n:5s} d={d} top1={np.mean(r["top1_mass"]):.3f} '
-         f'top8={np.mean(r["top8_mass"]):.3f} effrank/d={np.mean(r["eff_rank_frac"]):.3f} '
-         f'had/rtn true={r["loss_ratio_hadamard_vs_rtn_true"]:.2f} '
-         f'frob={r["loss_ratio_hadamard_vs_rtn_frob"]:.3f} ' +
-         ' '.join(f'{k}={v:.2f}' for k, v in r.items() if k.startswith(('spearman', 'cosine'))))
+    _log(
+      f'diag {n:5s} d={d} top1={np.mean(r["top1_mass"]):.3f} '
+      f'top8={np.mean(r["top8_mass"]):.3f} effrank/d={np.mean(r["eff_rank_frac"]):.3f} '
+      f'had/rtn true={r["loss_ratio_hadamard_vs_rtn_true"]:.2f} '
+      f'frob={r["loss_ratio_hadamard_vs_rtn_frob"]:.3f} '
+      + ' '.join(f'{k}={v:.2f}' for k, v in r.items() if k.startswith(('spearman', 'cosine')))
+    )
   # Model-only: residual-stream channels with large RMSNorm weights.
-  g = np.stack([np.asarray(params[f'layer_{l}']['pre_attention_norm']['scale'])
-                for l in range(cfg.num_layers)])
+  g = np.stack(
+    [np.asarray(params[f'layer_{l}']['pre_attention_norm']['scale']) for l in range(cfg.num_layers)]
+  )
   emb = np.asarray(params['embedder']['input_embedding'], np.float32)
   out['model_only'] = {
-      'attn_norm_g_max_over_median': (np.max(np.abs(g), 1) /
-                                      np.median(np.abs(g), 1)).round(1).tolist(),
-      'embedding_channel_rms_max_over_median': float(
-          np.max(np.sqrt((emb ** 2).mean(0))) / np.median(np.sqrt((emb ** 2).mean(0)))),
+    'attn_norm_g_max_over_median': (np.max(np.abs(g), 1) / np.median(np.abs(g), 1))
+    .round(1)
+    .tolist(),
+    'embedding_channel_rms_max_over_median': float(
+      np.max(np.sqrt((emb**2).mean(0))) / np.median(np.sqrt((emb**2).mean(0)))
+    ),
   }
   return out
 
@@ -134,11 +160,13 @@ def run(config: ml_collections.ConfigDict) -> dict:
   Raises:
     ValueError: an unknown candidate in ``config.methods`` (before anything runs).
   """
-  unknown = [m.strip() for m in config.methods.split(',')
-             if m.strip() and m.strip() not in CANDIDATES]
+  unknown = [
+    m.strip() for m in config.methods.split(',') if m.strip() and m.strip() not in CANDIDATES
+  ]
   if unknown:
-    raise ValueError(f'unknown method {unknown[0]!r} in config.methods; expected some of '
-                     f'{CANDIDATES}.')
+    raise ValueError(
+      f'unknown method {unknown[0]!r} in config.methods; expected some of {CANDIDATES}.'
+    )
   from cafeq_jax import eval as eval_lib
   from cafeq_jax import recipes
   from cafeq_jax.methods import quantize
@@ -153,29 +181,47 @@ def run(config: ml_collections.ConfigDict) -> dict:
   key = jax.random.PRNGKey(config.seed)
   text = eval_lib.load_text(None)
   tokens = eval_lib.make_windows(model.encode(text), config.eval_num_seqs, config.eval_seq_len)
-  ccfg = ml_collections.ConfigDict(dict(
-      eval_text='', eval_num_seqs=config.eval_num_seqs, eval_seq_len=config.eval_seq_len,
-      calib_num_seqs=config.calib_num_seqs, calib_seq_len=config.calib_seq_len))
-  res = {'column': config.column, 'flags': {k: config[k] for k in _RECORDED},
-         'timings': {}, 'methods': {}}
+  ccfg = ml_collections.ConfigDict(
+    dict(
+      eval_text='',
+      eval_num_seqs=config.eval_num_seqs,
+      eval_seq_len=config.eval_seq_len,
+      calib_num_seqs=config.calib_num_seqs,
+      calib_seq_len=config.calib_seq_len,
+    )
+  )
+  res = {
+    'column': config.column,
+    'flags': {k: config[k] for k in _RECORDED},
+    'timings': {},
+    'methods': {},
+  }
 
   need_pydoc = config.diagnose or any(m in methods for m in ('gptq_pydoc', 'pydoc_h'))
-  calib_stage = recipes.Calibration(source='in-domain', num_seqs=config.calib_num_seqs,
-                                    seq_len=config.calib_seq_len)
+  calib_stage = recipes.Calibration(
+    source='in-domain', num_seqs=config.calib_num_seqs, seq_len=config.calib_seq_len
+  )
   calib = quantize_lib.calibration_tokens(calib_stage, model, ccfg) if need_pydoc else None
   need_gen = config.diagnose or any(m in methods for m in ('selfgen_seq', 'selfgen_h'))
   h_gen = gen_toks = None
   if need_gen:
     t0 = time.perf_counter()
-    stage = recipes.SelfGenerated(num_seqs=config.gen_num_seqs, seq_len=config.gen_seq_len,
-                                  temperature=config.temperature, start_id=config.start_id)
+    stage = recipes.SelfGenerated(
+      num_seqs=config.gen_num_seqs,
+      seq_len=config.gen_seq_len,
+      temperature=config.temperature,
+      start_id=config.start_id,
+    )
     h_gen, gen_toks = stats_adapter.selfgen_hessians(
-        params, cfg, stage=stage, key=jax.random.fold_in(key, 1), return_tokens=True)
+      params, cfg, stage=stage, key=jax.random.fold_in(key, 1), return_tokens=True
+    )
     jax.block_until_ready(h_gen)
     res['timings']['selfgen_hessians'] = time.perf_counter() - t0
     res['selfgen_sample'] = model.decode([int(t) for t in gen_toks[0, :64]])
-    _log(f'selfgen_hessians {config.gen_num_seqs}x{config.gen_seq_len}: '
-         f'{res["timings"]["selfgen_hessians"]:.1f}s; sample: {res["selfgen_sample"]!r}')
+    _log(
+      f'selfgen_hessians {config.gen_num_seqs}x{config.gen_seq_len}: '
+      f'{res["timings"]["selfgen_hessians"]:.1f}s; sample: {res["selfgen_sample"]!r}'
+    )
   h_struct = None
   if config.diagnose or 'struct_h' in methods:
     t0 = time.perf_counter()
@@ -187,8 +233,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
     h_pydoc = jax.block_until_ready(stats_adapter.activation_hessians(params, cfg, calib))
     res['timings']['pydoc_hessians'] = time.perf_counter() - t0
   if config.diagnose:
-    res['diagnosis'] = diagnose(params, cfg, spec, h_pydoc,
-                                {'selfgen': h_gen, 'struct': h_struct}, key, config.seed)
+    res['diagnosis'] = diagnose(
+      params, cfg, spec, h_pydoc, {'selfgen': h_gen, 'struct': h_struct}, key, config.seed
+    )
     _dump(res, config.out)
 
   cands = {}
@@ -198,12 +245,18 @@ def run(config: ml_collections.ConfigDict) -> dict:
       qp, _ = quantize(params, cfg, recipes.get(m, spec=spec), key)
     elif m in ('gptq_pydoc', 'selfgen_seq'):
       # Sequential GPTQ on these tokens (calibration windows or self-generated ones).
-      qp, _ = quantize(params, cfg, recipes.get('gptq', spec=spec), key,
-                       calib_tokens=calib if m == 'gptq_pydoc' else gen_toks)
+      qp, _ = quantize(
+        params,
+        cfg,
+        recipes.get('gptq', spec=spec),
+        key,
+        calib_tokens=calib if m == 'gptq_pydoc' else gen_toks,
+      )
     elif m in ('selfgen_h', 'struct_h', 'pydoc_h', 'random_h'):
       if m == 'random_h':
-        rt = jax.random.randint(jax.random.fold_in(key, 2),
-                                (config.gen_num_seqs, config.gen_seq_len), 0, cfg.vocab_size)
+        rt = jax.random.randint(
+          jax.random.fold_in(key, 2), (config.gen_num_seqs, config.gen_seq_len), 0, cfg.vocab_size
+        )
         hs = stats_adapter.activation_hessians(params, cfg, rt)
       else:
         hs = {'selfgen_h': h_gen, 'struct_h': h_struct, 'pydoc_h': h_pydoc}[m]
@@ -215,8 +268,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
     _log(f'quantized {m} in {res["timings"][m]:.1f}s')
     cands[m] = qp
   t0 = time.perf_counter()
-  metrics = eval_lib.evaluate(eval_lib.model_apply_fn(cfg), params, tokens, cands,
-                              batch_size=2, progress=False)
+  metrics = eval_lib.evaluate(
+    eval_lib.model_apply_fn(cfg), params, tokens, cands, batch_size=2, progress=False
+  )
   res['timings']['eval'] = time.perf_counter() - t0
   res['methods'] = metrics
   res['timings']['total'] = time.perf_counter() - t_all
@@ -234,8 +288,12 @@ def _dump(res, out):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
-  logging.info('JAX process %d / %d, local devices: %s', jax.process_index(),
-               jax.process_count(), jax.local_devices())
+  logging.info(
+    'JAX process %d / %d, local devices: %s',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_devices(),
+  )
   run(_CONFIG.value)
 
 
@@ -243,6 +301,9 @@ if __name__ == '__main__':
   # Defined here, not at import, so importing this module (tests, notebooks, other
   # launchers with their own --config) never collides with another --config flag.
   _CONFIG = config_flags.DEFINE_config_file(
-      'config', _DEFAULT_CONFIG, 'Study configuration (experiments/configs/proxy_study.py).',
-      lock_config=True)
+    'config',
+    _DEFAULT_CONFIG,
+    'Study configuration (experiments/configs/proxy_study.py).',
+    lock_config=True,
+  )
   app.run(main)

@@ -16,14 +16,19 @@ from ml_collections import config_flags
 from experiments import quantize_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', 'experiments/configs/quantize.py', 'Job configuration.', lock_config=True)
+  'config', 'experiments/configs/quantize.py', 'Job configuration.', lock_config=True
+)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
-  logging.info('JAX process %d / %d, local devices: %s', jax.process_index(),
-               jax.process_count(), jax.local_devices())
+  logging.info(
+    'JAX process %d / %d, local devices: %s',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_devices(),
+  )
   config = _CONFIG.value
   results = quantize_lib.run(config)
   columns = [quantize_lib.parse_column(c).name for c in quantize_lib.split_names(config.columns)]

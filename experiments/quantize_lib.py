@@ -24,7 +24,8 @@ import json
 import os
 import re
 import time
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 from absl import logging
 import jax
@@ -38,14 +39,27 @@ from cafeq_jax import packing
 from cafeq_jax import quantizer
 from cafeq_jax import recipes
 from cafeq_jax.methods import quantize
-from cafeq_jax.models import PRESETS, ModelConfig, QuantizedLinear, init_params
+from cafeq_jax.models import PRESETS
+from cafeq_jax.models import ModelConfig
+from cafeq_jax.models import QuantizedLinear
+from cafeq_jax.models import init_params
 from cafeq_jax.models import qlinear
 from cafeq_jax.models.generate import generate
 
 # Standard-library modules whose source is the off-domain calibration text (code,
 # where the evaluation text is English prose).
-_CODE_MODULES = ('argparse', 'textwrap', 'functools', 'collections', 'json.decoder',
-                 'json.encoder', 'string', 'dataclasses', 'inspect', 'typing')
+_CODE_MODULES = (
+  'argparse',
+  'textwrap',
+  'functools',
+  'collections',
+  'json.decoder',
+  'json.encoder',
+  'string',
+  'dataclasses',
+  'inspect',
+  'typing',
+)
 
 _COLUMN = re.compile(r'^w(\d)(pc|g\d+)(sym|asym)?$')
 
@@ -54,14 +68,21 @@ def parse_column(name: str, clip_search: bool = False) -> quantizer.QuantSpec:
   """'w3g128' / 'w4pcsym' / 'w3g64asym' -> ``QuantSpec`` (asymmetric by default)."""
   m = _COLUMN.match(name.strip())
   if not m:
-    raise ValueError(f'column {name!r} is not of the form w<bits><pc|g<size>>[sym|asym], '
-                     f"e.g. 'w3g128' or 'w4pcsym'.")
+    raise ValueError(
+      f'column {name!r} is not of the form w<bits><pc|g<size>>[sym|asym], '
+      f"e.g. 'w3g128' or 'w4pcsym'."
+    )
   bits, gran, sym = m.groups()
   group = None if gran == 'pc' else int(gran[1:])
   # group_fallback: a matrix whose d_in is not a multiple of the group size (576 in
   # SmolLM2 under g128) uses the largest supported group size dividing it.
-  return quantizer.QuantSpec(bits=int(bits), group_size=group, symmetric=sym == 'sym',
-                             clip_search=clip_search, group_fallback=True)
+  return quantizer.QuantSpec(
+    bits=int(bits),
+    group_size=group,
+    symmetric=sym == 'sym',
+    clip_search=clip_search,
+    group_fallback=True,
+  )
 
 
 def column_name(spec: quantizer.QuantSpec) -> str:
@@ -75,6 +96,7 @@ def split_names(s: str) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
   """Params, config and text codec of the model under study."""
+
   name: str
   params: Any
   config: ModelConfig
@@ -86,17 +108,22 @@ class LoadedModel:
 def load_model(name: str, seed: int = 0) -> LoadedModel:
   """The embedded SmolLM2, a .gguf file, a Hugging Face dir, or a random preset."""
   if name == 'smollm2_135m' or name.endswith('.gguf'):
-    from cafeq_jax.loading import gguf, tokenizer  # pylint: disable=g-import-not-at-top
+    from cafeq_jax.loading import gguf  # pylint: disable=g-import-not-at-top
+    from cafeq_jax.loading import tokenizer  # pylint: disable=g-import-not-at-top
+
     path = None if name == 'smollm2_135m' else name
     params, cfg = gguf.load_gguf(path)
     tok = tokenizer.load_gguf_tokenizer(path)
-    return LoadedModel(name, params, cfg, lambda t: tok.encode(t, add_bos=False),
-                       tok.decode, tok.eos_id)
+    return LoadedModel(
+      name, params, cfg, lambda t: tok.encode(t, add_bos=False), tok.decode, tok.eos_id
+    )
   if os.path.isdir(name):
     from cafeq_jax.loading import hf  # pylint: disable=g-import-not-at-top
+
     params, cfg = hf.load_hf(name)
     try:
       import tokenizers  # pylint: disable=g-import-not-at-top
+
       tok = tokenizers.Tokenizer.from_file(os.path.join(name, 'tokenizer.json'))
       return LoadedModel(name, params, cfg, lambda t: tok.encode(t).ids, tok.decode)
     except Exception:  # pylint: disable=broad-except
@@ -105,15 +132,22 @@ def load_model(name: str, seed: int = 0) -> LoadedModel:
   if name in PRESETS:
     cfg = PRESETS[name]
     return _byte_codec(name, init_params(cfg, jax.random.PRNGKey(seed)), cfg)
-  raise ValueError(f'model {name!r} is neither smollm2_135m, a .gguf file, a Hugging '
-                   f'Face model dir, nor a preset ({sorted(PRESETS)}).')
+  raise ValueError(
+    f'model {name!r} is neither smollm2_135m, a .gguf file, a Hugging '
+    f'Face model dir, nor a preset ({sorted(PRESETS)}).'
+  )
 
 
 def _byte_codec(name, params, cfg) -> LoadedModel:
   """Bytes as token ids (mod vocab): enough text handling for random test models."""
   v = cfg.vocab_size
-  return LoadedModel(name, params, cfg, lambda t: [b % v for b in t.encode()],
-                     lambda ids: bytes(int(i) % 256 for i in ids).decode(errors='replace'))
+  return LoadedModel(
+    name,
+    params,
+    cfg,
+    lambda t: [b % v for b in t.encode()],
+    lambda ids: bytes(int(i) % 256 for i in ids).decode(errors='replace'),
+  )
 
 
 def code_text() -> str:
@@ -131,8 +165,12 @@ def calibration_tokens(stage: recipes.Calibration, model: LoadedModel, config) -
     # The evaluation windows start each of eval_num_seqs equal chunks; calibration
     # windows are taken from the rest of those chunks, so they never overlap.
     stride = ids.size // config.eval_num_seqs
-    rest = np.concatenate([ids[i * stride + config.eval_seq_len:(i + 1) * stride]
-                           for i in range(config.eval_num_seqs)])
+    rest = np.concatenate(
+      [
+        ids[i * stride + config.eval_seq_len : (i + 1) * stride]
+        for i in range(config.eval_num_seqs)
+      ]
+    )
     return eval_lib.make_windows(rest, n, t)
   text = code_text() if stage.source == 'code' else eval_lib.load_text(stage.source)
   return eval_lib.make_windows(model.encode(text), n, t)
@@ -158,8 +196,10 @@ def recipe_for(name: str, spec: quantizer.QuantSpec, config) -> recipes.Recipe:
   recipe = recipes.get(name, spec=spec)
   if name.startswith('cafeq'):
     recipe = recipes.override(recipe, _flat(config.cafeq.to_dict()), strict=False)
-  sizes = {recipes.SelfGenerated: (config.selfgen_num_seqs, config.selfgen_seq_len),
-           recipes.Calibration: (config.calib_num_seqs, config.calib_seq_len)}
+  sizes = {
+    recipes.SelfGenerated: (config.selfgen_num_seqs, config.selfgen_seq_len),
+    recipes.Calibration: (config.calib_num_seqs, config.calib_seq_len),
+  }
   if type(recipe.statistics) in sizes:
     n, t = sizes[type(recipe.statistics)]
     recipe = recipes.override(recipe, {'statistics.num_seqs': n, 'statistics.seq_len': t})
@@ -188,8 +228,11 @@ def storage(qparams) -> dict[str, float]:
         packed += transform_nbytes(leaf.transform_inv)
       bf16 += packing.bf16_nbytes(p.shape)
       n += int(np.prod(p.shape))
-  return {'linear_bytes': packed, 'linear_bf16_bytes': bf16,
-          'bits_per_weight': 8 * packed / max(n, 1)}
+  return {
+    'linear_bytes': packed,
+    'linear_bf16_bytes': bf16,
+    'bits_per_weight': 8 * packed / max(n, 1),
+  }
 
 
 RESULTS_FILE = 'results.json'
@@ -225,16 +268,32 @@ def _sha(obj) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _row_inputs(recipe: recipes.Recipe, *, seed: int, weights: str, eval_tokens: str,
-                calib_tokens: str | None = None) -> dict[str, Any]:
+def _row_inputs(
+  recipe: recipes.Recipe,
+  *,
+  seed: int,
+  weights: str,
+  eval_tokens: str,
+  calib_tokens: str | None = None,
+) -> dict[str, Any]:
   """The content fingerprints a cell's result depends on (short, for logs and diffs)."""
-  return {'weights': weights[:16], 'eval_tokens': eval_tokens[:16],
-          'calib_tokens': None if calib_tokens is None else calib_tokens[:16],
-          'seed': int(seed), 'recipe': _sha(recipe.to_dict())[:16]}
+  return {
+    'weights': weights[:16],
+    'eval_tokens': eval_tokens[:16],
+    'calib_tokens': None if calib_tokens is None else calib_tokens[:16],
+    'seed': int(seed),
+    'recipe': _sha(recipe.to_dict())[:16],
+  }
 
 
-def _row_hash(recipe: recipes.Recipe, *, seed: int, weights: str, eval_tokens: str,
-              calib_tokens: str | None = None) -> str:
+def _row_hash(
+  recipe: recipes.Recipe,
+  *,
+  seed: int,
+  weights: str,
+  eval_tokens: str,
+  calib_tokens: str | None = None,
+) -> str:
   """Identity of one table cell's inputs, by content (the resume key).
 
   Args:
@@ -244,8 +303,15 @@ def _row_hash(recipe: recipes.Recipe, *, seed: int, weights: str, eval_tokens: s
     eval_tokens: ``tokens_fingerprint`` of the evaluation windows.
     calib_tokens: ``tokens_fingerprint`` of the calibration windows (GPTQ rows).
   """
-  return _sha({'recipe': recipe.to_dict(), 'seed': int(seed), 'weights': weights,
-               'eval_tokens': eval_tokens, 'calib_tokens': calib_tokens})[:16]
+  return _sha(
+    {
+      'recipe': recipe.to_dict(),
+      'seed': int(seed),
+      'weights': weights,
+      'eval_tokens': eval_tokens,
+      'calib_tokens': calib_tokens,
+    }
+  )[:16]
 
 
 def _fp_hash(weights: str, eval_tokens: str) -> str:
@@ -275,9 +341,10 @@ def _describe(inputs: dict[str, Any]) -> str:
 @dataclasses.dataclass
 class _Plan:
   """The checked options of a run."""
+
   methods: list[str]
   specs: list[quantizer.QuantSpec]
-  cells: dict[tuple[str, str], recipes.Recipe]   # (column, method) -> recipe
+  cells: dict[tuple[str, str], recipes.Recipe]  # (column, method) -> recipe
   text: str
   save: set[str]
   export: set[str]
@@ -311,18 +378,28 @@ def _check_options(config) -> _Plan:
   """
   methods, columns = split_names(config.methods), split_names(config.columns)
   if not methods or not columns:
-    raise ValueError(f'config.methods={config.methods!r} and config.columns='
-                     f'{config.columns!r} must each name at least one entry.')
+    raise ValueError(
+      f'config.methods={config.methods!r} and config.columns='
+      f'{config.columns!r} must each name at least one entry.'
+    )
   for what, names in (('methods', methods), ('columns', columns)):
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
       raise ValueError(f'config.{what}={config[what]!r} repeats {repeated}.')
   if 'fp' in methods:
-    raise ValueError("config.methods names 'fp': that row is the unquantized reference, "
-                     'always present; list only quantization recipes.')
-  for name, least in (('eval_num_seqs', 1), ('eval_seq_len', 2), ('eval_batch_size', 1),
-                      ('calib_num_seqs', 1), ('calib_seq_len', 2), ('selfgen_num_seqs', 1),
-                      ('selfgen_seq_len', 2)):
+    raise ValueError(
+      "config.methods names 'fp': that row is the unquantized reference, "
+      'always present; list only quantization recipes.'
+    )
+  for name, least in (
+    ('eval_num_seqs', 1),
+    ('eval_seq_len', 2),
+    ('eval_batch_size', 1),
+    ('calib_num_seqs', 1),
+    ('calib_seq_len', 2),
+    ('selfgen_num_seqs', 1),
+    ('selfgen_seq_len', 2),
+  ):
     _check_int(config, name, least)
   if isinstance(config.seed, bool) or not isinstance(config.seed, int):
     raise ValueError(f'config.seed={config.seed!r} must be an int.')
@@ -338,8 +415,10 @@ def _check_options(config) -> _Plan:
   for what, names in (('save_models', save), ('export_hf', export)):
     unknown = [n for n in names if n not in methods]
     if unknown:
-      raise ValueError(f'config.{what}={config[what]!r} names {unknown}, which are not '
-                       f'rows of this run; expected some of config.methods={methods}.')
+      raise ValueError(
+        f'config.{what}={config[what]!r} names {unknown}, which are not '
+        f'rows of this run; expected some of config.methods={methods}.'
+      )
   text = eval_lib.load_text(config.eval_text or None)
   for r in plan_recipes.values():
     stage = r.statistics
@@ -350,12 +429,14 @@ def _check_options(config) -> _Plan:
   _check_dir(os.path.join(out, 'reports'), 'the reports directory')
   if save:
     from cafeq_jax import checkpointing  # pylint: disable=g-import-not-at-top
+
     _check_dir(os.path.join(out, 'models'), 'the models directory')
     for s in specs:
       for m in save:
         checkpointing.check_overwritable(_model_path(config, column_name(s), m))
   if export:
     from cafeq_jax.loading import hf  # pylint: disable=g-import-not-at-top
+
     _check_dir(os.path.join(out, 'hf'), 'the Hugging Face export directory')
     for s in specs:
       for m in export:
@@ -367,27 +448,32 @@ def _check_with_model(plan: _Plan, model: LoadedModel, config) -> None:
   """Checks that need the model (lengths, prompt, export), before any quantization."""
   limit = model.config.max_seq_len
   if config.eval_seq_len > limit:
-    raise ValueError(f'config.eval_seq_len={config.eval_seq_len} exceeds the max_seq_len='
-                     f'{limit} of model {config.model!r}.')
+    raise ValueError(
+      f'config.eval_seq_len={config.eval_seq_len} exceeds the max_seq_len='
+      f'{limit} of model {config.model!r}.'
+    )
   for (col, m), r in plan.cells.items():
     stage = r.statistics
-    if isinstance(stage, (recipes.SelfGenerated, recipes.Calibration)) and (
-        stage.seq_len > limit):
-      option = 'selfgen_seq_len' if isinstance(stage, recipes.SelfGenerated) else (
-          'calib_seq_len')
-      raise ValueError(f'row {m!r} ({col}) uses sequences of {stage.seq_len} tokens '
-                       f'(config.{option}) but model {config.model!r} has max_seq_len='
-                       f'{limit}.')
+    if isinstance(stage, (recipes.SelfGenerated, recipes.Calibration)) and (stage.seq_len > limit):
+      option = 'selfgen_seq_len' if isinstance(stage, recipes.SelfGenerated) else ('calib_seq_len')
+      raise ValueError(
+        f'row {m!r} ({col}) uses sequences of {stage.seq_len} tokens '
+        f'(config.{option}) but model {config.model!r} has max_seq_len='
+        f'{limit}.'
+      )
   if config.prompt:
     n = len(model.encode(config.prompt))
     if n == 0:
       raise ValueError(f'config.prompt={config.prompt!r} encodes to no tokens.')
     if n + config.max_new_tokens > limit:
-      raise ValueError(f'config.prompt ({n} tokens) + config.max_new_tokens='
-                       f'{config.max_new_tokens} exceeds the max_seq_len={limit} of model '
-                       f'{config.model!r}.')
+      raise ValueError(
+        f'config.prompt ({n} tokens) + config.max_new_tokens='
+        f'{config.max_new_tokens} exceeds the max_seq_len={limit} of model '
+        f'{config.model!r}.'
+      )
   if plan.export:
     from cafeq_jax.loading import hf  # pylint: disable=g-import-not-at-top
+
     hf.check_exportable(model.config)
 
 
@@ -423,14 +509,23 @@ def _load_results(path: str, config) -> dict[str, Any]:
   except OSError as e:
     raise ValueError(f'{path!r} cannot be read: {e}') from None
   if not _valid_results(data):
-    atomic.move_aside(path, 'is not a results table of this job (expected {"columns": '
-                            '{column: {"methods": {method: row}}}})')
+    atomic.move_aside(
+      path,
+      'is not a results table of this job (expected {"columns": '
+      '{column: {"methods": {method: row}}}})',
+    )
     return _fresh_results(config)
   return data
 
 
-def _commit(path: str, config, col: str, spec: quantizer.QuantSpec,
-            rows: dict[str, dict], patches: dict[str, tuple[str, dict]]) -> dict[str, Any]:
+def _commit(
+  path: str,
+  config,
+  col: str,
+  spec: quantizer.QuantSpec,
+  rows: dict[str, dict],
+  patches: dict[str, tuple[str, dict]],
+) -> dict[str, Any]:
   """Re-reads ``results.json``, merges this run's cells of ``col``, writes it back.
 
   Call with the output dir's lock held. ``rows`` replace whole cells; ``patches``
@@ -460,6 +555,7 @@ def _export_path(config, col: str, method: str) -> str:
 def _saved_hash(path: str) -> str | None:
   """The row hash a saved model was written for (None: absent, unreadable, other)."""
   from cafeq_jax import checkpointing  # pylint: disable=g-import-not-at-top
+
   try:
     meta = checkpointing.read_info(path)['metadata']
   except (FileNotFoundError, checkpointing.CheckpointError):
@@ -469,6 +565,7 @@ def _saved_hash(path: str) -> str | None:
 
 def _exported_hash(path: str) -> str | None:
   from cafeq_jax.loading import hf  # pylint: disable=g-import-not-at-top
+
   marker = hf.read_export_marker(path)
   prov = (marker or {}).get('provenance')
   return prov.get('row_hash') if isinstance(prov, dict) else None
@@ -501,8 +598,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   model = load_model(config.model, config.seed)
   logging.info('loaded %s in %.1fs', config.model, time.perf_counter() - t0)
   _check_with_model(plan, model, config)
-  tokens = eval_lib.make_windows(model.encode(plan.text), config.eval_num_seqs,
-                                 config.eval_seq_len)
+  tokens = eval_lib.make_windows(model.encode(plan.text), config.eval_num_seqs, config.eval_seq_len)
   weights = weights_fingerprint(model.params, model.config)
   eval_fp = tokens_fingerprint(tokens)
   fp_hash = _fp_hash(weights, eval_fp)
@@ -512,8 +608,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if isinstance(stage, recipes.Calibration) and stage not in calib:
       toks = calibration_tokens(stage, model, config)
       calib[stage] = (toks, tokens_fingerprint(toks))
-  logging.info('inputs: weights %s, eval tokens %s, seed %d', weights[:16], eval_fp[:16],
-               config.seed)
+  logging.info(
+    'inputs: weights %s, eval tokens %s, seed %d', weights[:16], eval_fp[:16], config.seed
+  )
   apply_fn = eval_lib.model_apply_fn(model.config)
   sample_for = {'prompt': config.prompt, 'max_new_tokens': config.max_new_tokens}
 
@@ -540,11 +637,20 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
           need.append('sample')
         if need:
           wants[m] = (recipe, h, need)
-          logging.info('[%s] %s: kept its metrics (same inputs: %s); recomputing its params '
-                       'to %s', col, m, _describe(inputs), ' and '.join(need))
+          logging.info(
+            '[%s] %s: kept its metrics (same inputs: %s); recomputing its params to %s',
+            col,
+            m,
+            _describe(inputs),
+            ' and '.join(need),
+          )
         else:
-          logging.info('[%s] %s: kept (results.json holds it with the same inputs: %s)',
-                       col, m, _describe(inputs))
+          logging.info(
+            '[%s] %s: kept (results.json holds it with the same inputs: %s)',
+            col,
+            m,
+            _describe(inputs),
+          )
       else:
         logging.info('[%s] %s: computing (%s)', col, m, _why(prev, inputs))
         todo[m] = (recipe, h, inputs)
@@ -563,38 +669,56 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       if isinstance(recipe.statistics, recipes.Calibration):
         kwargs['calib_tokens'] = calib[recipe.statistics][0]
       logging.info('[%s] quantizing with %s', col, m)
-      qparams, report = quantize(model.params, model.config, recipe,
-                                 jax.random.PRNGKey(config.seed), progress=config.progress,
-                                 **kwargs)
+      qparams, report = quantize(
+        model.params,
+        model.config,
+        recipe,
+        jax.random.PRNGKey(config.seed),
+        progress=config.progress,
+        **kwargs,
+      )
       qparams = jax.block_until_ready(qparams)
       candidates[m] = qparams
       if m in todo:
         _, h, inputs = todo[m]
-        rows[m] = {'hash': h, 'inputs': inputs,
-                   'quantize_seconds': report.timings.get('total', float('nan')),
-                   'proxy_rtn': report.total('rtn'), 'proxy_final': report.total('final'),
-                   **storage(qparams)}
-        atomic.write_json(os.path.join(config.output_dir, 'reports', f'{col}_{m}.json'),
-                          {**report.to_dict(), 'row_hash': h})
+        rows[m] = {
+          'hash': h,
+          'inputs': inputs,
+          'quantize_seconds': report.timings.get('total', float('nan')),
+          'proxy_rtn': report.total('rtn'),
+          'proxy_final': report.total('final'),
+          **storage(qparams),
+        }
+        atomic.write_json(
+          os.path.join(config.output_dir, 'reports', f'{col}_{m}.json'),
+          {**report.to_dict(), 'row_hash': h},
+        )
         logging.info('%s', report.summary())
 
     new_rows: dict[str, dict] = {}
     patches: dict[str, tuple[str, dict]] = {}
     if todo or not fp_kept:
       logging.info('[%s] evaluating fp and %s', col, ', '.join(todo) or 'no other row')
-      metrics = eval_lib.evaluate(apply_fn, model.params, tokens,
-                                  {m: candidates[m] for m in todo},
-                                  batch_size=config.eval_batch_size, progress=config.progress)
+      metrics = eval_lib.evaluate(
+        apply_fn,
+        model.params,
+        tokens,
+        {m: candidates[m] for m in todo},
+        batch_size=config.eval_batch_size,
+        progress=config.progress,
+      )
       new_rows['fp'] = {**metrics['fp'], 'hash': fp_hash}
       for m in todo:
         new_rows[m] = {**metrics[m], **rows[m]}
     if config.prompt:
+
       def add_sample(name, params, h):
         fields = {'sample': sample_text(model, params, config), 'sample_for': sample_for}
         if name in new_rows:
           new_rows[name].update(fields)
         else:
           patches[name] = (h, fields)
+
       if 'fp' in new_rows or fp_sample:
         add_sample('fp', model.params, fp_hash)
       for m in candidates:
@@ -612,11 +736,15 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
           _save_model(config, model, col, m, candidates[m], recipe.to_dict(), h)
       if m in plan.export and 'export' in need:
         from cafeq_jax.loading import hf  # pylint: disable=g-import-not-at-top
+
         path = _export_path(config, col, m)
         with lock:
-          hf.save_hf(candidates[m], model.config, path,
-                     provenance={'row_hash': h, 'recipe': recipe.to_dict(),
-                                 'model': config.model})
+          hf.save_hf(
+            candidates[m],
+            model.config,
+            path,
+            provenance={'row_hash': h, 'recipe': recipe.to_dict(), 'model': config.model},
+          )
         logging.info('exported %s', path)
     del candidates
 
@@ -627,8 +755,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     atomic.write_json(results_path, results)
     columns = [column_name(s) for s in plan.specs]
     columns += sorted(c for c in results['columns'] if c not in columns)
-    others = sorted({m for c in columns if c in results['columns']
-                     for m in results['columns'][c]['methods']} - {'fp', *plan.methods})
+    others = sorted(
+      {m for c in columns if c in results['columns'] for m in results['columns'][c]['methods']}
+      - {'fp', *plan.methods}
+    )
     table = format_table(results, [*plan.methods, *others], columns)
     atomic.write_text(os.path.join(config.output_dir, TABLE_FILE), table + '\n')
     if config.get('plots', True):
@@ -644,19 +774,24 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def _save_model(config, model, col, method, qparams, recipe_dict, row_hash=None):
   """Saves a row's quantized model (packed, bf16 scales) atomically with its provenance."""
   from cafeq_jax import checkpointing  # pylint: disable=g-import-not-at-top
+
   path = _model_path(config, col, method)
-  checkpointing.save_quantized(path, qlinear.pack_params(qparams, scale_dtype=jnp.bfloat16),
-                               model_config=model.config,
-                               metadata={'recipe': recipe_dict, 'row_hash': row_hash,
-                                         'model': config.model}, overwrite=True)
+  checkpointing.save_quantized(
+    path,
+    qlinear.pack_params(qparams, scale_dtype=jnp.bfloat16),
+    model_config=model.config,
+    metadata={'recipe': recipe_dict, 'row_hash': row_hash, 'model': config.model},
+    overwrite=True,
+  )
   logging.info('saved %s', path)
 
 
 def sample_text(model: LoadedModel, params, config) -> str:
   """Greedy continuation of ``config.prompt``."""
   prompt = jnp.asarray([model.encode(config.prompt)], jnp.int32)
-  out = generate(params, model.config, prompt,
-                              max_new_tokens=config.max_new_tokens, eos_id=model.eos_id)
+  out = generate(
+    params, model.config, prompt, max_new_tokens=config.max_new_tokens, eos_id=model.eos_id
+  )
   return model.decode([int(t) for t in np.asarray(out)[0]])
 
 

@@ -25,7 +25,9 @@ import itertools
 import json
 import os
 import time
-from typing import Any, Callable, Iterable
+from typing import Any
+from typing import Callable
+from typing import Iterable
 
 from absl import app
 from absl import logging
@@ -36,14 +38,27 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'sweep.py')
 _CONFIG = None  # the --config flag, defined only when run as a program (see bottom)
 
 # Config fields that do not change a point's result (left out of its key).
-_BOOKKEEPING = ('models', 'methods', 'bits', 'group_sizes', 'workdir', 'results_file',
-                'num_shards', 'shard_index', 'save_models', 'progress',
-                'coordinator_address', 'num_processes', 'process_id')
+_BOOKKEEPING = (
+  'models',
+  'methods',
+  'bits',
+  'group_sizes',
+  'workdir',
+  'results_file',
+  'num_shards',
+  'shard_index',
+  'save_models',
+  'progress',
+  'coordinator_address',
+  'num_processes',
+  'process_id',
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Point:
   """One grid point."""
+
   model: str
   method: str
   bits: int
@@ -73,19 +88,25 @@ def grid(config: ml_collections.ConfigDict) -> list[Point]:
   models, methods = _split(config.models), _split(config.methods)
   bits = _ints(config.bits, 'bits')
   groups = [None if g == 0 else g for g in _ints(config.group_sizes, 'group_sizes')]
-  for name, axis in (('models', models), ('methods', methods), ('bits', bits),
-                     ('group_sizes', groups)):
+  for name, axis in (
+    ('models', models),
+    ('methods', methods),
+    ('bits', bits),
+    ('group_sizes', groups),
+  ):
     if not axis:
       raise ValueError(f'config.{name} is empty; give at least one value.')
-  return [Point(m, meth, b, g)
-          for m, g, b, meth in itertools.product(models, groups, bits, methods)]
+  return [
+    Point(m, meth, b, g) for m, g, b, meth in itertools.product(models, groups, bits, methods)
+  ]
 
 
 def point_key(point: Point, config: ml_collections.ConfigDict) -> str:
   """Hash of the point and of the config fields that affect its result."""
   relevant = {k: v for k, v in config.to_dict().items() if k not in _BOOKKEEPING}
-  blob = json.dumps({'point': dataclasses.asdict(point), 'config': relevant},
-                    sort_keys=True, default=str)
+  blob = json.dumps(
+    {'point': dataclasses.asdict(point), 'config': relevant}, sort_keys=True, default=str
+  )
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -142,17 +163,18 @@ class _ModelCache:
     if name != self.name:
       from cafeq_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
       from experiments import quantize_lib  # pylint: disable=g-import-not-at-top
+
       self.value = None  # free the previous model first
       model = quantize_lib.load_model(name, config.seed)
       text = eval_lib.load_text(config.eval_text or None)
-      tokens = eval_lib.make_windows(model.encode(text), config.eval_num_seqs,
-                                      config.eval_seq_len)
+      tokens = eval_lib.make_windows(model.encode(text), config.eval_num_seqs, config.eval_seq_len)
       self.name, self.value = name, (model, tokens, eval_lib.model_apply_fn(model.config))
     return self.value
 
 
-def run_point(point: Point, config: ml_collections.ConfigDict,
-              cache: _ModelCache | None = None) -> dict[str, Any]:
+def run_point(
+  point: Point, config: ml_collections.ConfigDict, cache: _ModelCache | None = None
+) -> dict[str, Any]:
   """Loads the model, quantizes it with the point's method, evaluates it.
 
   Returns:
@@ -160,51 +182,81 @@ def run_point(point: Point, config: ml_collections.ConfigDict,
     fp ppl on the same tokens, proxy losses, storage and timings.
   """
   import jax  # pylint: disable=g-import-not-at-top
+
+  from cafeq_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
   from cafeq_jax import quantizer  # pylint: disable=g-import-not-at-top
   from cafeq_jax import recipes  # pylint: disable=g-import-not-at-top
-  from cafeq_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
   from cafeq_jax.methods import quantize  # pylint: disable=g-import-not-at-top
   from experiments import quantize_lib  # pylint: disable=g-import-not-at-top
 
   cache = cache or _ModelCache()
   model, tokens, apply_fn = cache.get(point.model, config)
-  spec = quantizer.QuantSpec(bits=point.bits, group_size=point.group_size,
-                             symmetric=config.symmetric, clip_search=config.clip_search)
+  spec = quantizer.QuantSpec(
+    bits=point.bits,
+    group_size=point.group_size,
+    symmetric=config.symmetric,
+    clip_search=config.clip_search,
+  )
   recipe = quantize_lib.recipe_for(point.method, spec, config)
   kwargs = {}
   if isinstance(recipe.statistics, recipes.Calibration):
     kwargs['calib_tokens'] = quantize_lib.calibration_tokens(recipe.statistics, model, config)
   t0 = time.perf_counter()
-  qparams, report = quantize(model.params, model.config, recipe,
-                             jax.random.PRNGKey(config.seed), progress=config.progress, **kwargs)
+  qparams, report = quantize(
+    model.params,
+    model.config,
+    recipe,
+    jax.random.PRNGKey(config.seed),
+    progress=config.progress,
+    **kwargs,
+  )
   qparams = jax.block_until_ready(qparams)
   quant_seconds = time.perf_counter() - t0
-  metrics = eval_lib.evaluate(apply_fn, model.params, tokens, {'q': qparams},
-                              batch_size=config.eval_batch_size, progress=config.progress)
+  metrics = eval_lib.evaluate(
+    apply_fn,
+    model.params,
+    tokens,
+    {'q': qparams},
+    batch_size=config.eval_batch_size,
+    progress=config.progress,
+  )
   row = {
-      'ppl': metrics['q']['ppl'], 'kld': metrics['q']['kld'], 'top1': metrics['q']['top1'],
-      'fp_ppl': metrics['fp']['ppl'], 'eval_tokens': metrics['q']['tokens'],
-      'quantize_seconds': quant_seconds, 'proxy_rtn': report.total('rtn'),
-      'proxy_final': report.total('final'), 'spec': spec.name,
-      'bits_per_weight': quantize_lib.storage(qparams)['bits_per_weight'],
+    'ppl': metrics['q']['ppl'],
+    'kld': metrics['q']['kld'],
+    'top1': metrics['q']['top1'],
+    'fp_ppl': metrics['fp']['ppl'],
+    'eval_tokens': metrics['q']['tokens'],
+    'quantize_seconds': quant_seconds,
+    'proxy_rtn': report.total('rtn'),
+    'proxy_final': report.total('final'),
+    'spec': spec.name,
+    'bits_per_weight': quantize_lib.storage(qparams)['bits_per_weight'],
   }
   from cafeq_jax.distributed import memory  # pylint: disable=g-import-not-at-top
+
   row.update(memory.peak_memory())  # process peaks so far (model load included)
   if config.save_models:
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
     from cafeq_jax import checkpointing  # pylint: disable=g-import-not-at-top
     from cafeq_jax.models import qlinear  # pylint: disable=g-import-not-at-top
+
     path = os.path.join(config.workdir, 'models', point.name.replace('/', '_'))
-    checkpointing.save_quantized(path, qlinear.pack_params(qparams, scale_dtype=jnp.bfloat16),
-                                 model_config=model.config, quant_config=recipe,
-                                 metadata={'point': dataclasses.asdict(point), **row},
-                                 overwrite=True)
+    checkpointing.save_quantized(
+      path,
+      qlinear.pack_params(qparams, scale_dtype=jnp.bfloat16),
+      model_config=model.config,
+      quant_config=recipe,
+      metadata={'point': dataclasses.asdict(point), **row},
+      overwrite=True,
+    )
     row['model_path'] = path
   return row
 
 
-def run(config: ml_collections.ConfigDict,
-        runner: Callable[..., dict[str, Any]] | None = None) -> dict[str, Any]:
+def run(
+  config: ml_collections.ConfigDict, runner: Callable[..., dict[str, Any]] | None = None
+) -> dict[str, Any]:
   """Runs this process's share of the grid; returns counts and this sweep's rows.
 
   Args:
@@ -212,22 +264,31 @@ def run(config: ml_collections.ConfigDict,
     runner: ``runner(point, config, cache) -> row`` (default ``run_point``).
   """
   import jax  # pylint: disable=g-import-not-at-top
+
   runner = runner or run_point
   points = grid(config)
   num_shards = config.num_shards or jax.process_count()
   shard_index = config.shard_index if config.shard_index >= 0 else jax.process_index()
   if config.save_models and jax.process_count() > 1:
-    raise ValueError('config.save_models=True needs a single-process run per shard '
-                     '(Orbax saves synchronise all processes of a jax.distributed job); '
-                     'launch independent processes with --config.num_shards/shard_index.')
+    raise ValueError(
+      'config.save_models=True needs a single-process run per shard '
+      '(Orbax saves synchronise all processes of a jax.distributed job); '
+      'launch independent processes with --config.num_shards/shard_index.'
+    )
   path = os.path.join(config.workdir, config.results_file)
   keys = {point_key(p, config): p for p in points}
   # Every JSONL in the workdir counts (e.g. per-host files copied together).
   tables = sorted({path, *glob.glob(os.path.join(config.workdir, '*.jsonl'))})
   done = {r['key'] for t in tables for r in read_results(t) if r.get('status') == 'ok'}
   mine = my_points(points, num_shards, shard_index)
-  logging.info('sweep: %d points, %d in shard %d/%d, %d already done', len(points),
-               len(mine), shard_index, num_shards, len(done & set(keys)))
+  logging.info(
+    'sweep: %d points, %d in shard %d/%d, %d already done',
+    len(points),
+    len(mine),
+    shard_index,
+    num_shards,
+    len(done & set(keys)),
+  )
   cache = _ModelCache()
   ran = skipped = 0
   for index, point in mine:
@@ -239,24 +300,49 @@ def run(config: ml_collections.ConfigDict,
     logging.info('[%d] %s running', index, point.name)
     t0 = time.perf_counter()
     row = runner(point, config, cache)
-    row = {'key': key, 'name': point.name, 'index': index, 'status': 'ok',
-           **dataclasses.asdict(point), **row,
-           'seconds': time.perf_counter() - t0, 'shard': shard_index,
-           'time': time.strftime('%Y-%m-%dT%H:%M:%S')}
+    row = {
+      'key': key,
+      'name': point.name,
+      'index': index,
+      'status': 'ok',
+      **dataclasses.asdict(point),
+      **row,
+      'seconds': time.perf_counter() - t0,
+      'shard': shard_index,
+      'time': time.strftime('%Y-%m-%dT%H:%M:%S'),
+    }
     append_result(path, row)
     ran += 1
-  rows = {r['key']: r for t in tables for r in read_results(t)
-          if r.get('key') in keys and r.get('status') == 'ok'}
+  rows = {
+    r['key']: r
+    for t in tables
+    for r in read_results(t)
+    if r.get('key') in keys and r.get('status') == 'ok'
+  }
   rows = list(rows.values())
-  return {'points': len(points), 'mine': len(mine), 'ran': ran, 'skipped': skipped,
-          'rows': rows, 'path': path}
+  return {
+    'points': len(points),
+    'mine': len(mine),
+    'ran': ran,
+    'skipped': skipped,
+    'rows': rows,
+    'path': path,
+  }
 
 
 def format_summary(rows: Iterable[dict[str, Any]]) -> str:
   """A plain-text table of result rows, one line per point."""
-  cols = [('model', 14, 's'), ('method', 14, 's'), ('spec', 12, 's'), ('ppl', 9, '.3f'),
-          ('fp_ppl', 9, '.3f'), ('kld', 8, '.4f'), ('top1', 6, '.3f'),
-          ('bits_per_weight', 8, '.3f'), ('quantize_seconds', 10, '.1f')]
+  cols = [
+    ('model', 14, 's'),
+    ('method', 14, 's'),
+    ('spec', 12, 's'),
+    ('ppl', 9, '.3f'),
+    ('fp_ppl', 9, '.3f'),
+    ('kld', 8, '.4f'),
+    ('top1', 6, '.3f'),
+    ('bits_per_weight', 8, '.3f'),
+    ('quantize_seconds', 10, '.1f'),
+  ]
   head = ' '.join(f'{n[:w]:>{w}}' for n, w, _ in cols)
   lines = [head, '-' * len(head)]
   for r in sorted(rows, key=lambda r: r.get('index', 0)):
@@ -265,8 +351,9 @@ def format_summary(rows: Iterable[dict[str, Any]]) -> str:
       v = r.get(n, '')
       if n == 'model':
         v = os.path.basename(str(v))
-      cells.append(f'{v:>{w}{fmt}}' if isinstance(v, (int, float)) and fmt != 's'
-                   else f'{str(v)[:w]:>{w}}')
+      cells.append(
+        f'{v:>{w}{fmt}}' if isinstance(v, (int, float)) and fmt != 's' else f'{str(v)[:w]:>{w}}'
+      )
     lines.append(' '.join(cells))
   return '\n'.join(lines)
 
@@ -276,14 +363,19 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   config = _CONFIG.value
   from cafeq_jax.distributed import multihost  # pylint: disable=g-import-not-at-top
+
   info = multihost.initialize_from_env(
-      config.coordinator_address or None, config.num_processes or None,
-      config.process_id if config.process_id >= 0 else None)
+    config.coordinator_address or None,
+    config.num_processes or None,
+    config.process_id if config.process_id >= 0 else None,
+  )
   logging.info('JAX %s', info.describe())
   print(f'JAX {info.describe()}', flush=True)
   out = run(config)
-  print(f'sweep: {out["points"]} points, {out["mine"]} in this shard, ran {out["ran"]}, '
-        f'skipped {out["skipped"]} already done; results in {out["path"]}')
+  print(
+    f'sweep: {out["points"]} points, {out["mine"]} in this shard, ran {out["ran"]}, '
+    f'skipped {out["skipped"]} already done; results in {out["path"]}'
+  )
   print(format_summary(out['rows']))
 
 
@@ -291,6 +383,9 @@ if __name__ == '__main__':
   # Defined here, not at import, so importing this module (tests, notebooks, other
   # launchers with their own --config) never collides with another --config flag.
   _CONFIG = config_flags.DEFINE_config_file(
-      'config', _DEFAULT_CONFIG, 'Sweep configuration (experiments/configs/sweep.py).',
-      lock_config=True)
+    'config',
+    _DEFAULT_CONFIG,
+    'Sweep configuration (experiments/configs/sweep.py).',
+    lock_config=True,
+  )
   app.run(main)

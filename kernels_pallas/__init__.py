@@ -33,19 +33,19 @@ Backends. ``quantized_matmul`` picks the Triton (GPU) or Mosaic (TPU) variant by
 from kernels_pallas.blockdiag import blockdiag_matmul
 from kernels_pallas.blockdiag import blockdiag_overhead_ratio
 from kernels_pallas.blockdiag import can_use_blockdiag_matmul
-from kernels_pallas.matmul import can_use_quantized_matmul
 from kernels_pallas.matmul import QuantizedMatmulConfig
+from kernels_pallas.matmul import can_use_quantized_matmul
 from kernels_pallas.matmul import quantized_matmul
 from kernels_pallas.reference import blockdiag_matmul_reference
 from kernels_pallas.reference import quantized_matmul_reference
 
 __all__ = [
-    'blockdiag_matmul',
-    'blockdiag_matmul_reference',
-    'blockdiag_overhead_ratio',
-    'can_use_blockdiag_matmul',
-    'can_use_quantized_matmul',
-    'QuantizedMatmulConfig',
-    'quantized_matmul',
-    'quantized_matmul_reference',
+  'blockdiag_matmul',
+  'blockdiag_matmul_reference',
+  'blockdiag_overhead_ratio',
+  'can_use_blockdiag_matmul',
+  'can_use_quantized_matmul',
+  'QuantizedMatmulConfig',
+  'quantized_matmul',
+  'quantized_matmul_reference',
 ]

@@ -18,11 +18,13 @@ import functools
 import logging
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import pallas as pl
+import jax.numpy as jnp
 
 from kernels_pallas import reference
-from kernels_pallas.matmul import _normalize_backend, _next_pow2, _round_up
+from kernels_pallas.matmul import _next_pow2
+from kernels_pallas.matmul import _normalize_backend
+from kernels_pallas.matmul import _round_up
 
 _WARNED: set[tuple] = set()
 
@@ -34,8 +36,7 @@ def blockdiag_overhead_ratio(d_in: int, d_out: int, k: int) -> float:
   return (d_in * k) / (d_in * d_out)
 
 
-def can_use_blockdiag_matmul(d_in: int, k: int,
-                             backend: str | None = None) -> tuple[bool, str]:
+def can_use_blockdiag_matmul(d_in: int, k: int, backend: str | None = None) -> tuple[bool, str]:
   """Whether the Pallas block-diagonal kernel supports ``d_in`` and block ``k``."""
   try:
     backend = _normalize_backend(backend or jax.default_backend())
@@ -80,28 +81,37 @@ def _blockdiag_pallas(x, minv, *, variant, interpret, block_m):
     # Triton CompilerParams also select the Triton lowering (the default GPU
     # lowering of pallas_call is Mosaic GPU, which has no dot for this kernel).
     from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
+
     compiler_params = plgpu.CompilerParams(num_warps=4, num_stages=2)
   else:
     from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
-    compiler_params = pltpu.CompilerParams(
-        dimension_semantics=('parallel', 'parallel'))
+
+    compiler_params = pltpu.CompilerParams(dimension_semantics=('parallel', 'parallel'))
   # Minv in x's dtype (bf16 activations: bf16 MXU/tensor-core dot, f32 accumulate).
   out = pl.pallas_call(
-      functools.partial(_kernel, k=k, nbs=nbs),
-      out_shape=jax.ShapeDtypeStruct((m_pad, d_in), x.dtype),
-      grid=(m_pad // bm, d_in // tw),
-      in_specs=[pl.BlockSpec((bm, tw), lambda i, j: (i, j)),
-                pl.BlockSpec((nbs, k, k), lambda i, j: (j, 0, 0))],
-      out_specs=pl.BlockSpec((bm, tw), lambda i, j: (i, j)),
-      interpret=interpret,
-      compiler_params=compiler_params,
-      name='blockdiag_matmul',
+    functools.partial(_kernel, k=k, nbs=nbs),
+    out_shape=jax.ShapeDtypeStruct((m_pad, d_in), x.dtype),
+    grid=(m_pad // bm, d_in // tw),
+    in_specs=[
+      pl.BlockSpec((bm, tw), lambda i, j: (i, j)),
+      pl.BlockSpec((nbs, k, k), lambda i, j: (j, 0, 0)),
+    ],
+    out_specs=pl.BlockSpec((bm, tw), lambda i, j: (i, j)),
+    interpret=interpret,
+    compiler_params=compiler_params,
+    name='blockdiag_matmul',
   )(x2, minv.astype(x.dtype))
   return out[:m].reshape(*lead, d_in)
 
 
-def blockdiag_matmul(x: jax.Array, minv: jax.Array, *, backend: str | None = None,
-                     interpret: bool | None = None, block_m: int = 64) -> jax.Array:
+def blockdiag_matmul(
+  x: jax.Array,
+  minv: jax.Array,
+  *,
+  backend: str | None = None,
+  interpret: bool | None = None,
+  block_m: int = 64,
+) -> jax.Array:
   """``x @ blockdiag(minv)`` with a small Pallas kernel.
 
   Args:
@@ -119,8 +129,9 @@ def blockdiag_matmul(x: jax.Array, minv: jax.Array, *, backend: str | None = Non
     raise ValueError(f'minv must have shape (d_in // k, k, k); got {minv.shape}.')
   nb, k, _ = minv.shape
   if nb * k != x.shape[-1]:
-    raise ValueError(f'minv shape {minv.shape} covers d_in={nb * k} but x has '
-                     f'last dim {x.shape[-1]}.')
+    raise ValueError(
+      f'minv shape {minv.shape} covers d_in={nb * k} but x has last dim {x.shape[-1]}.'
+    )
   default_backend = jax.default_backend()
   backend = _normalize_backend(backend or default_backend)
   if interpret is None:
@@ -134,10 +145,14 @@ def blockdiag_matmul(x: jax.Array, minv: jax.Array, *, backend: str | None = Non
     key = (nb * k, k, backend)
     if key not in _WARNED:
       _WARNED.add(key)
-      logging.warning('blockdiag_matmul: no Pallas kernel for d_in=%d, k=%d on '
-                      '%s: %s; falling back to the XLA reference (einsum).',
-                      nb * k, k, backend, reason)
+      logging.warning(
+        'blockdiag_matmul: no Pallas kernel for d_in=%d, k=%d on '
+        '%s: %s; falling back to the XLA reference (einsum).',
+        nb * k,
+        k,
+        backend,
+        reason,
+      )
     return reference.blockdiag_matmul_reference(x, minv)
   variant = 'tpu' if backend == 'tpu' else 'gpu'
-  return _blockdiag_pallas(x, minv, variant=variant, interpret=bool(interpret),
-                           block_m=block_m)
+  return _blockdiag_pallas(x, minv, variant=variant, interpret=bool(interpret), block_m=block_m)

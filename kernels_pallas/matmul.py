@@ -34,8 +34,8 @@ import logging
 import math
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import pallas as pl
+import jax.numpy as jnp
 
 from cafeq_jax import packing
 from kernels_pallas import reference
@@ -44,8 +44,7 @@ _SUPPORTED_BITS = (2, 3, 4, 8)
 # GPU: up to this many rows, each row is a GEMV on the CUDA cores (Triton's
 # tensor-core dot needs >= 16 rows, so a dot would pad batch 1 to 16 rows).
 _GEMV_MAX_ROWS = 8
-_SUPPORTED_X_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
-                       jnp.dtype(jnp.float16))
+_SUPPORTED_X_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -94,8 +93,8 @@ class _Plan:
   bk: int
   m_pad: int
   np_pad: int
-  n_sub: int      # quantization groups per K tile (TPU, g < 128)
-  split_k: int    # GPU only
+  n_sub: int  # quantization groups per K tile (TPU, g < 128)
+  split_k: int  # GPU only
   per_channel: bool
   g: int
 
@@ -121,19 +120,22 @@ def _normalize_backend(backend: str) -> str:
     return 'gpu'
   if b in ('tpu', 'cpu'):
     return b
-  raise ValueError(f"backend={backend!r} is not supported; expected 'gpu', "
-                   "'cuda', 'rocm', 'tpu' or 'cpu'.")
+  raise ValueError(
+    f"backend={backend!r} is not supported; expected 'gpu', 'cuda', 'rocm', 'tpu' or 'cpu'."
+  )
 
 
-def _k_tile(k: int, group_size: int | None, variant: str,
-            config: QuantizedMatmulConfig) -> tuple[int | None, str]:
+def _k_tile(
+  k: int, group_size: int | None, variant: str, config: QuantizedMatmulConfig
+) -> tuple[int | None, str]:
   """K tile ``bk`` for ``variant`` or (None, reason)."""
   min_bk = 128 if variant == 'tpu' else 16
   if group_size is None:
     bk = _largest_pow2_divisor(k, max(config.block_k, min_bk))
     if bk < min_bk:
-      return None, (f'per-channel weight with K={k} has no power-of-2 divisor '
-                    f'>= {min_bk} to tile K')
+      return None, (
+        f'per-channel weight with K={k} has no power-of-2 divisor >= {min_bk} to tile K'
+      )
     return bk, ''
   if k % group_size:
     return None, f'K={k} is not divisible by group_size={group_size}'
@@ -145,9 +147,9 @@ def _k_tile(k: int, group_size: int | None, variant: str,
   return bk, ''
 
 
-def can_use_quantized_matmul(shape: tuple[int, ...], bits: int,
-                             group_size: int | None,
-                             backend: str | None = None) -> tuple[bool, str]:
+def can_use_quantized_matmul(
+  shape: tuple[int, ...], bits: int, group_size: int | None, backend: str | None = None
+) -> tuple[bool, str]:
   """Whether the Pallas kernel supports a weight of ``shape`` (K, N).
 
   Args:
@@ -165,23 +167,33 @@ def can_use_quantized_matmul(shape: tuple[int, ...], bits: int,
   except ValueError as e:
     return False, str(e)
   if len(shape) != 2:
-    return False, (f'weight shape {tuple(shape)} is not 2-D (K, N); leading '
-                   'batch dims are not supported by the kernel')
+    return False, (
+      f'weight shape {tuple(shape)} is not 2-D (K, N); leading '
+      'batch dims are not supported by the kernel'
+    )
   if bits not in _SUPPORTED_BITS:
     return False, f'bits={bits} not in {_SUPPORTED_BITS}'
   k, n = shape
   if k <= 0 or n <= 0:
     return False, f'empty weight shape {tuple(shape)}'
   variant = 'tpu' if backend == 'tpu' else 'gpu'
-  bk, reason = _k_tile(k, group_size, variant, DEFAULT_TPU_CONFIG
-                       if variant == 'tpu' else DEFAULT_GPU_CONFIG)
+  bk, reason = _k_tile(
+    k, group_size, variant, DEFAULT_TPU_CONFIG if variant == 'tpu' else DEFAULT_GPU_CONFIG
+  )
   if bk is None:
     return False, reason
   return True, ''
 
 
-def _plan(m: int, k: int, n: int, bits: int, group_size: int | None, variant: str,
-          config: QuantizedMatmulConfig) -> _Plan:
+def _plan(
+  m: int,
+  k: int,
+  n: int,
+  bits: int,
+  group_size: int | None,
+  variant: str,
+  config: QuantizedMatmulConfig,
+) -> _Plan:
   bk, reason = _k_tile(k, group_size, variant, config)
   if bk is None:
     raise ValueError(reason)
@@ -194,8 +206,7 @@ def _plan(m: int, k: int, n: int, bits: int, group_size: int | None, variant: st
     else:
       bm = min(_next_pow2(max(config.block_m, 16)), _next_pow2(max(m, 16)))
     p = packing.CODES_PER_UNIT[bits]
-    cap = max(16, min(_next_pow2(config.block_n),
-                      _next_pow2(max(1, config.max_plane_cols // p))))
+    cap = max(16, min(_next_pow2(config.block_n), _next_pow2(max(1, config.max_plane_cols // p))))
     cand = _largest_pow2_divisor(npk, cap)
     if cand >= 32 or cand >= npk:
       bn = max(cand, 16)
@@ -276,8 +287,7 @@ def _gpu_kernel(*refs, bits, bk, n_k, per_channel, symmetric, zconst, gemv):
     planes = _unpack_planes(tiles, bits)
     grp = 0 if per_channel else t
     if gemv:
-      x_rows = [x_ref[r, pl.ds(k0, bk)].astype(jnp.float32)[:, None]
-                for r in range(bm)]
+      x_rows = [x_ref[r, pl.ds(k0, bk)].astype(jnp.float32)[:, None] for r in range(bm)]
     else:
       x_t = x_ref[:, pl.ds(k0, bk)]
     out = []
@@ -296,8 +306,7 @@ def _gpu_kernel(*refs, bits, bk, n_k, per_channel, symmetric, zconst, gemv):
     return tuple(out)
 
   if gemv:
-    init = tuple(tuple(jnp.zeros((bn,), jnp.float32) for _ in range(bm))
-                 for _ in range(p))
+    init = tuple(tuple(jnp.zeros((bn,), jnp.float32) for _ in range(bm)) for _ in range(p))
   else:
     init = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in range(p))
   accs = jax.lax.fori_loop(0, n_k, body, init)
@@ -334,17 +343,18 @@ def _tpu_kernel(*refs, bits, g, n_sub, n_k, per_channel, symmetric, zconst):
   bn = planes[0].shape[-1]
 
   def expand(ref, i):  # (n_sub, P, bn) block -> (n_sub * g, bn) per-row values
-    rows = [jnp.broadcast_to(ref[j, i:i + 1, :].astype(jnp.float32), (g, bn))
-            for j in range(n_sub)]
+    rows = [
+      jnp.broadcast_to(ref[j, i : i + 1, :].astype(jnp.float32), (g, bn)) for j in range(n_sub)
+    ]
     return jnp.concatenate(rows, axis=0)
 
   for i in range(p):
     u = planes[i].astype(jnp.float32)
     if n_sub == 1:
-      z = zconst if symmetric else z_ref[0, i:i + 1, :].astype(jnp.float32)
+      z = zconst if symmetric else z_ref[0, i : i + 1, :].astype(jnp.float32)
       d = jnp.dot(x_t, (u - z).astype(x_t.dtype), preferred_element_type=jnp.float32)
       if not per_channel:
-        d = d * s_ref[0, i:i + 1, :].astype(jnp.float32)
+        d = d * s_ref[0, i : i + 1, :].astype(jnp.float32)
     else:
       z = zconst if symmetric else expand(z_ref, i)
       w = ((u - z) * expand(s_ref, i)).astype(x_t.dtype)
@@ -356,7 +366,7 @@ def _tpu_kernel(*refs, bits, g, n_sub, n_k, per_channel, symmetric, zconst):
     for i in range(p):
       a = acc_ref[i]
       if per_channel:
-        a = a * s_ref[0, i:i + 1, :].astype(jnp.float32)
+        a = a * s_ref[0, i : i + 1, :].astype(jnp.float32)
       o_ref[i] = a.astype(o_ref.dtype)
 
 
@@ -395,6 +405,7 @@ def _quantized_matmul_pallas(x, packed, *, variant, interpret, config):
 
   if variant == 'gpu':
     from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
+
     s = plan.split_k
     ks = k // s
     x_spec = pl.BlockSpec((bm, ks), lambda i, j, q: (i, q))
@@ -409,23 +420,34 @@ def _quantized_matmul_pallas(x, packed, *, variant, interpret, config):
     in_specs = [x_spec, d_spec, s_spec] + ([] if zero is None else [s_spec])
     out_dtype = x.dtype if s == 1 else jnp.float32
     kernel = functools.partial(
-        _gpu_kernel, bits=bits, bk=bk, n_k=ks // bk, per_channel=plan.per_channel,
-        symmetric=packed.symmetric, zconst=zconst, gemv=bm < 16)
+      _gpu_kernel,
+      bits=bits,
+      bk=bk,
+      n_k=ks // bk,
+      per_channel=plan.per_channel,
+      symmetric=packed.symmetric,
+      zconst=zconst,
+      gemv=bm < 16,
+    )
     out = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((s, plan.m_pad, p, plan.np_pad), out_dtype),
-        grid=(mt, nt, s),
-        in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, bm, p, bn), lambda i, j, q: (q, i, 0, j)),
-        interpret=interpret,
-        compiler_params=None if interpret else plgpu.CompilerParams(
-            num_warps=config.num_warps or (8 if bm * bn * p >= 16384 else 4),
-            num_stages=config.num_stages),
-        name=f'quantized_matmul_int{bits}',
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((s, plan.m_pad, p, plan.np_pad), out_dtype),
+      grid=(mt, nt, s),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, bm, p, bn), lambda i, j, q: (q, i, 0, j)),
+      interpret=interpret,
+      compiler_params=None
+      if interpret
+      else plgpu.CompilerParams(
+        num_warps=config.num_warps or (8 if bm * bn * p >= 16384 else 4),
+        num_stages=config.num_stages,
+      ),
+      name=f'quantized_matmul_int{bits}',
     )(*([x2, data, scale] + ([] if zero is None else [zero])))
     out = out[0] if s == 1 else out.sum(axis=0)
   else:
     from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+
     n_k = k // bk
     x_spec = pl.BlockSpec((bm, bk), lambda i, j, q: (i, q))
     if bits == 3:
@@ -438,19 +460,27 @@ def _quantized_matmul_pallas(x, packed, *, variant, interpret, config):
       s_spec = pl.BlockSpec((plan.n_sub, p, bn), lambda i, j, q: (q, 0, j))
     in_specs = [x_spec, d_spec, s_spec] + ([] if zero is None else [s_spec])
     kernel = functools.partial(
-        _tpu_kernel, bits=bits, g=min(plan.g, bk), n_sub=plan.n_sub, n_k=n_k,
-        per_channel=plan.per_channel, symmetric=packed.symmetric, zconst=zconst)
+      _tpu_kernel,
+      bits=bits,
+      g=min(plan.g, bk),
+      n_sub=plan.n_sub,
+      n_k=n_k,
+      per_channel=plan.per_channel,
+      symmetric=packed.symmetric,
+      zconst=zconst,
+    )
     out = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((p, plan.m_pad, plan.np_pad), x.dtype),
-        grid=(mt, nt, n_k),
-        in_specs=in_specs,
-        out_specs=pl.BlockSpec((p, bm, bn), lambda i, j, q: (0, i, j)),
-        scratch_shapes=[pltpu.VMEM((p, bm, bn), jnp.float32)],
-        interpret=interpret,
-        compiler_params=None if interpret else pltpu.CompilerParams(
-            dimension_semantics=('parallel', 'parallel', 'arbitrary')),
-        name=f'quantized_matmul_int{bits}',
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((p, plan.m_pad, plan.np_pad), x.dtype),
+      grid=(mt, nt, n_k),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((p, bm, bn), lambda i, j, q: (0, i, j)),
+      scratch_shapes=[pltpu.VMEM((p, bm, bn), jnp.float32)],
+      interpret=interpret,
+      compiler_params=None
+      if interpret
+      else pltpu.CompilerParams(dimension_semantics=('parallel', 'parallel', 'arbitrary')),
+      name=f'quantized_matmul_int{bits}',
     )(*([x2, data, scale] + ([] if zero is None else [zero])))
     out = jnp.transpose(out, (1, 0, 2))
   out = out[:m, :, :npk].reshape(m, p * npk)[:, :n]
@@ -465,16 +495,28 @@ def _warn_fallback_once(key: tuple, reason: str) -> None:
   if key not in _WARNED:
     _WARNED.add(key)
     shape, bits, group_size, backend, x_dtype = key
-    logging.warning('quantized_matmul: no Pallas kernel for weight %s int%d '
-                    'group_size=%s with x %s on %s: %s; falling back to the XLA '
-                    'reference (dequantize + dot), which materialises the weight '
-                    'and is slower.', shape, bits, group_size, x_dtype, backend,
-                    reason)
+    logging.warning(
+      'quantized_matmul: no Pallas kernel for weight %s int%d '
+      'group_size=%s with x %s on %s: %s; falling back to the XLA '
+      'reference (dequantize + dot), which materialises the weight '
+      'and is slower.',
+      shape,
+      bits,
+      group_size,
+      x_dtype,
+      backend,
+      reason,
+    )
 
 
-def quantized_matmul(x: jax.Array, packed: packing.PackedArray, *,
-                     backend: str | None = None, interpret: bool | None = None,
-                     config: QuantizedMatmulConfig | None = None) -> jax.Array:
+def quantized_matmul(
+  x: jax.Array,
+  packed: packing.PackedArray,
+  *,
+  backend: str | None = None,
+  interpret: bool | None = None,
+  config: QuantizedMatmulConfig | None = None,
+) -> jax.Array:
   """``x @ dequant(packed)`` with dequantisation fused into a Pallas kernel.
 
   Args:
@@ -498,19 +540,20 @@ def quantized_matmul(x: jax.Array, packed: packing.PackedArray, *,
     raise TypeError(f'packed must be a PackedArray; got {type(packed).__name__}.')
   if len(packed.shape) != 2:
     raise ValueError(
-        f'quantized_matmul expects a 2-D (K, N) PackedArray; got shape '
-        f'{packed.shape}. Select one matrix of a stack with packing.index(p, i).')
+      f'quantized_matmul expects a 2-D (K, N) PackedArray; got shape '
+      f'{packed.shape}. Select one matrix of a stack with packing.index(p, i).'
+    )
   if x.shape[-1] != packed.shape[-2]:
-    raise ValueError(f'x has last dim {x.shape[-1]} but the weight expects '
-                     f'K={packed.shape[-2]} (weight shape {packed.shape}).')
+    raise ValueError(
+      f'x has last dim {x.shape[-1]} but the weight expects '
+      f'K={packed.shape[-2]} (weight shape {packed.shape}).'
+    )
   default_backend = jax.default_backend()
   backend = _normalize_backend(backend or default_backend)
   if interpret is None:
     interpret = default_backend == 'cpu'
-  key = (tuple(packed.shape), packed.bits, packed.group_size, backend,
-         str(x.dtype))
-  ok, reason = can_use_quantized_matmul(packed.shape, packed.bits,
-                                        packed.group_size, backend)
+  key = (tuple(packed.shape), packed.bits, packed.group_size, backend, str(x.dtype))
+  ok, reason = can_use_quantized_matmul(packed.shape, packed.bits, packed.group_size, backend)
   if ok and jnp.dtype(x.dtype) not in _SUPPORTED_X_DTYPES:
     ok, reason = False, f'x dtype {x.dtype} not in {_SUPPORTED_X_DTYPES}'
   if ok and backend == 'cpu' and not interpret:
@@ -523,5 +566,6 @@ def quantized_matmul(x: jax.Array, packed: packing.PackedArray, *,
   variant = 'tpu' if backend == 'tpu' else 'gpu'
   if config is None:
     config = DEFAULT_TPU_CONFIG if variant == 'tpu' else DEFAULT_GPU_CONFIG
-  return _quantized_matmul_pallas(x, packed, variant=variant,
-                                  interpret=bool(interpret), config=config)
+  return _quantized_matmul_pallas(
+    x, packed, variant=variant, interpret=bool(interpret), config=config
+  )

@@ -22,8 +22,10 @@ def quantized_matmul_reference(x: jax.Array, packed: packing.PackedArray) -> jax
   if len(packed.shape) != 2:
     raise ValueError(f'packed weight must be 2-D (K, N); got shape {packed.shape}.')
   if x.shape[-1] != packed.shape[0]:
-    raise ValueError(f'x has last dim {x.shape[-1]} but the weight expects '
-                     f'K={packed.shape[0]} (weight shape {packed.shape}).')
+    raise ValueError(
+      f'x has last dim {x.shape[-1]} but the weight expects '
+      f'K={packed.shape[0]} (weight shape {packed.shape}).'
+    )
   w = packing.dequantize(packed, jnp.float32)
   y = jnp.dot(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
   return y.astype(x.dtype)
@@ -36,9 +38,9 @@ def blockdiag_matmul_reference(x: jax.Array, minv: jax.Array) -> jax.Array:
   """
   nb, k, k2 = minv.shape
   if k != k2 or nb * k != x.shape[-1]:
-    raise ValueError(f'minv shape {minv.shape} must be (d_in // k, k, k) with '
-                     f'd_in={x.shape[-1]}.')
+    raise ValueError(f'minv shape {minv.shape} must be (d_in // k, k, k) with d_in={x.shape[-1]}.')
   xb = x.astype(jnp.float32).reshape(*x.shape[:-1], nb, k)
-  y = jnp.einsum('...bi,bij->...bj', xb, minv.astype(jnp.float32),
-                 precision=jax.lax.Precision.HIGHEST)
+  y = jnp.einsum(
+    '...bi,bij->...bj', xb, minv.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+  )
   return y.reshape(x.shape).astype(x.dtype)

@@ -31,6 +31,7 @@ def test_interrupted_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, 
 
   def interrupt(*args):
     raise KeyboardInterrupt
+
   monkeypatch.setattr(os, 'replace', interrupt)
   with pytest.raises(KeyboardInterrupt):
     atomic.write_json(path, {'v': 2})
@@ -41,7 +42,7 @@ def test_interrupted_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, 
 
 def test_temporaries_of_dead_writers_are_cleaned_on_the_next_write(tmp_path):
   path = tmp_path / 'table.md'
-  stale = tmp_path / '.table.md.tmp.999999999.abcd1234'   # no such pid
+  stale = tmp_path / '.table.md.tmp.999999999.abcd1234'  # no such pid
   stale.write_text('torn')
   live = tmp_path / f'.table.md.tmp.{os.getpid()}.abcd1234'
   live.write_text('being written')
@@ -78,7 +79,9 @@ def test_outputs_follow_the_umask(tmp_path, umask):
 
   from cafeq_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from cafeq_jax.loading import hf  # pylint: disable=g-import-not-at-top
-  from cafeq_jax.models import PRESETS, init_params  # pylint: disable=g-import-not-at-top
+  from cafeq_jax.models import PRESETS  # pylint: disable=g-import-not-at-top
+  from cafeq_jax.models import init_params  # pylint: disable=g-import-not-at-top
+
   cfg = PRESETS['tiny_llama']
   params = init_params(cfg, jax.random.PRNGKey(0))
   for mask, file_mode, dir_mode in ((0o022, 0o644, 0o755), (0o002, 0o664, 0o775)):
@@ -107,6 +110,7 @@ def test_lock_excludes_other_holders(tmp_path):
       events.append(('in', name))
       time.sleep(delay)
       events.append(('out', name))
+
   threads = [threading.Thread(target=hold, args=(n, 0.2)) for n in 'ab']
   for t in threads:
     t.start()

@@ -33,11 +33,16 @@ def _worker(ckpt_dir: str, out_path: str, kill_at: int) -> None:
     if step == kill_at:
       os.kill(os.getpid(), signal.SIGKILL)
 
-  state = checkpointing.resumable_run(toy.step, toy.init_state(w), NUM_STEPS, ckpt_dir,
-                                      EVERY, keep=2, callback=maybe_die)
-  np.savez(out_path, **{k: np.asarray(v) for k, v in state.items() if k != 'opt'},
-           mu=np.asarray(state['opt'][0].mu), nu=np.asarray(state['opt'][0].nu),
-           codes=np.asarray(toy.quantize_result(state).codes))
+  state = checkpointing.resumable_run(
+    toy.step, toy.init_state(w), NUM_STEPS, ckpt_dir, EVERY, keep=2, callback=maybe_die
+  )
+  np.savez(
+    out_path,
+    **{k: np.asarray(v) for k, v in state.items() if k != 'opt'},
+    mu=np.asarray(state['opt'][0].mu),
+    nu=np.asarray(state['opt'][0].nu),
+    codes=np.asarray(toy.quantize_result(state).codes),
+  )
 
 
 def _run_worker(ckpt_dir, out_path, kill_at):
@@ -45,8 +50,12 @@ def _run_worker(ckpt_dir, out_path, kill_at):
   env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
   env['JAX_PLATFORMS'] = 'cpu'
   return subprocess.run(
-      [sys.executable, os.path.abspath(__file__), str(ckpt_dir), str(out_path), str(kill_at)],
-      env=env, capture_output=True, text=True, timeout=400)
+    [sys.executable, os.path.abspath(__file__), str(ckpt_dir), str(out_path), str(kill_at)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=400,
+  )
 
 
 def test_sigkilled_run_resumes_to_the_uninterrupted_result_bit_for_bit(tmp_path):
@@ -114,22 +123,30 @@ def test_restore_state_rejects_missing_step(tmp_path):
 
 def _tiny_quantized_tree():
   from cafeq_jax.models import qlinear  # pylint: disable=g-import-not-at-top
+
   key = jax.random.key(3)
   w = jax.random.normal(key, (2, 64, 40), jnp.float32)
   q_asym = quantizer.quantize(w, quantizer.QuantSpec(bits=3, group_size=32))
   q_sym = quantizer.quantize(w[0], quantizer.QuantSpec(bits=4, group_size=None, symmetric=True))
   leaves = {
-      'layer_0': {
-          'mlp': {'gating_einsum': qlinear.QuantizedLinear(
-              weight=q_asym, transform_inv=jnp.eye(16).reshape(1, 16, 16).repeat(4, 0),
-              shape=(2, 40, 64))},
-          'attn': {'q_einsum': {'w': qlinear.QuantizedLinear(
-              weight=q_sym, transform_inv=None, shape=(2, 64, 20))}},
-          'pre_ffw_norm': {'scale': jnp.arange(64, dtype=jnp.bfloat16)},
+    'layer_0': {
+      'mlp': {
+        'gating_einsum': qlinear.QuantizedLinear(
+          weight=q_asym,
+          transform_inv=jnp.eye(16).reshape(1, 16, 16).repeat(4, 0),
+          shape=(2, 40, 64),
+        )
       },
-      'nibbles': jnp.arange(16, dtype=jnp.uint8).astype(jnp.uint4),
-      'signed_nibbles': (jnp.arange(16) - 8).astype(jnp.int4),
-      'packed': np.arange(256, dtype=np.uint8).reshape(16, 16),
+      'attn': {
+        'q_einsum': {
+          'w': qlinear.QuantizedLinear(weight=q_sym, transform_inv=None, shape=(2, 64, 20))
+        }
+      },
+      'pre_ffw_norm': {'scale': jnp.arange(64, dtype=jnp.bfloat16)},
+    },
+    'nibbles': jnp.arange(16, dtype=jnp.uint8).astype(jnp.uint4),
+    'signed_nibbles': (jnp.arange(16) - 8).astype(jnp.int4),
+    'packed': np.arange(256, dtype=np.uint8).reshape(16, 16),
   }
   return leaves
 
@@ -138,19 +155,24 @@ def _assert_trees_identical(a, b):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     assert x.dtype == y.dtype and x.shape == y.shape, (x.dtype, y.dtype, x.shape, y.shape)
-    np.testing.assert_array_equal(np.asarray(x).astype(np.float64) if x.dtype.itemsize < 1
-                                  or str(x.dtype) in ('int4', 'uint4') else np.asarray(x),
-                                  np.asarray(y).astype(np.float64) if str(y.dtype) in
-                                  ('int4', 'uint4') else np.asarray(y))
+    np.testing.assert_array_equal(
+      np.asarray(x).astype(np.float64)
+      if x.dtype.itemsize < 1 or str(x.dtype) in ('int4', 'uint4')
+      else np.asarray(x),
+      np.asarray(y).astype(np.float64) if str(y.dtype) in ('int4', 'uint4') else np.asarray(y),
+    )
 
 
 def test_quantized_model_round_trips_codes_specs_and_configs(tmp_path):
   params = _tiny_quantized_tree()
   spec = quantizer.QuantSpec(bits=3, group_size=32)
   path = checkpointing.save_quantized(
-      tmp_path / 'model', params, model_config=spec,
-      quant_config={'method': 'rtn', 'bits': 3, 'groups': (32, None)},
-      metadata={'ppl': 12.5})
+    tmp_path / 'model',
+    params,
+    model_config=spec,
+    quant_config={'method': 'rtn', 'bits': 3, 'groups': (32, None)},
+    metadata={'ppl': 12.5},
+  )
   restored, info = checkpointing.restore_quantized(path)
   _assert_trees_identical(params, restored)
   ql = restored['layer_0']['mlp']['gating_einsum']
@@ -163,17 +185,21 @@ def test_quantized_model_round_trips_codes_specs_and_configs(tmp_path):
   assert info['quant_config'] == {'method': 'rtn', 'bits': 3, 'groups': (32, None)}
   assert info['metadata'] == {'ppl': 12.5}
   # Dequantized weights equal too (codes, scales and zeros all intact).
-  np.testing.assert_array_equal(quantizer.dequantize(ql.weight),
-                                quantizer.dequantize(params['layer_0']['mlp']['gating_einsum'].weight))
+  np.testing.assert_array_equal(
+    quantizer.dequantize(ql.weight),
+    quantizer.dequantize(params['layer_0']['mlp']['gating_einsum'].weight),
+  )
 
 
 def test_packed_quantized_model_round_trips(tmp_path):
   from cafeq_jax import packing  # pylint: disable=g-import-not-at-top
+
   w = jax.random.normal(jax.random.key(1), (64, 48), jnp.float32)
   q = quantizer.quantize(w, quantizer.QuantSpec(bits=3, group_size=32))
   params = {'w': packing.pack(q)}
   restored, _ = checkpointing.restore_quantized(
-      checkpointing.save_quantized(tmp_path / 'packed', params))
+    checkpointing.save_quantized(tmp_path / 'packed', params)
+  )
   _assert_trees_identical(params, restored)
   np.testing.assert_array_equal(packing.unpack(restored['w']).codes, q.codes)
 
@@ -199,8 +225,7 @@ def test_restore_quantized_refuses_missing_unfinalized_and_corrupt(tmp_path):
 def test_restore_refuses_classes_outside_cafeq_jax(tmp_path):
   path = checkpointing.save_quantized(tmp_path / 'm', {'a': jnp.ones(2)})
   meta_dir = os.path.join(path, 'metadata')
-  meta_file = [os.path.join(meta_dir, f) for f in os.listdir(meta_dir)
-               if not f.startswith('_')][0]
+  meta_file = [os.path.join(meta_dir, f) for f in os.listdir(meta_dir) if not f.startswith('_')][0]
   with open(meta_file) as f:
     meta = json.load(f)
   meta['tree'] = {'__dataclass__': 'subprocess:Popen', 'children': {}, 'static': {}}
@@ -208,7 +233,6 @@ def test_restore_refuses_classes_outside_cafeq_jax(tmp_path):
     json.dump(meta, f)
   with pytest.raises(checkpointing.CheckpointError, match='only classes from modules'):
     checkpointing.restore_quantized(path)
-
 
 
 # ---------------------------------------------------------------------------
@@ -219,8 +243,10 @@ def test_restore_refuses_classes_outside_cafeq_jax(tmp_path):
 def _model(value: float):
   """A small model tree whose every array is filled from ``value``."""
   rng = np.random.default_rng(int(value))
-  return {'w': np.full((64, 48), value, np.float32) + rng.standard_normal((64, 48), np.float32),
-          'codes': np.full((16,), int(value), np.int8)}
+  return {
+    'w': np.full((64, 48), value, np.float32) + rng.standard_normal((64, 48), np.float32),
+    'codes': np.full((16,), int(value), np.int8),
+  }
 
 
 def _assert_is(restored, value):
@@ -232,18 +258,20 @@ def _assert_is(restored, value):
 def _visible(directory):
   """Entries of ``directory`` that are not temporaries of the atomic module."""
   from cafeq_jax import atomic  # pylint: disable=g-import-not-at-top
+
   return sorted(n for n in os.listdir(directory) if not atomic.is_temporary(n))
 
 
 def _overwrite_worker(directory: str, point: str) -> None:
   """Saves model 1, then overwrites it with model 2, SIGKILLing itself at ``point``."""
   from cafeq_jax import atomic  # pylint: disable=g-import-not-at-top
+
   path = os.path.join(directory, 'm')
   checkpointing.save_quantized(path, _model(1))
   die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
-  if point == 'orbax':       # inside Orbax's write of the new model (its first rename)
+  if point == 'orbax':  # inside Orbax's write of the new model (its first rename)
     os.rename = die
-  elif point == 'swap':      # new model complete, not yet swapped in
+  elif point == 'swap':  # new model complete, not yet swapped in
     atomic.replace_dir = die
   elif point == 'fallback':  # no RENAME_EXCHANGE: between 'old -> aside' and 'new -> path'
     atomic._exchange_ok = False  # pylint: disable=protected-access
@@ -253,6 +281,7 @@ def _overwrite_worker(directory: str, point: str) -> None:
       real_rename(src, dst)
       if os.path.basename(dst).startswith('.m.old.'):
         die()
+
     atomic.os.rename = rename
   checkpointing.save_quantized(path, _model(2), overwrite=True)
 
@@ -262,8 +291,12 @@ def _run_overwrite_worker(directory, point):
   env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
   env['JAX_PLATFORMS'] = 'cpu'
   return subprocess.run(
-      [sys.executable, os.path.abspath(__file__), 'overwrite', str(directory), point],
-      env=env, capture_output=True, text=True, timeout=400)
+    [sys.executable, os.path.abspath(__file__), 'overwrite', str(directory), point],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=400,
+  )
 
 
 @pytest.mark.parametrize('point', ['orbax', 'swap', 'fallback'])
@@ -282,6 +315,7 @@ def test_sigkill_during_overwrite_keeps_the_old_model_restorable(tmp_path, point
 @pytest.mark.parametrize('point', ['encode', 'orbax', 'swap', 'exchanged'])
 def test_ctrl_c_during_overwrite_leaves_the_old_or_the_new_model(tmp_path, monkeypatch, point):
   from cafeq_jax import atomic  # pylint: disable=g-import-not-at-top
+
   path = tmp_path / 'm'
   checkpointing.save_quantized(path, _model(1))
 
@@ -301,6 +335,7 @@ def test_ctrl_c_during_overwrite_leaves_the_old_or_the_new_model(tmp_path, monke
       if '.m.tmp.' in os.fspath(p):
         raise KeyboardInterrupt
       return real(p, *args, **kwargs)
+
     monkeypatch.setattr(atomic.shutil, 'rmtree', rmtree)
   with pytest.raises(KeyboardInterrupt):
     checkpointing.save_quantized(path, _model(2), overwrite=True)
@@ -335,8 +370,9 @@ def test_flipped_byte_in_array_data_is_a_clear_error_naming_the_leaf(tmp_path):
   blob[len(blob) // 2] ^= 0x10
   with open(data, 'wb') as f:
     f.write(bytes(blob))
-  with pytest.raises(checkpointing.CheckpointError,
-                     match=r"leaf 'w' .*does not match its sha256 checksum"):
+  with pytest.raises(
+    checkpointing.CheckpointError, match=r"leaf 'w' .*does not match its sha256 checksum"
+  ):
     checkpointing.restore_quantized(path)
 
 
@@ -357,12 +393,14 @@ def test_edited_metadata_and_unknown_classes_are_clear_errors(tmp_path):
   with pytest.raises(checkpointing.CheckpointError, match='does not match its sha256'):
     checkpointing.restore_quantized(path)
   # A class this version does not have: a CheckpointError naming it, not AttributeError.
-  _rewrite_metadata(path, lambda m: m['model_config'].update(
-      __dataclass__='cafeq_jax.quantizer:NoSuchSpec'))
+  _rewrite_metadata(
+    path, lambda m: m['model_config'].update(__dataclass__='cafeq_jax.quantizer:NoSuchSpec')
+  )
   with pytest.raises(checkpointing.CheckpointError, match='NoSuchSpec.*does not have'):
     checkpointing.restore_quantized(path)
-  _rewrite_metadata(path, lambda m: m['model_config'].update(
-      __dataclass__='cafeq_jax.no_such_module:Spec'))
+  _rewrite_metadata(
+    path, lambda m: m['model_config'].update(__dataclass__='cafeq_jax.no_such_module:Spec')
+  )
   with pytest.raises(checkpointing.CheckpointError, match='no_such_module'):
     checkpointing.read_metadata(path)
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cafeq_jax import packing, quantizer
+from cafeq_jax import packing
+from cafeq_jax import quantizer
 
 _SETTINGS = settings(max_examples=50, deadline=None)
 
@@ -23,7 +26,7 @@ def _random_qarray(seed, lead, k, n, bits, group_size, symmetric, as_numpy=False
   codes = rng.integers(spec.qmin, spec.qmax + 1, size=shape)
   flat = codes.reshape(-1)
   every = np.arange(spec.qmin, spec.qmax + 1)
-  flat[:min(flat.size, every.size)] = every[:flat.size]
+  flat[: min(flat.size, every.size)] = every[: flat.size]
   codes = flat.reshape(shape).astype(np.int16 if spec.qmax > 127 else np.int8)
   g = spec.effective_group_size(k)
   sshape = (*lead, k // g, n)
@@ -33,26 +36,35 @@ def _random_qarray(seed, lead, k, n, bits, group_size, symmetric, as_numpy=False
     zero = rng.integers(0, spec.qmax + 1, size=sshape).astype(np.float32)
   if as_numpy:
     return quantizer.QArray(codes=codes, scale=scale, zero=zero, spec=spec)
-  return quantizer.QArray(codes=jnp.asarray(codes), scale=jnp.asarray(scale),
-                          zero=None if zero is None else jnp.asarray(zero), spec=spec)
+  return quantizer.QArray(
+    codes=jnp.asarray(codes),
+    scale=jnp.asarray(scale),
+    zero=None if zero is None else jnp.asarray(zero),
+    spec=spec,
+  )
 
 
 _shapes = st.tuples(
-    st.lists(st.integers(1, 3), min_size=0, max_size=2),  # leading batch dims
-    st.sampled_from([32, 64]),                            # K
-    st.integers(1, 37),                                   # N (mostly not % 8)
+  st.lists(st.integers(1, 3), min_size=0, max_size=2),  # leading batch dims
+  st.sampled_from([32, 64]),  # K
+  st.integers(1, 37),  # N (mostly not % 8)
 )
 
 
 @_SETTINGS
-@given(shape=_shapes, bits=st.sampled_from([2, 3, 4, 8]), symmetric=st.booleans(),
-       per_channel=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_pack_unpack_round_trips_every_code_exactly(shape, bits, symmetric,
-                                                    per_channel, seed):
+@given(
+  shape=_shapes,
+  bits=st.sampled_from([2, 3, 4, 8]),
+  symmetric=st.booleans(),
+  per_channel=st.booleans(),
+  seed=st.integers(0, 2**31 - 1),
+)
+def test_pack_unpack_round_trips_every_code_exactly(shape, bits, symmetric, per_channel, seed):
   # numpy path (fast host-side packing; same code as the jnp path).
   lead, k, n = shape
-  q = _random_qarray(seed, tuple(lead), k, n, bits, None if per_channel else 32,
-                     symmetric, as_numpy=True)
+  q = _random_qarray(
+    seed, tuple(lead), k, n, bits, None if per_channel else 32, symmetric, as_numpy=True
+  )
   p = packing.pack(q)
   assert isinstance(p.data, np.ndarray) and p.data.dtype == np.uint8
   back = packing.unpack(p)
@@ -67,9 +79,18 @@ def test_pack_unpack_round_trips_every_code_exactly(shape, bits, symmetric,
   assert back.spec == q.spec
 
 
-@pytest.mark.parametrize('bits,symmetric,lead,n', [
-    (3, False, (), 13), (3, True, (2,), 8), (4, False, (2, 1), 7), (4, True, (), 16),
-    (2, False, (), 5), (8, False, (3,), 9), (8, True, (), 3)])
+@pytest.mark.parametrize(
+  'bits,symmetric,lead,n',
+  [
+    (3, False, (), 13),
+    (3, True, (2,), 8),
+    (4, False, (2, 1), 7),
+    (4, True, (), 16),
+    (2, False, (), 5),
+    (8, False, (3,), 9),
+    (8, True, (), 3),
+  ],
+)
 def test_jnp_pack_matches_numpy_pack_and_round_trips(bits, symmetric, lead, n):
   qn = _random_qarray(5, lead, 64, n, bits, 32, symmetric, as_numpy=True)
   qj = jax.tree.map(jnp.asarray, qn)
@@ -78,14 +99,19 @@ def test_jnp_pack_matches_numpy_pack_and_round_trips(bits, symmetric, lead, n):
   np.testing.assert_array_equal(np.asarray(pj.data), packing.pack(qn).data)
   back = packing.unpack(pj)
   np.testing.assert_array_equal(np.asarray(back.codes), qn.codes)
-  np.testing.assert_allclose(np.asarray(packing.dequantize(pj)),
-                             np.asarray(quantizer.dequantize(qj)), rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(packing.dequantize(pj)), np.asarray(quantizer.dequantize(qj)), rtol=1e-6
+  )
 
 
 @_SETTINGS
-@given(lead=st.lists(st.integers(1, 3), max_size=2), k=st.integers(1, 9),
-       n=st.integers(1, 40), bits=st.sampled_from([2, 3, 4, 8]),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+  lead=st.lists(st.integers(1, 3), max_size=2),
+  k=st.integers(1, 9),
+  n=st.integers(1, 40),
+  bits=st.sampled_from([2, 3, 4, 8]),
+  seed=st.integers(0, 2**31 - 1),
+)
 def test_pack_codes_matches_bitwise_numpy_reference(lead, k, n, bits, seed):
   rng = np.random.default_rng(seed)
   u = rng.integers(0, 2**bits, size=(*lead, k, n))
@@ -98,7 +124,7 @@ def test_pack_codes_matches_bitwise_numpy_reference(lead, k, n, bits, seed):
   word = np.zeros((*lead, k, npk), np.int64)
   for i in range(p):
     for b in range(bits):
-      word |= ((up[..., i * npk:(i + 1) * npk] >> b) & 1) << (bits * i + b)
+      word |= ((up[..., i * npk : (i + 1) * npk] >> b) & 1) << (bits * i + b)
   if bits == 3:
     expected = np.stack([(word >> (8 * j)) & 0xFF for j in range(3)], axis=-3)
   else:
@@ -153,8 +179,9 @@ def test_pack_round_trips_quantizer_output():
   spec = quantizer.QuantSpec(bits=4, group_size=32, symmetric=False)
   q = quantizer.quantize(w, spec)
   p = packing.pack(q)
-  np.testing.assert_array_equal(np.asarray(packing.dequantize(p)),
-                                np.asarray(quantizer.dequantize(q)))
+  np.testing.assert_array_equal(
+    np.asarray(packing.dequantize(p)), np.asarray(quantizer.dequantize(q))
+  )
 
 
 def test_index_selects_one_matrix_of_a_stack():
@@ -162,8 +189,7 @@ def test_index_selects_one_matrix_of_a_stack():
   p = packing.pack(q)
   p1 = packing.index(p, 1)
   assert p1.shape == (64, 24) and p1.data.shape == (3, 64, 3)
-  np.testing.assert_array_equal(np.asarray(packing.unpack(p1).codes),
-                                np.asarray(q.codes[1]))
+  np.testing.assert_array_equal(np.asarray(packing.unpack(p1).codes), np.asarray(q.codes[1]))
   with pytest.raises(ValueError, match=r'\(64, 24\)'):
     packing.index(p1, 0)
 

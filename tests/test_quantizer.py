@@ -20,18 +20,18 @@ def numpy_rtn(w: np.ndarray, bits: int, group: int | None, symmetric: bool) -> n
   out = np.empty_like(w, dtype=np.float64)
   for c in range(d_out):
     for start in range(0, d_in, g):
-      x = w[start:start + g, c].astype(np.float64)
+      x = w[start : start + g, c].astype(np.float64)
       if symmetric:
         qmax = 2 ** (bits - 1) - 1
         s = max(np.abs(x).max() / qmax, np.finfo(np.float32).tiny)
         q = np.clip(np.round(x / s), -qmax - 1, qmax)
-        out[start:start + g, c] = q * s
+        out[start : start + g, c] = q * s
       else:
         lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
         s = max((hi - lo) / (2**bits - 1), np.finfo(np.float32).tiny)
         z = np.clip(np.round(-lo / s), 0, 2**bits - 1)
         q = np.clip(np.round(x / s) + z, 0, 2**bits - 1)
-        out[start:start + g, c] = (q - z) * s
+        out[start : start + g, c] = (q - z) * s
   return out
 
 
@@ -49,11 +49,14 @@ def test_rtn_matches_numpy_reference(bits, group, symmetric):
 
 @hypothesis.settings(deadline=None, max_examples=40)
 @hypothesis.given(
-    w=hnp.arrays(np.float32, st.tuples(st.sampled_from([32, 64, 96]), st.integers(1, 9)),
-                 elements=st.floats(-1e3, 1e3, width=32)),
-    bits=st.sampled_from([2, 3, 4, 8]),
-    symmetric=st.booleans(),
-    group=st.sampled_from([None, 32]),
+  w=hnp.arrays(
+    np.float32,
+    st.tuples(st.sampled_from([32, 64, 96]), st.integers(1, 9)),
+    elements=st.floats(-1e3, 1e3, width=32),
+  ),
+  bits=st.sampled_from([2, 3, 4, 8]),
+  symmetric=st.booleans(),
+  group=st.sampled_from([None, 32]),
 )
 def test_error_is_at_most_half_a_step_without_clipping(w, bits, symmetric, group):
   spec = qz.QuantSpec(bits=bits, group_size=group, symmetric=symmetric)
@@ -71,8 +74,9 @@ def test_quantized_array_round_trips_through_its_invariant():
   spec = qz.QuantSpec(bits=3, group_size=32, symmetric=False)
   q = qz.quantize(w, spec)
   assert q.codes.shape == (3, 64, 16) and q.scale.shape == (3, 2, 16)
-  rebuilt = (np.asarray(q.codes, np.float32).reshape(3, 2, 32, 16)
-             - np.asarray(q.zero)[:, :, None]) * np.asarray(q.scale)[:, :, None]
+  rebuilt = (
+    np.asarray(q.codes, np.float32).reshape(3, 2, 32, 16) - np.asarray(q.zero)[:, :, None]
+  ) * np.asarray(q.scale)[:, :, None]
   np.testing.assert_allclose(np.asarray(qz.dequantize(q)), rebuilt.reshape(3, 64, 16), rtol=1e-6)
   # Re-quantizing the dequantized weights is a fixed point.
   again = qz.quantize(qz.dequantize(q), spec)
@@ -126,11 +130,14 @@ def test_quantize_works_under_jit_and_matches_eager():
   np.testing.assert_allclose(eager, jitted, rtol=1e-6)
 
 
-@pytest.mark.parametrize('kwargs, match', [
+@pytest.mark.parametrize(
+  'kwargs, match',
+  [
     (dict(bits=5), 'bits=5'),
     (dict(group_size=100), 'group_size=100'),
     (dict(clip_grid=()), 'clip_grid'),
-])
+  ],
+)
 def test_bad_spec_raises_naming_the_value(kwargs, match):
   with pytest.raises(ValueError, match=match):
     qz.QuantSpec(**kwargs)
@@ -152,7 +159,9 @@ def test_bad_weights_raise_naming_the_problem():
 
 def test_bits_per_weight_counts_codes_and_group_metadata():
   assert qz.bits_per_weight(qz.QuantSpec(bits=3, group_size=128), 512) == 3 + 32 / 128
-  assert qz.bits_per_weight(qz.QuantSpec(bits=4, group_size=None, symmetric=True), 512) == 4 + 16 / 512
+  assert (
+    qz.bits_per_weight(qz.QuantSpec(bits=4, group_size=None, symmetric=True), 512) == 4 + 16 / 512
+  )
 
 
 def test_group_fallback_uses_the_largest_dividing_group_size():
@@ -162,8 +171,9 @@ def test_group_fallback_uses_the_largest_dividing_group_size():
   q = qz.quantize(w, qz.QuantSpec(bits=3, group_size=128, group_fallback=True))
   assert q.spec.group_size == 64 and q.scale.shape == (9, 8)
   np.testing.assert_array_equal(
-      np.asarray(qz.dequantize(q)),
-      np.asarray(qz.quant_dequant(w, qz.QuantSpec(bits=3, group_size=64))))
+    np.asarray(qz.dequantize(q)),
+    np.asarray(qz.quant_dequant(w, qz.QuantSpec(bits=3, group_size=64))),
+  )
 
 
 def _stack_of(n=4, spec=qz.QuantSpec(bits=3, group_size=32)):
@@ -190,9 +200,17 @@ def test_qarray_getitem_indexes_codes_scales_and_zeros_of_the_stack(symmetric):
   np.testing.assert_array_equal(qz.dequantize(q[0]), qz.dequantize(q)[0])
 
 
-@pytest.mark.parametrize('index', [0, (0, 0), (Ellipsis, 0), (slice(None), slice(0, 32)),
-                                   (Ellipsis, slice(0, 32), slice(None)),
-                                   (0, slice(None), 0)])
+@pytest.mark.parametrize(
+  'index',
+  [
+    0,
+    (0, 0),
+    (Ellipsis, 0),
+    (slice(None), slice(0, 32)),
+    (Ellipsis, slice(0, 32), slice(None)),
+    (0, slice(None), 0),
+  ],
+)
 def test_qarray_indexing_into_d_in_or_d_out_is_an_index_error(index):
   w = jax.random.normal(jax.random.key(8), (64, 8))
   q = qz.quantize(w, qz.QuantSpec(bits=3, group_size=32))

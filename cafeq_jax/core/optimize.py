@@ -52,13 +52,14 @@ from cafeq_jax import quantizer
 from cafeq_jax.core import proxy
 from cafeq_jax.core import transforms
 
+
 class Optimizer(enum.StrEnum):
   ADAM = 'adam'
   ADAMW = 'adamw'
 
 
 class Schedule(enum.StrEnum):
-  COSINE = 'cosine'      # decay to 0 over the steps
+  COSINE = 'cosine'  # decay to 0 over the steps
   CONSTANT = 'constant'
 
 
@@ -126,27 +127,33 @@ class TransformConfig:
         raise TypeError(f'{name}={getattr(self, name)!r} must be a bool (True / False).')
     if not isinstance(self.block_size, int) or self.block_size < 1:
       raise ValueError(f'block_size={self.block_size!r} must be a positive int.')
-    for name, cls in (('init', transforms.TransformInit), ('optimizer', Optimizer),
-                      ('schedule', Schedule), ('ste', proxy.Ste)):
+    for name, cls in (
+      ('init', transforms.TransformInit),
+      ('optimizer', Optimizer),
+      ('schedule', Schedule),
+      ('ste', proxy.Ste),
+    ):
       object.__setattr__(self, name, enums.coerce(cls, getattr(self, name), name))
     if self.init == 'hadamard' and self.block_size & (self.block_size - 1):
-      raise ValueError(f'init=hadamard needs a power-of-two block_size; got '
-                       f'{self.block_size}.')
+      raise ValueError(f'init=hadamard needs a power-of-two block_size; got {self.block_size}.')
     if not self.learning_rate > 0:
       raise ValueError(f'learning_rate={self.learning_rate!r} must be > 0.')
     if not isinstance(self.steps, int) or self.steps < 0:
       raise ValueError(f'steps={self.steps!r} must be an int >= 0.')
     if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= max(self.steps, 0):
-      raise ValueError(f'warmup_steps={self.warmup_steps!r} must be an int in '
-                       f'[0, steps={self.steps}].')
+      raise ValueError(
+        f'warmup_steps={self.warmup_steps!r} must be an int in [0, steps={self.steps}].'
+      )
     if self.weight_decay < 0:
       raise ValueError(f'weight_decay={self.weight_decay!r} must be >= 0.')
     if not self.log_scale_bound > 0:
       raise ValueError(f'log_scale_bound={self.log_scale_bound!r} must be > 0.')
     if self.columns_per_step is not None and (
-        not isinstance(self.columns_per_step, int) or self.columns_per_step < 1):
-      raise ValueError(f'columns_per_step={self.columns_per_step!r} must be None or a '
-                       f'positive int.')
+      not isinstance(self.columns_per_step, int) or self.columns_per_step < 1
+    ):
+      raise ValueError(
+        f'columns_per_step={self.columns_per_step!r} must be None or a positive int.'
+      )
     if not isinstance(self.eval_every, int) or self.eval_every < 1:
       raise ValueError(f'eval_every={self.eval_every!r} must be a positive int.')
 
@@ -159,8 +166,12 @@ def make_optimizer(config: TransformConfig) -> optax.GradientTransformation:
     lr = optax.cosine_decay_schedule(config.learning_rate, decay_steps=steps)
   elif config.schedule == 'cosine':
     lr = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
-        decay_steps=steps, end_value=0.0)
+      init_value=0.0,
+      peak_value=config.learning_rate,
+      warmup_steps=config.warmup_steps,
+      decay_steps=steps,
+      end_value=0.0,
+    )
   else:
     lr = optax.constant_schedule(config.learning_rate)
   if config.optimizer == 'adamw':
@@ -205,12 +216,18 @@ def _as_stack(w: jax.Array) -> jax.Array:
     return w[:, None]
   if w.ndim == 4:
     return w
-  raise ValueError(f'w must be (B, d_in, d_out) or (B, T, d_in, d_out); got shape '
-                   f'{tuple(w.shape)}.')
+  raise ValueError(
+    f'w must be (B, d_in, d_out) or (B, T, d_in, d_out); got shape {tuple(w.shape)}.'
+  )
 
 
-def stack_loss(transform: transforms.BlockTransform, w: jax.Array,
-               spec: quantizer.QuantSpec, *, ste: str | bool = 'round') -> jax.Array:
+def stack_loss(
+  transform: transforms.BlockTransform,
+  w: jax.Array,
+  spec: quantizer.QuantSpec,
+  *,
+  ste: str | bool = 'round',
+) -> jax.Array:
   """Per-transform loss ``Σ_t ||W_bt - M_b⁻¹ Q(M_b W_bt)||²``: ``(B,)`` float32.
 
   Without right scales (``M = D1 R``, ``R`` orthogonal) it is evaluated as
@@ -244,9 +261,14 @@ def _check(w: jax.Array, spec: quantizer.QuantSpec, config: TransformConfig):
   return w4
 
 
-def init_state(w: jax.Array, spec: quantizer.QuantSpec, config: TransformConfig,
-               key: jax.Array, *, unit_keys: jax.Array | None = None
-               ) -> TransformOptState:
+def init_state(
+  w: jax.Array,
+  spec: quantizer.QuantSpec,
+  config: TransformConfig,
+  key: jax.Array,
+  *,
+  unit_keys: jax.Array | None = None,
+) -> TransformOptState:
   """Initial state for the stack ``w`` (``(B, d_in, d_out)`` or ``(B, T, ...)``).
 
   Args:
@@ -258,23 +280,35 @@ def init_state(w: jax.Array, spec: quantizer.QuantSpec, config: TransformConfig,
   """
   w4 = _check(w, spec, config)
   init = functools.partial(
-      transforms.init_transform, d_in=w4.shape[-2], block_size=config.block_size,
-      init=config.init, log_scale_bound=config.log_scale_bound,
-      right_scales=config.right_scales)
+    transforms.init_transform,
+    d_in=w4.shape[-2],
+    block_size=config.block_size,
+    init=config.init,
+    log_scale_bound=config.log_scale_bound,
+    right_scales=config.right_scales,
+  )
   if unit_keys is None:
     transform = init(key, batch_shape=(w4.shape[0],))
   else:
     if len(unit_keys) != w4.shape[0]:
-      raise ValueError(f'unit_keys has {len(unit_keys)} keys for a stack of '
-                       f'{w4.shape[0]} matrices.')
+      raise ValueError(
+        f'unit_keys has {len(unit_keys)} keys for a stack of {w4.shape[0]} matrices.'
+      )
     transform = jax.vmap(lambda k: init(k, batch_shape=()))(unit_keys)
   opt_state = make_optimizer(config).init(transform.trainable())
   init_loss = _stack_loss_jit(transform, w4, spec)
   rtn = _rtn_loss_jit(w4, spec).sum(axis=1)
   return TransformOptState(
-      transform=transform, opt_state=opt_state, best=transform.trainable(),
-      best_loss=init_loss, init_loss=init_loss, rtn_loss=rtn, last_loss=init_loss,
-      key=jax.random.fold_in(key, 1), step=jnp.zeros((), jnp.int32))
+    transform=transform,
+    opt_state=opt_state,
+    best=transform.trainable(),
+    best_loss=init_loss,
+    init_loss=init_loss,
+    rtn_loss=rtn,
+    last_loss=init_loss,
+    key=jax.random.fold_in(key, 1),
+    step=jnp.zeros((), jnp.int32),
+  )
 
 
 def _keep_best(best, best_loss, cand, cand_loss):
@@ -288,8 +322,9 @@ def _keep_best(best, best_loss, cand, cand_loss):
 
 
 @functools.lru_cache(maxsize=64)
-def make_step(spec: quantizer.QuantSpec, config: TransformConfig
-              ) -> Callable[[TransformOptState, jax.Array], TransformOptState]:
+def make_step(
+  spec: quantizer.QuantSpec, config: TransformConfig
+) -> Callable[[TransformOptState, jax.Array], TransformOptState]:
   """Jitted ``step(state, w) -> state``: one optimiser update of every transform.
 
   The loss of the iterate *before* the update is recorded and kept if best
@@ -315,24 +350,32 @@ def make_step(spec: quantizer.QuantSpec, config: TransformConfig
       w4 = jnp.take(w4, cols, axis=-1)
     (_, per), grads = jax.value_and_grad(objective, has_aux=True)(params, state, w4)
     if not config.learn_scales:
-      grads = dict(grads, log_row=jnp.zeros_like(grads['log_row']),
-                   log_col=jnp.zeros_like(grads['log_col']))
+      grads = dict(
+        grads, log_row=jnp.zeros_like(grads['log_row']), log_col=jnp.zeros_like(grads['log_col'])
+      )
     if subsample:
       best, best_loss = state.best, state.best_loss
     else:
       best, best_loss = _keep_best(state.best, state.best_loss, params, per)
     updates, opt_state = opt.update(grads, state.opt_state, params)
     params = optax.apply_updates(params, updates)
-    return state.replace(transform=state.transform.with_trainable(params),
-                         opt_state=opt_state, best=best, best_loss=best_loss,
-                         last_loss=per, key=key, step=state.step + 1)
+    return state.replace(
+      transform=state.transform.with_trainable(params),
+      opt_state=opt_state,
+      best=best,
+      best_loss=best_loss,
+      last_loss=per,
+      key=key,
+      step=state.step + 1,
+    )
 
   return step
 
 
 @functools.lru_cache(maxsize=64)
-def make_finalize(spec: quantizer.QuantSpec
-                  ) -> Callable[[TransformOptState, jax.Array], TransformOptState]:
+def make_finalize(
+  spec: quantizer.QuantSpec,
+) -> Callable[[TransformOptState, jax.Array], TransformOptState]:
   """Jitted ``finalize(state, w)``: evaluates the current iterate with the real
   ``quant_dequant`` (no STE) and keeps it if best."""
 
@@ -346,10 +389,14 @@ def make_finalize(spec: quantizer.QuantSpec
   return finalize
 
 
-def plain_loop(step_fn: Callable[..., TransformOptState], state: TransformOptState,
-               num_steps: int, *, args: tuple = (),
-               callback: Callable[[int, TransformOptState], None] | None = None
-               ) -> TransformOptState:
+def plain_loop(
+  step_fn: Callable[..., TransformOptState],
+  state: TransformOptState,
+  num_steps: int,
+  *,
+  args: tuple = (),
+  callback: Callable[[int, TransformOptState], None] | None = None,
+) -> TransformOptState:
   """The local loop: ``state = step_fn(state, *args)`` ``num_steps`` times.
 
   The reference of the ``loop`` hook of ``run``: a loop takes ``(step_fn, state,
@@ -371,8 +418,9 @@ Loop = Callable[..., TransformOptState]
 
 
 @functools.lru_cache(maxsize=64)
-def make_run_step(spec: quantizer.QuantSpec, config: TransformConfig, d_out: int
-                  ) -> Callable[[TransformOptState, jax.Array], TransformOptState]:
+def make_run_step(
+  spec: quantizer.QuantSpec, config: TransformConfig, d_out: int
+) -> Callable[[TransformOptState, jax.Array], TransformOptState]:
   """The step ``run`` hands to its loop, for matrices with ``d_out`` columns.
 
   With all columns it is ``make_step``. With ``columns_per_step < d_out`` the
@@ -407,11 +455,18 @@ def _typed_key(key: jax.Array) -> jax.Array:
   return jax.random.wrap_key_data(key)
 
 
-def run(w: jax.Array, spec: quantizer.QuantSpec, config: TransformConfig,
-        key: jax.Array, *, callback: Callable[[int, TransformOptState], None] | None = None,
-        callback_every: int = 10, progress: bool = False, loop: Loop | None = None,
-        unit_keys: jax.Array | None = None
-        ) -> tuple[transforms.BlockTransform, TransformOptState]:
+def run(
+  w: jax.Array,
+  spec: quantizer.QuantSpec,
+  config: TransformConfig,
+  key: jax.Array,
+  *,
+  callback: Callable[[int, TransformOptState], None] | None = None,
+  callback_every: int = 10,
+  progress: bool = False,
+  loop: Loop | None = None,
+  unit_keys: jax.Array | None = None,
+) -> tuple[transforms.BlockTransform, TransformOptState]:
   """Optimises one transform per matrix of the stack ``w``.
 
   Args:
@@ -445,6 +500,7 @@ def run(w: jax.Array, spec: quantizer.QuantSpec, config: TransformConfig,
   bar = None
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
+
     bar = tqdm.tqdm(total=config.steps, desc=f'transforms {tuple(w4.shape)}', leave=False)
 
   def on_step(i, s):
@@ -455,8 +511,13 @@ def run(w: jax.Array, spec: quantizer.QuantSpec, config: TransformConfig,
 
   loop = plain_loop if loop is None else loop
   try:
-    state = loop(step, state, config.steps, args=(w4,),
-                 callback=on_step if (bar is not None or callback is not None) else None)
+    state = loop(
+      step,
+      state,
+      config.steps,
+      args=(w4,),
+      callback=on_step if (bar is not None or callback is not None) else None,
+    )
   finally:
     if bar is not None:
       bar.close()

@@ -45,7 +45,8 @@ import dataclasses
 import enum
 import functools
 import math
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -56,18 +57,21 @@ from cafeq_jax import quantizer as qz
 from cafeq_jax.core import proxy
 from cafeq_jax.core import rounding
 
+
 class PairKind(enum.StrEnum):
   """Pairs of matrices that meet directly in the graph (a transform folds into both)."""
-  VO = 'vo'          # value / output, per KV group
-  QK = 'qk'          # query / key, RoPE-commuting 2x2 scaled rotations
+
+  VO = 'vo'  # value / output, per KV group
+  QK = 'qk'  # query / key, RoPE-commuting 2x2 scaled rotations
   UPDOWN = 'updown'  # MLP up / down, a diagonal on the hidden units
 
 
 class PairLoss(enum.StrEnum):
   """Objective of the pair-transform optimisation."""
-  LSE = 'lse'          # smooth max of the quantization ranges (the paper)
+
+  LSE = 'lse'  # smooth max of the quantization ranges (the paper)
   PRODUCT = 'product'  # STE product error
-  BOTH = 'both'        # lse for the first half of the steps, product after
+  BOTH = 'both'  # lse for the first half of the steps, product after
 
 
 PAIR_KINDS = tuple(m.value for m in PairKind)
@@ -80,8 +84,7 @@ _HI = jax.lax.Precision.HIGHEST
 
 def _group_index(num_heads: int, num_kv_heads: int):
   if num_heads % num_kv_heads:
-    raise ValueError(f'num_heads={num_heads} is not a multiple of num_kv_heads='
-                     f'{num_kv_heads}.')
+    raise ValueError(f'num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}.')
   return jnp.arange(num_heads) // (num_heads // num_kv_heads)
 
 
@@ -102,7 +105,8 @@ def inv(m: jax.Array) -> jax.Array:
   """
   n = m.shape[-1]
   a = jnp.concatenate(
-      [m, jnp.broadcast_to(jnp.eye(n, dtype=m.dtype), m.shape)], axis=-1)  # (..., n, 2n)
+    [m, jnp.broadcast_to(jnp.eye(n, dtype=m.dtype), m.shape)], axis=-1
+  )  # (..., n, 2n)
   idx = jnp.arange(n)
 
   def body(j, a):
@@ -131,8 +135,10 @@ def vo_fold(v: jax.Array, o: jax.Array, m: jax.Array, *, num_heads: int):
   *lead, d, khd = v.shape
   k, hd = m.shape[-3], m.shape[-1]
   if khd != k * hd or o.shape[-2] != num_heads * hd:
-    raise ValueError(f'v {tuple(v.shape)}, o {tuple(o.shape)} and m {tuple(m.shape)} '
-                     f'do not agree for num_heads={num_heads}.')
+    raise ValueError(
+      f'v {tuple(v.shape)}, o {tuple(o.shape)} and m {tuple(m.shape)} '
+      f'do not agree for num_heads={num_heads}.'
+    )
   grp = _group_index(num_heads, k)
   m32 = m.astype(jnp.float32)
   vb = v.astype(jnp.float32).reshape(*lead, d, k, hd)
@@ -176,8 +182,10 @@ def qk_fold(q: jax.Array, k: jax.Array, params, *, num_heads: int):
   hd = 2 * half
   *lead, d, hhd = q.shape
   if hhd != num_heads * hd or k.shape[-1] != kh * hd:
-    raise ValueError(f'q {tuple(q.shape)}, k {tuple(k.shape)} and params '
-                     f'{tuple(log_a.shape)} do not agree for num_heads={num_heads}.')
+    raise ValueError(
+      f'q {tuple(q.shape)}, k {tuple(k.shape)} and params '
+      f'{tuple(log_a.shape)} do not agree for num_heads={num_heads}.'
+    )
   grp = _group_index(num_heads, kh)
   cos, sin = jnp.cos(theta), jnp.sin(theta)
   qb = q.astype(jnp.float32).reshape(*lead, d, num_heads, hd)
@@ -195,8 +203,10 @@ def updown_init(hidden_dim: int, batch_shape: tuple[int, ...] = ()):
 def updown_fold(up: jax.Array, down: jax.Array, log_d: jax.Array):
   """``(up D, D⁻¹ down)`` with ``D = diag(exp(log_d))``; up ``(..., D, F)``, down ``(..., F, D)``."""
   d = jnp.exp(log_d.astype(jnp.float32))
-  return ((up.astype(jnp.float32) * d[..., None, :]).astype(up.dtype),
-          (down.astype(jnp.float32) / d[..., :, None]).astype(down.dtype))
+  return (
+    (up.astype(jnp.float32) * d[..., None, :]).astype(up.dtype),
+    (down.astype(jnp.float32) / d[..., :, None]).astype(down.dtype),
+  )
 
 
 # ----------------------------------------------------------------------------------
@@ -206,6 +216,7 @@ def updown_fold(up: jax.Array, down: jax.Array, log_d: jax.Array):
 @dataclasses.dataclass(frozen=True)
 class PairGeometry:
   """Static shapes of one layer's attention/MLP for the pair kinds."""
+
   num_heads: int
   num_kv_heads: int
   head_dim: int
@@ -240,15 +251,14 @@ def fold(kind: PairKind, geom: PairGeometry, a: jax.Array, b: jax.Array, params)
 def product_error(kind: PairKind, geom: PairGeometry, a, b, a_hat, b_hat) -> jax.Array:
   """Pair product error of one layer (matrix views, unbatched), f32 scalar."""
   if kind == 'vo':
-    return rounding.pair_product_error(a, b, a_hat, b_hat, n1=geom.num_kv_heads,
-                                       n2=geom.num_heads)
+    return rounding.pair_product_error(a, b, a_hat, b_hat, n1=geom.num_kv_heads, n2=geom.num_heads)
   if kind == 'qk':
-    return rounding.pair_product_error(a, b.T, a_hat, b_hat.T, n1=geom.num_heads,
-                                       n2=geom.num_kv_heads)
+    return rounding.pair_product_error(
+      a, b.T, a_hat, b_hat.T, n1=geom.num_heads, n2=geom.num_kv_heads
+    )
   if kind == 'updown':
     # Dense form: Gram matrices would be (F, F), far bigger than W_up W_down.
-    d = (jnp.matmul(a - a_hat, b, precision=_HI)
-         + jnp.matmul(a_hat, b - b_hat, precision=_HI))
+    d = jnp.matmul(a - a_hat, b, precision=_HI) + jnp.matmul(a_hat, b - b_hat, precision=_HI)
     return jnp.sum(d * d)
   raise ValueError(f'pair kind {kind!r}; expected one of {PAIR_KINDS}.')
 
@@ -264,8 +274,9 @@ def _ranges(w: jax.Array, spec: qz.QuantSpec) -> jax.Array:
   return r.reshape(-1)
 
 
-def lse_range_loss(ws: tuple[jax.Array, ...], specs: tuple[qz.QuantSpec, ...],
-                   temperature: float) -> jax.Array:
+def lse_range_loss(
+  ws: tuple[jax.Array, ...], specs: tuple[qz.QuantSpec, ...], temperature: float
+) -> jax.Array:
   """``Σ_m log smax_t(r_m)``: smooth max of each matrix's group ranges (paper's loss).
 
   ``smax_t(r) = t·logsumexp(r / t)``, ``t = temperature · mean(r)`` (stop-gradient),
@@ -298,6 +309,7 @@ class PairOptConfig:
     ste: gradient through the quantizer for 'product': 'full' (``fake_quant``) or
       'round' (``core.proxy.round_ste_quant``: the gradient also reaches the ranges).
   """
+
   loss: PairLoss = PairLoss.LSE
   steps: int = 200
   learning_rate: float = 5e-3
@@ -317,11 +329,11 @@ class PairOptConfig:
       if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ValueError(f'{name}={v!r} must be a finite number.')
     if self.steps < 0 or self.eval_every < 1:
-      raise ValueError(f'steps={self.steps} must be >= 0 and eval_every='
-                       f'{self.eval_every} >= 1.')
+      raise ValueError(f'steps={self.steps} must be >= 0 and eval_every={self.eval_every} >= 1.')
     if not self.learning_rate > 0 or not self.temperature > 0:
-      raise ValueError(f'learning_rate={self.learning_rate} and temperature='
-                       f'{self.temperature} must be > 0.')
+      raise ValueError(
+        f'learning_rate={self.learning_rate} and temperature={self.temperature} must be > 0.'
+      )
 
 
 @functools.partial(jax.jit, static_argnames=('kind', 'geom', 'spec_a', 'spec_b', 'config'))
@@ -331,8 +343,9 @@ def _optimize_jit(a, b, params0, kind, geom, spec_a, spec_b, config):
 
   def actual(p, a_l, b_l):
     a2, b2 = layer_fold(p, a_l, b_l)
-    err = product_error(kind, geom, a2, b2, qz.quant_dequant(a2, spec_a),
-                        qz.quant_dequant(b2, spec_b))
+    err = product_error(
+      kind, geom, a2, b2, qz.quant_dequant(a2, spec_a), qz.quant_dequant(b2, spec_b)
+    )
     return jnp.where(jnp.isfinite(err), err, jnp.inf)
 
   def lse(p, a_l, b_l):
@@ -341,8 +354,14 @@ def _optimize_jit(a, b, params0, kind, geom, spec_a, spec_b, config):
 
   def prod(p, a_l, b_l):
     a2, b2 = layer_fold(p, a_l, b_l)
-    return product_error(kind, geom, a2, b2, proxy.ste_quant(a2, spec_a, config.ste),
-                         proxy.ste_quant(b2, spec_b, config.ste))
+    return product_error(
+      kind,
+      geom,
+      a2,
+      b2,
+      proxy.ste_quant(a2, spec_a, config.ste),
+      proxy.ste_quant(b2, spec_b, config.ste),
+    )
 
   actual_v = jax.vmap(actual)
   lse_v, prod_v = jax.vmap(lse), jax.vmap(prod)
@@ -352,8 +371,9 @@ def _optimize_jit(a, b, params0, kind, geom, spec_a, spec_b, config):
   norm = jax.lax.stop_gradient(jnp.maximum(err0, 1e-30))
 
   def total(p, use_prod):
-    return jax.lax.cond(use_prod, lambda: jnp.sum(prod_v(p, a, b) / norm),
-                        lambda: jnp.sum(lse_v(p, a, b)))
+    return jax.lax.cond(
+      use_prod, lambda: jnp.sum(prod_v(p, a, b) / norm), lambda: jnp.sum(lse_v(p, a, b))
+    )
 
   opt = optax.adam(config.learning_rate)
 
@@ -365,9 +385,10 @@ def _optimize_jit(a, b, params0, kind, geom, spec_a, spec_b, config):
   def step(carry, i):
     p, opt_state, best, best_err = carry
     best, best_err = jax.lax.cond(
-        i % config.eval_every == 0,
-        lambda: keep(best, best_err, p, actual_v(p, a, b)),
-        lambda: (best, best_err))
+      i % config.eval_every == 0,
+      lambda: keep(best, best_err, p, actual_v(p, a, b)),
+      lambda: (best, best_err),
+    )
     if config.loss == 'lse':
       use_prod = jnp.asarray(False)
     elif config.loss == 'product':
@@ -385,9 +406,16 @@ def _optimize_jit(a, b, params0, kind, geom, spec_a, spec_b, config):
   return best, err0, best_err, losses
 
 
-def optimize_pair(kind: PairKind, geom: PairGeometry, a: jax.Array, b: jax.Array,
-                  spec_a: qz.QuantSpec, spec_b: qz.QuantSpec,
-                  config: PairOptConfig = PairOptConfig(), params0: Any = None):
+def optimize_pair(
+  kind: PairKind,
+  geom: PairGeometry,
+  a: jax.Array,
+  b: jax.Array,
+  spec_a: qz.QuantSpec,
+  spec_b: qz.QuantSpec,
+  config: PairOptConfig = PairOptConfig(),
+  params0: Any = None,
+):
   """Learns the pair transform of ``kind`` for a stack of layers in one jit.
 
   Args:
@@ -407,11 +435,20 @@ def optimize_pair(kind: PairKind, geom: PairGeometry, a: jax.Array, b: jax.Array
   if kind not in PAIR_KINDS:
     raise ValueError(f'pair kind {kind!r}; expected one of {PAIR_KINDS}.')
   if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0]:
-    raise ValueError(f'a {tuple(a.shape)} and b {tuple(b.shape)} must be (L, d_in, d_out) '
-                     'stacks with the same L.')
+    raise ValueError(
+      f'a {tuple(a.shape)} and b {tuple(b.shape)} must be (L, d_in, d_out) stacks with the same L.'
+    )
   qz.validate_weight(a, spec_a)
   qz.validate_weight(b, spec_b)
   if params0 is None:
     params0 = init_params(kind, geom, (a.shape[0],))
-  return _optimize_jit(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
-                       params0, kind, geom, spec_a, spec_b, config)
+  return _optimize_jit(
+    jnp.asarray(a, jnp.float32),
+    jnp.asarray(b, jnp.float32),
+    params0,
+    kind,
+    geom,
+    spec_a,
+    spec_b,
+    config,
+  )

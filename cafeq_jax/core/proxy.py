@@ -38,8 +38,9 @@ def rtn_loss(w: jax.Array, spec: quantizer.QuantSpec) -> jax.Array:
 
 class Ste(enum.StrEnum):
   """Gradient through the quantizer."""
+
   ROUND = 'round'  # STE on the rounding only; scales (ranges) differentiable
-  FULL = 'full'    # identity gradient through the whole quantizer (fake_quant)
+  FULL = 'full'  # identity gradient through the whole quantizer (fake_quant)
 
 
 STE_MODES = tuple(m.value for m in Ste)
@@ -92,9 +93,14 @@ def ste_quant(v: jax.Array, spec: quantizer.QuantSpec, ste: str | bool = 'round'
   raise ValueError(f'ste={ste!r} is not supported; expected one of {STE_MODES} or False.')
 
 
-def transformed_reconstruction(w: jax.Array, m: jax.Array, m_inv: jax.Array,
-                               spec: quantizer.QuantSpec, *,
-                               ste: str | bool = 'round') -> jax.Array:
+def transformed_reconstruction(
+  w: jax.Array,
+  m: jax.Array,
+  m_inv: jax.Array,
+  spec: quantizer.QuantSpec,
+  *,
+  ste: str | bool = 'round',
+) -> jax.Array:
   """``Ŵ(M) = M⁻¹ Q(M W)`` with block-diagonal ``M``.
 
   Args:
@@ -113,8 +119,14 @@ def transformed_reconstruction(w: jax.Array, m: jax.Array, m_inv: jax.Array,
   return transforms.apply_left(m_inv, v_hat)
 
 
-def transformed_loss(w: jax.Array, m: jax.Array, m_inv: jax.Array,
-                     spec: quantizer.QuantSpec, *, ste: str | bool = 'round') -> jax.Array:
+def transformed_loss(
+  w: jax.Array,
+  m: jax.Array,
+  m_inv: jax.Array,
+  spec: quantizer.QuantSpec,
+  *,
+  ste: str | bool = 'round',
+) -> jax.Array:
   """Single-matrix transformed loss ``||W - M⁻¹ Q(M W)||_F²`` per matrix.
 
   Written as ``W - M⁻¹ Q_ste(M W)``; since ``M⁻¹ M W = W`` identically this has
@@ -139,8 +151,14 @@ def _gram_inner(a1, b1, a2, b2):
   return jnp.einsum('...rs,...sr->...', ga, gb)
 
 
-def pair_loss(w1: jax.Array, w2: jax.Array, w1_hat: jax.Array, w2_hat: jax.Array,
-              *, factored: bool | None = None) -> jax.Array:
+def pair_loss(
+  w1: jax.Array,
+  w2: jax.Array,
+  w1_hat: jax.Array,
+  w2_hat: jax.Array,
+  *,
+  factored: bool | None = None,
+) -> jax.Array:
   """Pair product proxy ``||W1 W2 - Ŵ1 Ŵ2||_F²`` per pair.
 
   Args:
@@ -161,11 +179,11 @@ def pair_loss(w1: jax.Array, w2: jax.Array, w1_hat: jax.Array, w2_hat: jax.Array
   w1, w2, w1_hat, w2_hat = map(f32, (w1, w2, w1_hat, w2_hat))
   if w1.shape != w1_hat.shape or w2.shape != w2_hat.shape:
     raise ValueError(
-        f'pair shapes differ: w1 {w1.shape} vs w1_hat {w1_hat.shape}, '
-        f'w2 {w2.shape} vs w2_hat {w2_hat.shape}.')
+      f'pair shapes differ: w1 {w1.shape} vs w1_hat {w1_hat.shape}, '
+      f'w2 {w2.shape} vs w2_hat {w2_hat.shape}.'
+    )
   if w1.shape[-1] != w2.shape[-2]:
-    raise ValueError(
-        f'inner dims do not match: w1 {w1.shape} @ w2 {w2.shape}.')
+    raise ValueError(f'inner dims do not match: w1 {w1.shape} @ w2 {w2.shape}.')
   a, r = w1.shape[-2:]
   b = w2.shape[-1]
   if factored is None:
@@ -173,14 +191,22 @@ def pair_loss(w1: jax.Array, w2: jax.Array, w1_hat: jax.Array, w2_hat: jax.Array
   if not factored:
     return frobenius(w1 @ w2, w1_hat @ w2_hat)
   e1, e2 = w1 - w1_hat, w2 - w2_hat
-  return (_gram_inner(e1, w2, e1, w2) + 2.0 * _gram_inner(e1, w2, w1_hat, e2)
-          + _gram_inner(w1_hat, e2, w1_hat, e2))
+  return (
+    _gram_inner(e1, w2, e1, w2)
+    + 2.0 * _gram_inner(e1, w2, w1_hat, e2)
+    + _gram_inner(w1_hat, e2, w1_hat, e2)
+  )
 
 
-def pair_quant_loss(w1: jax.Array, w2: jax.Array, spec1: quantizer.QuantSpec,
-                    spec2: quantizer.QuantSpec | None = None, *,
-                    ste: str | bool = 'round', factored: bool | None = None) -> jax.Array:
+def pair_quant_loss(
+  w1: jax.Array,
+  w2: jax.Array,
+  spec1: quantizer.QuantSpec,
+  spec2: quantizer.QuantSpec | None = None,
+  *,
+  ste: str | bool = 'round',
+  factored: bool | None = None,
+) -> jax.Array:
   """``||W1 W2 - Q(W1) Q(W2)||²`` per pair; ``ste`` as in ``ste_quant``."""
   spec2 = spec1 if spec2 is None else spec2
-  return pair_loss(w1, w2, ste_quant(w1, spec1, ste), ste_quant(w2, spec2, ste),
-                   factored=factored)
+  return pair_loss(w1, w2, ste_quant(w1, spec1, ste), ste_quant(w2, spec2, ste), factored=factored)

@@ -30,7 +30,8 @@ error back into real rows.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Literal
+from typing import Callable
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +45,13 @@ _HI = jax.lax.Precision.HIGHEST
 
 def _scale_zero(x: jax.Array, spec: qz.QuantSpec):
   """Scale/zero of ``x`` (d, n) as ONE group per column: each (n,) float32."""
-  one_group = qz.QuantSpec(bits=spec.bits, group_size=None, symmetric=spec.symmetric,
-                           clip_search=spec.clip_search, clip_grid=spec.clip_grid)
+  one_group = qz.QuantSpec(
+    bits=spec.bits,
+    group_size=None,
+    symmetric=spec.symmetric,
+    clip_search=spec.clip_search,
+    clip_grid=spec.clip_grid,
+  )
   s, z = qz.compute_scale_zero(x, one_group)
   z = jnp.zeros_like(s) if z is None else z
   return s[0], z[0]
@@ -83,8 +89,9 @@ def hinv_cholesky(h: jax.Array, damp: float = 0.01) -> tuple[jax.Array, jax.Arra
   return u, dead
 
 
-def _sweep(w: jax.Array, u: jax.Array, *, block: int, sub: int,
-           start_group: Callable, quant_row: Callable):
+def _sweep(
+  w: jax.Array, u: jax.Array, *, block: int, sub: int, start_group: Callable, quant_row: Callable
+):
   """Blocked GPTQ sweep over the rows of ``w`` (d, n); ``d % block == block % sub == 0``.
 
   ``start_group(rows (sub, n), first) -> (s, z)`` is called at the first row
@@ -94,8 +101,9 @@ def _sweep(w: jax.Array, u: jax.Array, *, block: int, sub: int,
   """
   d, n = w.shape
   n_blocks, n_sub = d // block, block // sub
-  s0, z0 = jax.eval_shape(start_group, jax.ShapeDtypeStruct((sub, n), jnp.float32),
-                          jax.ShapeDtypeStruct((), jnp.int32))
+  s0, z0 = jax.eval_shape(
+    start_group, jax.ShapeDtypeStruct((sub, n), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32)
+  )
   codes = jnp.zeros((d, n), jnp.float32)
   s_buf = jnp.zeros((d // sub,) + s0.shape, jnp.float32)
   z_buf = jnp.zeros((d // sub,) + z0.shape, jnp.float32)
@@ -123,9 +131,13 @@ def _sweep(w: jax.Array, u: jax.Array, *, block: int, sub: int,
       wb, errb, qb = jax.lax.fori_loop(0, sub, row_body, (wb, errb, qb))
       return wb, errb, qb, s_blk.at[si].set(s), z_blk.at[si].set(z)
 
-    init = (wb, jnp.zeros_like(wb), jnp.zeros_like(wb),
-            jnp.zeros((n_sub,) + s0.shape, jnp.float32),
-            jnp.zeros((n_sub,) + z0.shape, jnp.float32))
+    init = (
+      wb,
+      jnp.zeros_like(wb),
+      jnp.zeros_like(wb),
+      jnp.zeros((n_sub,) + s0.shape, jnp.float32),
+      jnp.zeros((n_sub,) + z0.shape, jnp.float32),
+    )
     _, errb, qb, s_blk, z_blk = jax.lax.fori_loop(0, n_sub, sub_body, init)
     urows = jax.lax.dynamic_slice_in_dim(u, i1, block, 0)  # (block, d)
     urows = jnp.where(cols[None, :] >= i1 + block, urows, 0.0)
@@ -135,8 +147,7 @@ def _sweep(w: jax.Array, u: jax.Array, *, block: int, sub: int,
     z_buf = jax.lax.dynamic_update_slice_in_dim(z_buf, z_blk, bi * n_sub, 0)
     return w, codes, s_buf, z_buf
 
-  _, codes, s_buf, z_buf = jax.lax.fori_loop(
-      0, n_blocks, block_body, (w, codes, s_buf, z_buf))
+  _, codes, s_buf, z_buf = jax.lax.fori_loop(0, n_blocks, block_body, (w, codes, s_buf, z_buf))
   return codes, s_buf, z_buf
 
 
@@ -163,8 +174,7 @@ def _check_h(h, d: int, name: str):
 def _batched(fn, w, h):
   lead = w.shape[:-2]
   if lead != h.shape[:-2]:
-    raise ValueError(
-        f'leading dims of w {tuple(w.shape)} and h {tuple(h.shape)} differ.')
+    raise ValueError(f'leading dims of w {tuple(w.shape)} and h {tuple(h.shape)} differ.')
   for _ in lead:
     fn = jax.vmap(fn)
   return fn(w, h)
@@ -193,8 +203,7 @@ def _gptq_round_jit(w, h, spec, damp, block, act_order):
     if act_order:
       sub = 1
       bs = _block_size(d_in, block, 1)
-      start = lambda rows, i: (rows_s[jnp.minimum(i, d_in - 1)],
-                               rows_z[jnp.minimum(i, d_in - 1)])
+      start = lambda rows, i: (rows_s[jnp.minimum(i, d_in - 1)], rows_z[jnp.minimum(i, d_in - 1)])
     elif spec.group_size is None:
       s_pc, z_pc = _scale_zero(w, spec)
       sub = _block_size(d_in, block, 1)
@@ -206,8 +215,13 @@ def _gptq_round_jit(w, h, spec, damp, block, act_order):
       start = lambda rows, i: _scale_zero(rows, spec)
     wp, up = _pad_to(w, u, bs)
     codes, s_buf, z_buf = _sweep(
-        wp, up, block=bs, sub=sub, start_group=start,
-        quant_row=lambda row, s, z: _round_row(row, s, z, spec))
+      wp,
+      up,
+      block=bs,
+      sub=sub,
+      start_group=start,
+      quant_row=lambda row, s, z: _round_row(row, s, z, spec),
+    )
     codes = codes[:d_in]
     if act_order:
       codes = codes[jnp.argsort(perm)]
@@ -215,16 +229,27 @@ def _gptq_round_jit(w, h, spec, damp, block, act_order):
     elif spec.group_size is None:
       scale, zero = s_buf[:1], z_buf[:1]
     else:
-      scale, zero = s_buf[:d_in // sub], z_buf[:d_in // sub]
+      scale, zero = s_buf[: d_in // sub], z_buf[: d_in // sub]
     return codes, scale, zero
 
   codes, scale, zero = _batched(one, w, h)
-  return qz.QArray(codes=codes.astype(qz.code_dtype(spec)), scale=scale,
-                   zero=None if spec.symmetric else zero, spec=spec)
+  return qz.QArray(
+    codes=codes.astype(qz.code_dtype(spec)),
+    scale=scale,
+    zero=None if spec.symmetric else zero,
+    spec=spec,
+  )
 
 
-def gptq_round(w: jax.Array, h: jax.Array, spec: qz.QuantSpec, *,
-               damp: float = 0.01, block: int = 128, act_order: bool = False) -> qz.QArray:
+def gptq_round(
+  w: jax.Array,
+  h: jax.Array,
+  spec: qz.QuantSpec,
+  *,
+  damp: float = 0.01,
+  block: int = 128,
+  act_order: bool = False,
+) -> qz.QArray:
   """GPTQ rounding of ``w`` along ``d_in`` for the input-side Hessian ``h``.
 
   Minimises (greedily, with optimal error feedback) ``tr((W-Ŵ)ᵀ H (W-Ŵ))``. With
@@ -247,8 +272,14 @@ def gptq_round(w: jax.Array, h: jax.Array, spec: qz.QuantSpec, *,
   qz.validate_weight(w, spec)
   _check_h(h, w.shape[-2], 'h')
   spec = spec.for_rows(w.shape[-2])  # the group size actually used (group_fallback)
-  return _gptq_round_jit(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32),
-                         spec, float(damp), int(block), bool(act_order))
+  return _gptq_round_jit(
+    jnp.asarray(w, jnp.float32),
+    jnp.asarray(h, jnp.float32),
+    spec,
+    float(damp),
+    int(block),
+    bool(act_order),
+  )
 
 
 @functools.partial(jax.jit, static_argnames=('spec', 'damp', 'block'))
@@ -271,17 +302,21 @@ def _gptq_round_output_jit(w, h, spec, damp, block):
 
     bs = _block_size(d_out, block, 1)
     vp, up = _pad_to(v, u, bs)
-    codes, s_buf, z_buf = _sweep(vp, up, block=bs, sub=1, start_group=start,
-                                 quant_row=quant_row)
+    codes, s_buf, z_buf = _sweep(vp, up, block=bs, sub=1, start_group=start, quant_row=quant_row)
     return codes[:d_out].T, s_buf[:d_out].T, z_buf[:d_out].T
 
   codes, scale, zero = _batched(one, w, h)
-  return qz.QArray(codes=codes.astype(qz.code_dtype(spec)), scale=scale,
-                   zero=None if spec.symmetric else zero, spec=spec)
+  return qz.QArray(
+    codes=codes.astype(qz.code_dtype(spec)),
+    scale=scale,
+    zero=None if spec.symmetric else zero,
+    spec=spec,
+  )
 
 
-def gptq_round_output(w: jax.Array, h: jax.Array, spec: qz.QuantSpec, *,
-                      damp: float = 0.01, block: int = 128) -> qz.QArray:
+def gptq_round_output(
+  w: jax.Array, h: jax.Array, spec: qz.QuantSpec, *, damp: float = 0.01, block: int = 128
+) -> qz.QArray:
   """GPTQ rounding of ``w`` along ``d_out`` for the output-side Hessian ``h``.
 
   Minimises ``tr((W-Ŵ) H (W-Ŵ)ᵀ)``, e.g. ``||(W - Ŵ) A||²`` with ``H = AAᵀ``: the
@@ -296,8 +331,9 @@ def gptq_round_output(w: jax.Array, h: jax.Array, spec: qz.QuantSpec, *,
   qz.validate_weight(w, spec)
   _check_h(h, w.shape[-1], 'h')
   spec = spec.for_rows(w.shape[-2])  # the group size actually used (group_fallback)
-  return _gptq_round_output_jit(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32),
-                                spec, float(damp), int(block))
+  return _gptq_round_output_jit(
+    jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32), spec, float(damp), int(block)
+  )
 
 
 # ----------------------------------------------------------------------------------
@@ -308,8 +344,9 @@ def _pair_index(n1: int, n2: int):
   """Block indices ``(i1, i2)`` of the ``max(n1, n2)`` products of a blocked pair."""
   r = max(n1, n2)
   if r % n1 or r % n2:
-    raise ValueError(f'block counts n1={n1}, n2={n2}: the larger must be a multiple '
-                     'of the smaller.')
+    raise ValueError(
+      f'block counts n1={n1}, n2={n2}: the larger must be a multiple of the smaller.'
+    )
   idx = np.arange(r)
   return idx // (r // n1), idx // (r // n2)
 
@@ -337,8 +374,9 @@ def _t(x):
   return jnp.swapaxes(x, -1, -2)
 
 
-def pair_product_error(w1: jax.Array, w2: jax.Array, w1_hat: jax.Array,
-                       w2_hat: jax.Array, *, n1: int = 1, n2: int = 1) -> jax.Array:
+def pair_product_error(
+  w1: jax.Array, w2: jax.Array, w1_hat: jax.Array, w2_hat: jax.Array, *, n1: int = 1, n2: int = 1
+) -> jax.Array:
   """``Σ_r ||W1_i W2_j - Ŵ1_i Ŵ2_j||²_F`` over the products of a blocked pair.
 
   ``w1`` ``(a, n1*b)`` holds ``n1`` column blocks, ``w2`` ``(n2*b, c)`` holds ``n2`` row
@@ -352,12 +390,12 @@ def pair_product_error(w1: jax.Array, w2: jax.Array, w1_hat: jax.Array,
   w1, w2 = _blocks1(w1, n1), _blocks2(w2, n2)
   w1h, w2h = _blocks1(w1_hat, n1), _blocks2(w2_hat, n2)
   e1, e2 = w1 - w1h, w2 - w2h
-  a_ee = _mm(_t(e1), e1)[i1]      # E1ᵀE1
-  a_eh = _mm(_t(e1), w1h)[i1]     # E1ᵀŴ1
-  a_hh = _mm(_t(w1h), w1h)[i1]    # Ŵ1ᵀŴ1
-  b_ww = _mm(w2, _t(w2))[i2]      # W2W2ᵀ
-  b_we = _mm(w2, _t(e2))[i2]      # W2E2ᵀ
-  b_ee = _mm(e2, _t(e2))[i2]      # E2E2ᵀ
+  a_ee = _mm(_t(e1), e1)[i1]  # E1ᵀE1
+  a_eh = _mm(_t(e1), w1h)[i1]  # E1ᵀŴ1
+  a_hh = _mm(_t(w1h), w1h)[i1]  # Ŵ1ᵀŴ1
+  b_ww = _mm(w2, _t(w2))[i2]  # W2W2ᵀ
+  b_we = _mm(w2, _t(e2))[i2]  # W2E2ᵀ
+  b_ee = _mm(e2, _t(e2))[i2]  # E2E2ᵀ
   return jnp.sum(a_ee * b_ww) + 2.0 * jnp.sum(a_eh * b_we) + jnp.sum(a_hh * b_ee)
 
 
@@ -368,10 +406,10 @@ def _segment_sum(x, ids, n):
 Rounding = Literal['rtn', 'gptq']
 
 
-@functools.partial(jax.jit, static_argnames=(
-    'spec1', 'spec2', 'n1', 'n2', 'rounds', 'rounding', 'damp', 'rcond'))
-def _adaptive_round_pair_jit(w1, w2, spec1, spec2, n1, n2, rounds, rounding, damp,
-                             rcond):
+@functools.partial(
+  jax.jit, static_argnames=('spec1', 'spec2', 'n1', 'n2', 'rounds', 'rounding', 'damp', 'rcond')
+)
+def _adaptive_round_pair_jit(w1, w2, spec1, spec2, n1, n2, rounds, rounding, damp, rcond):
   i1, i2 = _pair_index(n1, n2)
   b1, b2 = _blocks1(w1, n1), _blocks2(w2, n2)
   deq = qz.dequantize
@@ -432,9 +470,17 @@ def _adaptive_round_pair_jit(w1, w2, spec1, spec2, n1, n2, rounds, rounding, dam
 
 
 def adaptive_round_pair(
-    w1: jax.Array, w2: jax.Array, spec1: qz.QuantSpec, spec2: qz.QuantSpec, *,
-    rounds: int = 3, rounding: Rounding = 'rtn', n1: int = 1, n2: int = 1,
-    damp: float = 0.01, rcond: float = 1e-6,
+  w1: jax.Array,
+  w2: jax.Array,
+  spec1: qz.QuantSpec,
+  spec2: qz.QuantSpec,
+  *,
+  rounds: int = 3,
+  rounding: Rounding = 'rtn',
+  n1: int = 1,
+  n2: int = 1,
+  damp: float = 0.01,
+  rcond: float = 1e-6,
 ) -> tuple[qz.QArray, qz.QArray, jax.Array]:
   """Alternating re-solve-and-round of a pair for its product ``W1 W2``.
 
@@ -478,11 +524,21 @@ def adaptive_round_pair(
     raise ValueError(f'w1 {tuple(w1.shape)} and w2 {tuple(w2.shape)} must be 2-D.')
   if w1.shape[1] * n2 != w2.shape[0] * n1 or w1.shape[1] % n1:
     raise ValueError(
-        f'w1 {tuple(w1.shape)} with n1={n1} blocks and w2 {tuple(w2.shape)} with '
-        f'n2={n2} blocks do not share an inner block size.')
+      f'w1 {tuple(w1.shape)} with n1={n1} blocks and w2 {tuple(w2.shape)} with '
+      f'n2={n2} blocks do not share an inner block size.'
+    )
   _pair_index(n1, n2)
   qz.validate_weight(w1, spec1)
   qz.validate_weight(w2, spec2)
   return _adaptive_round_pair_jit(
-      jnp.asarray(w1, jnp.float32), jnp.asarray(w2, jnp.float32), spec1, spec2,
-      int(n1), int(n2), int(rounds), rounding, float(damp), float(rcond))
+    jnp.asarray(w1, jnp.float32),
+    jnp.asarray(w2, jnp.float32),
+    spec1,
+    spec2,
+    int(n1),
+    int(n2),
+    int(rounds),
+    rounding,
+    float(damp),
+    float(rcond),
+  )

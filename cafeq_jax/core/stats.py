@@ -65,7 +65,7 @@ def effective_rank(h: jax.Array) -> jax.Array:
   h = jnp.asarray(h, jnp.float32)
   tr = jnp.trace(h, axis1=-2, axis2=-1)
   tr2 = jnp.sum(h * jnp.swapaxes(h, -1, -2), axis=(-2, -1))
-  return tr ** 2 / tr2
+  return tr**2 / tr2
 
 
 def weighted_loss(w: jax.Array, w_hat: jax.Array, h: jax.Array) -> jax.Array:
@@ -97,8 +97,7 @@ def propagate(h: jax.Array, w: jax.Array) -> jax.Array:
   return jnp.matmul(jnp.swapaxes(w, -1, -2), jnp.matmul(h, w, precision=_HI), precision=_HI)
 
 
-def repeat_kv_blocks(h: jax.Array, num_heads: int, num_kv_heads: int,
-                     head_dim: int) -> jax.Array:
+def repeat_kv_blocks(h: jax.Array, num_heads: int, num_kv_heads: int, head_dim: int) -> jax.Array:
   """Block-diagonal ``(H*hd, H*hd)`` with query head ``i`` getting KV group ``i // (H/K)``.
 
   ``h`` ``(..., K*hd, K*hd)`` is the second moment of the value projections; the
@@ -106,11 +105,12 @@ def repeat_kv_blocks(h: jax.Array, num_heads: int, num_kv_heads: int,
   second moment is (at most) that group's diagonal block. Cross-head blocks are 0.
   """
   if num_heads % num_kv_heads:
-    raise ValueError(f'num_heads={num_heads} is not a multiple of num_kv_heads='
-                     f'{num_kv_heads}.')
+    raise ValueError(f'num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}.')
   if h.shape[-1] != num_kv_heads * head_dim:
-    raise ValueError(f'h has shape {tuple(h.shape)}; expected (..., {num_kv_heads * head_dim}, '
-                     f'{num_kv_heads * head_dim}).')
+    raise ValueError(
+      f'h has shape {tuple(h.shape)}; expected (..., {num_kv_heads * head_dim}, '
+      f'{num_kv_heads * head_dim}).'
+    )
   lead = h.shape[:-2]
   hb = h.reshape(lead + (num_kv_heads, head_dim, num_kv_heads, head_dim))
   blocks = jnp.stack([hb[..., j, :, j, :] for j in range(num_kv_heads)], axis=-3)
@@ -131,8 +131,9 @@ def shrink(h: jax.Array, alpha: float) -> jax.Array:
   return (1.0 - alpha) * normalize_trace(h) + alpha * jnp.eye(d, dtype=jnp.float32)
 
 
-def proxy_mismatch(w: jax.Array, w_hat_proxy: jax.Array, w_hat_ref: jax.Array,
-                   h: jax.Array) -> jax.Array:
+def proxy_mismatch(
+  w: jax.Array, w_hat_proxy: jax.Array, w_hat_ref: jax.Array, h: jax.Array
+) -> jax.Array:
   """True-loss ratio ``L_H(Ŵ_proxy) / L_H(Ŵ_ref)`` of two quantizations of ``w``.
 
   E.g. ``Ŵ_proxy`` = Hadamard+RTN (better Frobenius) vs ``Ŵ_ref`` = RTN: a ratio

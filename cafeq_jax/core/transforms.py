@@ -50,8 +50,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+
 class TransformInit(enum.StrEnum):
   """Initialisation of a learned block transform."""
+
   IDENTITY = 'identity'  # M = I: starts at RTN
   HADAMARD = 'hadamard'  # randomised Sylvester Hadamard blocks (k a power of two)
 
@@ -69,9 +71,10 @@ def check_block_size(d_in: int, block_size: int) -> None:
     raise ValueError(f'block_size={block_size!r} must be a positive integer.')
   if d_in % block_size:
     raise ValueError(
-        f'block_size={block_size} does not divide d_in={d_in}; a block-diagonal '
-        f'transform needs d_in % block_size == 0 (divisors of {d_in} up to 256: '
-        f'{[k for k in range(1, min(d_in, 256) + 1) if d_in % k == 0]}).')
+      f'block_size={block_size} does not divide d_in={d_in}; a block-diagonal '
+      f'transform needs d_in % block_size == 0 (divisors of {d_in} up to 256: '
+      f'{[k for k in range(1, min(d_in, 256) + 1) if d_in % k == 0]}).'
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,16 +85,16 @@ def hadamard_matrix(k: int) -> np.ndarray:
     ValueError: ``k`` is not a power of two.
   """
   if not _is_power_of_two(k):
-    raise ValueError(
-        f'Sylvester Hadamard matrices exist for powers of two; got k={k}.')
+    raise ValueError(f'Sylvester Hadamard matrices exist for powers of two; got k={k}.')
   h = np.ones((1, 1), np.float32)
   while h.shape[0] < k:
     h = np.block([[h, h], [h, -h]])
   return h
 
 
-def random_hadamard_blocks(key: jax.Array, nb: int, k: int,
-                           batch_shape: tuple[int, ...] = ()) -> jax.Array:
+def random_hadamard_blocks(
+  key: jax.Array, nb: int, k: int, batch_shape: tuple[int, ...] = ()
+) -> jax.Array:
   """Randomised orthogonal Hadamard blocks ``H diag(s) / sqrt(k)``.
 
   Returns:
@@ -210,10 +213,16 @@ class BlockTransform:
     return float(np.exp((4.0 if self.right_scales else 2.0) * self.log_scale_bound))
 
 
-def init_transform(key: jax.Array, d_in: int, block_size: int, *,
-                   init: str = 'identity', batch_shape: tuple[int, ...] = (),
-                   log_scale_bound: float = 0.5, right_scales: bool = True
-                   ) -> BlockTransform:
+def init_transform(
+  key: jax.Array,
+  d_in: int,
+  block_size: int,
+  *,
+  init: str = 'identity',
+  batch_shape: tuple[int, ...] = (),
+  log_scale_bound: float = 0.5,
+  right_scales: bool = True,
+) -> BlockTransform:
   """A ``BlockTransform`` equal to ``R0`` (identity or randomised Hadamard).
 
   Args:
@@ -237,10 +246,14 @@ def init_transform(key: jax.Array, d_in: int, block_size: int, *,
     base = identity_blocks(nb, k, batch_shape)
   zeros_sq = jnp.zeros((*batch_shape, nb, k, k), jnp.float32)
   zeros_v = jnp.zeros((*batch_shape, nb, k), jnp.float32)
-  return BlockTransform(skew=zeros_sq, log_row=zeros_v, log_col=zeros_v,
-                        base=jnp.asarray(base, jnp.float32),
-                        log_scale_bound=float(log_scale_bound),
-                        right_scales=bool(right_scales))
+  return BlockTransform(
+    skew=zeros_sq,
+    log_row=zeros_v,
+    log_col=zeros_v,
+    base=jnp.asarray(base, jnp.float32),
+    log_scale_bound=float(log_scale_bound),
+    right_scales=bool(right_scales),
+  )
 
 
 def apply_left(blocks: jax.Array, w: jax.Array) -> jax.Array:
@@ -258,8 +271,9 @@ def apply_left(blocks: jax.Array, w: jax.Array) -> jax.Array:
   *lead, d_in, d_out = w.shape
   if d_in != nb * k:
     raise ValueError(
-        f'transform with {nb} blocks of size {k} (d_in={nb * k}) cannot act on a '
-        f'matrix with d_in={d_in} (shape {tuple(w.shape)}).')
+      f'transform with {nb} blocks of size {k} (d_in={nb * k}) cannot act on a '
+      f'matrix with d_in={d_in} (shape {tuple(w.shape)}).'
+    )
   wb = w.reshape(*lead, nb, k, d_out)
   out = jnp.matmul(blocks, wb)
   return out.reshape(*out.shape[:-3], d_in, d_out)
@@ -278,8 +292,9 @@ def apply_to_activations(x: jax.Array, inv_blocks: jax.Array) -> jax.Array:
   nb, k = inv_blocks.shape[-3], inv_blocks.shape[-1]
   if x.shape[-1] != nb * k:
     raise ValueError(
-        f'activations with last dim {x.shape[-1]} do not match a transform of '
-        f'{nb} blocks of size {k}.')
+      f'activations with last dim {x.shape[-1]} do not match a transform of '
+      f'{nb} blocks of size {k}.'
+    )
   xb = x.reshape(*x.shape[:-1], nb, k)
   out = jnp.einsum('...bi,bij->...bj', xb, inv_blocks.astype(x.dtype))
   return out.reshape(x.shape)

@@ -13,7 +13,15 @@ from cafeq_jax.distributed.multihost import process_share
 from cafeq_jax.distributed.multihost import split_loop
 
 __all__ = [
-    'gather_stacks', 'initialize_from_env', 'local_share', 'make_mesh', 'map_stack_shares',
-    'peak_memory', 'process_share', 'shard_stack', 'sharded_run', 'split_loop',
-    'validate_sharding',
+  'gather_stacks',
+  'initialize_from_env',
+  'local_share',
+  'make_mesh',
+  'map_stack_shares',
+  'peak_memory',
+  'process_share',
+  'shard_stack',
+  'sharded_run',
+  'split_loop',
+  'validate_sharding',
 ]

@@ -34,5 +34,7 @@ def peak_device_bytes() -> int | None:
 def peak_memory() -> dict[str, float | None]:
   """``{'peak_host_mib', 'peak_device_mib'}`` (device None without statistics)."""
   device = peak_device_bytes()
-  return {'peak_host_mib': peak_host_bytes() / 2**20,
-          'peak_device_mib': None if device is None else device / 2**20}
+  return {
+    'peak_host_mib': peak_host_bytes() / 2**20,
+    'peak_device_mib': None if device is None else device / 2**20,
+  }

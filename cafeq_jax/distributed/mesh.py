@@ -22,13 +22,16 @@ keys) is replicated.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 PyTree = Any
@@ -36,8 +39,7 @@ PyTree = Any
 STACK_AXIS = 'stack'
 
 
-def make_mesh(axis: str = STACK_AXIS,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(axis: str = STACK_AXIS, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh named ``axis`` over ``devices`` (default: all global devices).
 
   On a multi-host pod ``jax.devices()`` lists every process's devices, so the
@@ -55,8 +57,7 @@ def _mesh_axis_size(mesh: Mesh | int, axis: str) -> int:
       raise ValueError(f'number of shards must be >= 1; got {mesh}.')
     return mesh
   if axis not in mesh.shape:
-    raise ValueError(
-        f'mesh has axes {tuple(mesh.shape)}; expected an axis named {axis!r}.')
+    raise ValueError(f'mesh has axes {tuple(mesh.shape)}; expected an axis named {axis!r}.')
   return int(mesh.shape[axis])
 
 
@@ -113,8 +114,9 @@ def unpad_stack(tree: PyTree, n: int, padded: int | None = None) -> PyTree:
   return jax.tree.map(lambda x: x[:n] if _is_stacked(x, padded) else x, tree)
 
 
-def state_shardings(tree: PyTree, mesh: Mesh, axis: str = STACK_AXIS,
-                    n: int | None = None) -> PyTree:
+def state_shardings(
+  tree: PyTree, mesh: Mesh, axis: str = STACK_AXIS, n: int | None = None
+) -> PyTree:
   """``NamedSharding`` per leaf: ``P(axis)`` for stacked leaves, ``P()`` else."""
   n = stack_size(tree) if n is None else n
   stacked = NamedSharding(mesh, P(axis))
@@ -142,8 +144,9 @@ def _put(tree: PyTree, shardings: PyTree) -> PyTree:
   return jax.tree.map(put, tree, shardings)
 
 
-def shard_stack(tree: PyTree, mesh: Mesh, axis: str = STACK_AXIS, *,
-                pad: bool = False, stack: int | None = None) -> tuple[PyTree, int]:
+def shard_stack(
+  tree: PyTree, mesh: Mesh, axis: str = STACK_AXIS, *, pad: bool = False, stack: int | None = None
+) -> tuple[PyTree, int]:
   """Lays the stacked leaves of ``tree`` across ``mesh[axis]``.
 
   Args:
@@ -166,17 +169,25 @@ def shard_stack(tree: PyTree, mesh: Mesh, axis: str = STACK_AXIS, *,
   if n % n_dev:
     if not pad:
       raise ValueError(
-          f'stack size {n} is not divisible by the {n_dev} devices of mesh axis '
-          f'{axis!r}; pass pad=True to pad the stack to {padded_size(n, n_dev)}, '
-          f'or use a mesh whose size divides {n}.')
+        f'stack size {n} is not divisible by the {n_dev} devices of mesh axis '
+        f'{axis!r}; pass pad=True to pad the stack to {padded_size(n, n_dev)}, '
+        f'or use a mesh whose size divides {n}.'
+      )
     tree = pad_stack(tree, n_dev, n)
   shardings = state_shardings(tree, mesh, axis, padded_size(n, n_dev))
   return _put(tree, shardings), n
 
 
-def validate_sharding(shape: Sequence[int], spec: Any, block_size: int | None,
-                      mesh: Mesh | int, *, axis: str = STACK_AXIS, sharded_dim: int = 0,
-                      allow_pad: bool = False) -> None:
+def validate_sharding(
+  shape: Sequence[int],
+  spec: Any,
+  block_size: int | None,
+  mesh: Mesh | int,
+  *,
+  axis: str = STACK_AXIS,
+  sharded_dim: int = 0,
+  allow_pad: bool = False,
+) -> None:
   """Checks up front that a ``(n, d_in, d_out)`` stack can be sharded as asked.
 
   Args:
@@ -205,34 +216,44 @@ def validate_sharding(shape: Sequence[int], spec: Any, block_size: int | None,
   group = getattr(spec, 'group_size', None) if spec is not None else None
   for name, size in (('group_size', group), ('block_size', block_size)):
     if size is not None and d_in % size:
-      raise ValueError(
-          f'd_in={d_in} of stack {shape} is not divisible by {name}={size}.')
+      raise ValueError(f'd_in={d_in} of stack {shape} is not divisible by {name}={size}.')
   if shape[dim] % n_dev:
     if dim == 0 and allow_pad:
       return
     raise ValueError(
-        f'dim {dim} (size {shape[dim]}) of stack {shape} is not divisible by the '
-        f'{n_dev} devices of mesh axis {axis!r}.')
+      f'dim {dim} (size {shape[dim]}) of stack {shape} is not divisible by the '
+      f'{n_dev} devices of mesh axis {axis!r}.'
+    )
   if dim == len(shape) - 2:
     shard_d_in = d_in // n_dev
     for name, size in (('group_size', group), ('block_size', block_size)):
       if size is not None and shard_d_in % size:
         raise ValueError(
-            f'sharding d_in={d_in} over {n_dev} devices gives shards of '
-            f'd_in={shard_d_in}, not divisible by {name}={size}: a '
-            f'{"quantization group" if name == "group_size" else "transform block"}'
-            f' would straddle two devices. Use fewer devices or shard the stack.')
+          f'sharding d_in={d_in} over {n_dev} devices gives shards of '
+          f'd_in={shard_d_in}, not divisible by {name}={size}: a '
+          f'{"quantization group" if name == "group_size" else "transform block"}'
+          f' would straddle two devices. Use fewer devices or shard the stack.'
+        )
     if group is None and spec is not None:
       raise ValueError(
-          f'per-channel quantization (group_size=None) reduces over all of '
-          f'd_in={d_in}; sharding d_in over {n_dev} devices would split that '
-          f'reduction. Shard the stack (sharded_dim=0) instead.')
+        f'per-channel quantization (group_size=None) reduces over all of '
+        f'd_in={d_in}; sharding d_in over {n_dev} devices would split that '
+        f'reduction. Shard the stack (sharded_dim=0) instead.'
+      )
 
 
-def sharded_run(step_fn: Callable[..., PyTree], state: PyTree, num_steps: int,
-                mesh: Mesh | None = None, *, args: Sequence[PyTree] = (),
-                axis: str = STACK_AXIS, pad: bool = False, stack: int | None = None,
-                callback: Callable[[int, PyTree], None] | None = None) -> PyTree:
+def sharded_run(
+  step_fn: Callable[..., PyTree],
+  state: PyTree,
+  num_steps: int,
+  mesh: Mesh | None = None,
+  *,
+  args: Sequence[PyTree] = (),
+  axis: str = STACK_AXIS,
+  pad: bool = False,
+  stack: int | None = None,
+  callback: Callable[[int, PyTree], None] | None = None,
+) -> PyTree:
   """Runs ``state = step_fn(state, *args)`` ``num_steps`` times, stack sharded.
 
   ``step_fn`` is the single-device step (pure, jittable, typically already
@@ -268,8 +289,9 @@ def sharded_run(step_fn: Callable[..., PyTree], state: PyTree, num_steps: int,
     The final state, un-padded, as arrays on the default device.
   """
   mesh = make_mesh(axis) if mesh is None else mesh
-  step, sharded, sharded_args, n = shard_step(step_fn, state, mesh, args=args, axis=axis,
-                                              pad=pad, stack=stack)
+  step, sharded, sharded_args, n = shard_step(
+    step_fn, state, mesh, args=args, axis=axis, pad=pad, stack=stack
+  )
   for i in range(num_steps):
     sharded = step(sharded, *sharded_args)
     if callback is not None:
@@ -277,9 +299,16 @@ def sharded_run(step_fn: Callable[..., PyTree], state: PyTree, num_steps: int,
   return gather_to_host(unpad_stack(sharded, n, padded_size(n, _mesh_axis_size(mesh, axis))))
 
 
-def shard_step(step_fn: Callable[..., PyTree], state: PyTree, mesh: Mesh, *,
-               args: Sequence[PyTree] = (), axis: str = STACK_AXIS, pad: bool = False,
-               stack: int | None = None):
+def shard_step(
+  step_fn: Callable[..., PyTree],
+  state: PyTree,
+  mesh: Mesh,
+  *,
+  args: Sequence[PyTree] = (),
+  axis: str = STACK_AXIS,
+  pad: bool = False,
+  stack: int | None = None,
+):
   """Shards ``state`` and ``args`` along the stack and jits ``step_fn`` for them.
 
   Returns:
@@ -295,9 +324,10 @@ def shard_step(step_fn: Callable[..., PyTree], state: PyTree, mesh: Mesh, *,
   n_dev = _mesh_axis_size(mesh, axis)
   if n % n_dev and not pad:
     raise ValueError(
-        f'stack size {n} is not divisible by the {n_dev} devices of mesh axis '
-        f'{axis!r}; pass pad=True to pad the stack to {padded_size(n, n_dev)}, '
-        f'or use a mesh whose size divides {n}.')
+      f'stack size {n} is not divisible by the {n_dev} devices of mesh axis '
+      f'{axis!r}; pass pad=True to pad the stack to {padded_size(n, n_dev)}, '
+      f'or use a mesh whose size divides {n}.'
+    )
   n_pad = padded_size(n, n_dev)
   tree = pad_stack((state, tuple(args)), n_dev, n)
   shardings = state_shardings(tree, mesh, axis, n_pad)
@@ -318,8 +348,7 @@ def gather_to_host(tree: PyTree) -> PyTree:
 
     def gather(x):
       if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-        return jax.random.wrap_key_data(gather(jax.random.key_data(x)),
-                                        impl=jax.random.key_impl(x))
+        return jax.random.wrap_key_data(gather(jax.random.key_data(x)), impl=jax.random.key_impl(x))
       if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return jnp.asarray(multihost_utils.process_allgather(x, tiled=True))
       return jnp.asarray(x)

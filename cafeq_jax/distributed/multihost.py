@@ -27,7 +27,8 @@ On Cloud TPU, Slurm and Open MPI these are auto-detected by
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from collections.abc import Mapping
 import dataclasses
 import logging
 import os
@@ -49,6 +50,7 @@ _ENV_FORCE = 'CAFEQ_DISTRIBUTED'
 @dataclasses.dataclass(frozen=True)
 class ProcessInfo:
   """Where this process sits in the job (all 1 / 0 for a single process)."""
+
   process_index: int
   process_count: int
   local_device_count: int
@@ -56,9 +58,11 @@ class ProcessInfo:
   initialized: bool  # whether jax.distributed.initialize was called
 
   def describe(self) -> str:
-    return (f'process {self.process_index}/{self.process_count}, '
-            f'{self.local_device_count} local / {self.device_count} global devices '
-            f'({jax.default_backend()})')
+    return (
+      f'process {self.process_index}/{self.process_count}, '
+      f'{self.local_device_count} local / {self.device_count} global devices '
+      f'({jax.default_backend()})'
+    )
 
 
 def _env_int(name: str) -> int | None:
@@ -71,12 +75,15 @@ def _env_int(name: str) -> int | None:
     raise ValueError(f'environment variable {name}={value!r} must be an integer.') from None
 
 
-def initialize_from_env(coordinator_address: str | None = None,
-                        num_processes: int | None = None,
-                        process_id: int | None = None,
-                        local_device_ids: list[int] | None = None, *,
-                        force: bool = False,
-                        initialization_timeout: int = 300) -> ProcessInfo:
+def initialize_from_env(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_ids: list[int] | None = None,
+  *,
+  force: bool = False,
+  initialization_timeout: int = 300,
+) -> ProcessInfo:
   """Calls ``jax.distributed.initialize`` when the job has several processes.
 
   Arguments left as None are read from the environment (see module docstring).
@@ -103,13 +110,18 @@ def initialize_from_env(coordinator_address: str | None = None,
   if multi and not _is_initialized():
     if not force and (address is None or num is None or pid is None):
       raise ValueError(
-          'a multi-process run needs coordinator_address, num_processes and '
-          f'process_id (got {address!r}, {num!r}, {pid!r}); set '
-          f'{_ENV_ADDRESS}/{_ENV_NUM}/{_ENV_ID} or {_ENV_FORCE}=1 to let JAX '
-          'auto-detect them (Cloud TPU, Slurm, Open MPI).')
-    kwargs = dict(coordinator_address=address, num_processes=num, process_id=pid,
-                  local_device_ids=local_device_ids,
-                  initialization_timeout=initialization_timeout)
+        'a multi-process run needs coordinator_address, num_processes and '
+        f'process_id (got {address!r}, {num!r}, {pid!r}); set '
+        f'{_ENV_ADDRESS}/{_ENV_NUM}/{_ENV_ID} or {_ENV_FORCE}=1 to let JAX '
+        'auto-detect them (Cloud TPU, Slurm, Open MPI).'
+      )
+    kwargs = dict(
+      coordinator_address=address,
+      num_processes=num,
+      process_id=pid,
+      local_device_ids=local_device_ids,
+      initialization_timeout=initialization_timeout,
+    )
     jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
   info = process_info()
   logging.info('cafeq_jax: %s', info.describe())
@@ -119,21 +131,25 @@ def initialize_from_env(coordinator_address: str | None = None,
 def _is_initialized() -> bool:
   try:
     from jax._src import distributed as _dist  # pylint: disable=g-import-not-at-top
+
     return _dist.global_state.client is not None
   except (ImportError, AttributeError):  # pragma: no cover - JAX internals moved
     return jax.process_count() > 1
 
 
 def process_info() -> ProcessInfo:
-  return ProcessInfo(process_index=jax.process_index(),
-                     process_count=jax.process_count(),
-                     local_device_count=jax.local_device_count(),
-                     device_count=jax.device_count(),
-                     initialized=_is_initialized())
+  return ProcessInfo(
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    local_device_count=jax.local_device_count(),
+    device_count=jax.device_count(),
+    initialized=_is_initialized(),
+  )
 
 
-def process_share(n: int, process_index: int | None = None,
-                  process_count: int | None = None) -> slice:
+def process_share(
+  n: int, process_index: int | None = None, process_count: int | None = None
+) -> slice:
   """The contiguous slice of ``range(n)`` owned by one process.
 
   Shares differ by at most one (the first ``n % process_count`` processes get
@@ -152,6 +168,7 @@ def process_share(n: int, process_index: int | None = None,
 def _allgather(x: np.ndarray) -> np.ndarray:
   """(…) per process -> (process_count, …) on every process."""
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   return np.asarray(multihost_utils.process_allgather(x, tiled=False))
 
 
@@ -178,24 +195,26 @@ def gather_stacks(local: PyTree, n: int, process_count: int | None = None) -> Py
     mine = shares[jax.process_index()] if count > 1 else shares[0]
     if x.shape[:1] != (mine.stop - mine.start,):
       raise ValueError(
-          f'leaf of shape {x.shape} is not a share of the stack: expected leading '
-          f'dim {mine.stop - mine.start} (process {jax.process_index()} of {count}, n={n}).')
+        f'leaf of shape {x.shape} is not a share of the stack: expected leading '
+        f'dim {mine.stop - mine.start} (process {jax.process_index()} of {count}, n={n}).'
+      )
     if count == 1:
       return x
     dtype = x.dtype
     if dtype.itemsize < 1 or dtype.kind not in 'biuf':  # int4 etc.: widen for transport
       x = x.astype(np.int8 if dtype.kind == 'i' else np.uint8)
     padded = np.zeros((width,) + x.shape[1:], x.dtype)
-    padded[:x.shape[0]] = x
+    padded[: x.shape[0]] = x
     allx = _allgather(padded)  # (count, width, ...)
-    full = np.concatenate([allx[i, :s.stop - s.start] for i, s in enumerate(shares)])
+    full = np.concatenate([allx[i, : s.stop - s.start] for i, s in enumerate(shares)])
     return full.astype(dtype)
 
   return jax.tree.map(gather, local)
 
 
-def local_share(tree: PyTree, n: int, process_index: int | None = None,
-                process_count: int | None = None) -> PyTree:
+def local_share(
+  tree: PyTree, n: int, process_index: int | None = None, process_count: int | None = None
+) -> PyTree:
   """This process's share of every stacked leaf (leading dim ``n``) of ``tree``.
 
   Other leaves (step counters, PRNG keys, schedules) are kept whole. Useful to
@@ -203,17 +222,22 @@ def local_share(tree: PyTree, n: int, process_index: int | None = None,
   do not depend on how the stack is split) before optimising the share.
   """
   share = process_share(n, process_index, process_count)
-  return jax.tree.map(lambda x: x[share] if np.ndim(x) >= 1 and np.shape(x)[0] == n else x,
-                      tree)
+  return jax.tree.map(lambda x: x[share] if np.ndim(x) >= 1 and np.shape(x)[0] == n else x, tree)
 
 
 def _is_key(x) -> bool:
   return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def split_loop(step_fn: Callable[..., PyTree], state: PyTree, num_steps: int, *,
-               args: tuple[PyTree, ...] = (), stack: int | None = None,
-               loop: Callable[..., PyTree] | None = None) -> PyTree:
+def split_loop(
+  step_fn: Callable[..., PyTree],
+  state: PyTree,
+  num_steps: int,
+  *,
+  args: tuple[PyTree, ...] = (),
+  stack: int | None = None,
+  loop: Callable[..., PyTree] | None = None,
+) -> PyTree:
   """Runs an optimisation loop with each process on its share of the stack.
 
   The state is built on the full stack by every process (so random inits do
@@ -261,8 +285,7 @@ def split_loop(step_fn: Callable[..., PyTree], state: PyTree, num_steps: int, *,
   return jax.tree.map(gather, stacked, local)
 
 
-def map_stack_shares(fn: Callable[[PyTree], PyTree], stack: PyTree,
-                     n: int | None = None) -> PyTree:
+def map_stack_shares(fn: Callable[[PyTree], PyTree], stack: PyTree, n: int | None = None) -> PyTree:
   """Runs ``fn`` on this process's share of ``stack`` and gathers the results.
 
   Args:
@@ -284,11 +307,14 @@ def map_stack_shares(fn: Callable[[PyTree], PyTree], stack: PyTree,
   return gather_stacks(fn(local), n)
 
 
-def map_named_stacks(fn: Callable[[str, PyTree], PyTree],
-                     stacks: Mapping[str, PyTree]) -> dict[str, PyTree]:
+def map_named_stacks(
+  fn: Callable[[str, PyTree], PyTree], stacks: Mapping[str, PyTree]
+) -> dict[str, PyTree]:
   """``map_stack_shares`` over a dict of named stacks (``get_linears`` output)."""
-  return {name: map_stack_shares(lambda s, name=name: fn(name, s), stack)
-          for name, stack in stacks.items()}
+  return {
+    name: map_stack_shares(lambda s, name=name: fn(name, s), stack)
+    for name, stack in stacks.items()
+  }
 
 
 def to_device(tree: PyTree) -> PyTree:

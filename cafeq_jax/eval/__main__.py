@@ -17,13 +17,16 @@ import os
 import sys
 import time
 
-from absl import app, logging
+from absl import app
+from absl import logging
 import jax
 import ml_collections
 from ml_collections import config_flags
 
 from cafeq_jax.eval import data
-from cafeq_jax.eval.evaluate import evaluate, format_results, model_apply_fn
+from cafeq_jax.eval.evaluate import evaluate
+from cafeq_jax.eval.evaluate import format_results
+from cafeq_jax.eval.evaluate import model_apply_fn
 from cafeq_jax.loading import gguf
 from cafeq_jax.loading import tokenizer as tokenizer_lib
 

@@ -9,7 +9,8 @@ UTF-8 text file can be used instead.
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from typing import Callable
+from typing import Sequence
 
 import numpy as np
 
@@ -20,6 +21,7 @@ DEFAULT_SEQ_LEN = 512
 def default_text() -> str:
   """Python's ``pydoc_data.topics`` texts joined (blank line between) in key order."""
   from pydoc_data import topics  # pylint: disable=g-import-not-at-top
+
   return '\n\n'.join(topics.topics[k] for k in sorted(topics.topics))
 
 
@@ -37,8 +39,9 @@ def load_text(path: str | os.PathLike[str] | None = None) -> str:
   return text
 
 
-def make_windows(ids: Sequence[int] | np.ndarray, num_seqs: int = DEFAULT_NUM_SEQS,
-                 seq_len: int = DEFAULT_SEQ_LEN) -> np.ndarray:
+def make_windows(
+  ids: Sequence[int] | np.ndarray, num_seqs: int = DEFAULT_NUM_SEQS, seq_len: int = DEFAULT_SEQ_LEN
+) -> np.ndarray:
   """Cuts a token stream into ``num_seqs`` windows of ``seq_len`` tokens.
 
   The stream is split into ``num_seqs`` equal consecutive chunks and each window is
@@ -57,21 +60,25 @@ def make_windows(ids: Sequence[int] | np.ndarray, num_seqs: int = DEFAULT_NUM_SE
     raise ValueError(f'seq_len={seq_len}; need >= 2 tokens per window (one prediction).')
   ids = np.asarray(ids)
   if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-    raise ValueError(f'ids must be a 1-D int sequence; got shape {ids.shape}, '
-                     f'dtype {ids.dtype}.')
+    raise ValueError(f'ids must be a 1-D int sequence; got shape {ids.shape}, dtype {ids.dtype}.')
   needed = num_seqs * seq_len
   if ids.size < needed:
     raise ValueError(
-        f'text too short: {ids.size} tokens, but {num_seqs} x {seq_len} = {needed} are '
-        f'needed; pass a longer text or fewer/shorter windows.')
+      f'text too short: {ids.size} tokens, but {num_seqs} x {seq_len} = {needed} are '
+      f'needed; pass a longer text or fewer/shorter windows.'
+    )
   stride = ids.size // num_seqs
-  return np.stack([ids[i * stride:i * stride + seq_len] for i in range(num_seqs)]
-                  ).astype(np.int32)
+  return np.stack([ids[i * stride : i * stride + seq_len] for i in range(num_seqs)]).astype(
+    np.int32
+  )
 
 
-def eval_tokens(encode: Callable[[str], Sequence[int]], text: str | None = None,
-                num_seqs: int = DEFAULT_NUM_SEQS,
-                seq_len: int = DEFAULT_SEQ_LEN) -> np.ndarray:
+def eval_tokens(
+  encode: Callable[[str], Sequence[int]],
+  text: str | None = None,
+  num_seqs: int = DEFAULT_NUM_SEQS,
+  seq_len: int = DEFAULT_SEQ_LEN,
+) -> np.ndarray:
   """Tokenizes ``text`` (default: ``default_text()``) and cuts it with ``make_windows``.
 
   Args:

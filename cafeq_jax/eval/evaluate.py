@@ -19,7 +19,9 @@ Metrics per method (over the ``N * (T - 1)`` next-token predictions):
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping
+from typing import Any
+from typing import Callable
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +40,10 @@ def model_apply_fn(cfg, *, backend: str = 'xla', dtype=jnp.float32) -> ApplyFn:
 
   def apply_fn(params, tokens):
     if tokens.shape[-1] > cfg.max_seq_len:
-      raise ValueError(f'token windows of {tokens.shape[-1]} tokens exceed the model\'s '
-                       f'max_seq_len={cfg.max_seq_len}.')
+      raise ValueError(
+        f"token windows of {tokens.shape[-1]} tokens exceed the model's "
+        f'max_seq_len={cfg.max_seq_len}.'
+      )
     return decoder.forward(params, cfg, tokens, dtype=dtype, backend=backend)
 
   apply_fn.max_seq_len = cfg.max_seq_len  # checked by ``evaluate`` before any work
@@ -49,8 +53,9 @@ def model_apply_fn(cfg, *, backend: str = 'xla', dtype=jnp.float32) -> ApplyFn:
 def _reference_step(apply_fn: ApplyFn):
   def step(params, tokens):
     logits, targets = metrics.shift_targets(apply_fn(params, tokens), tokens)
-    lp = metrics.log_probs(logits)                       # (B, T-1, V)
+    lp = metrics.log_probs(logits)  # (B, T-1, V)
     return lp, jnp.sum(metrics.nll_from_log_probs(lp, targets))
+
   return step
 
 
@@ -62,6 +67,7 @@ def _candidate_step(apply_fn: ApplyFn):
     kld = metrics.kl_from_log_probs(lp_ref, lq)
     agree = metrics.top1_agreement(lp_ref, lq)
     return jnp.sum(nll), jnp.sum(kld), jnp.sum(agree.astype(jnp.int32))
+
   return step
 
 
@@ -86,10 +92,17 @@ class _Timed:
     return out
 
 
-def evaluate(apply_fn: ApplyFn, fp_params: Params, tokens: np.ndarray | jax.Array,
-             candidates: Mapping[str, Params] | None = None, *, batch_size: int = 1,
-             reference_name: str = 'fp', progress: bool = True,
-             apply_fns: Mapping[str, ApplyFn] | None = None) -> dict[str, dict[str, float]]:
+def evaluate(
+  apply_fn: ApplyFn,
+  fp_params: Params,
+  tokens: np.ndarray | jax.Array,
+  candidates: Mapping[str, Params] | None = None,
+  *,
+  batch_size: int = 1,
+  reference_name: str = 'fp',
+  progress: bool = True,
+  apply_fns: Mapping[str, ApplyFn] | None = None,
+) -> dict[str, dict[str, float]]:
   """Perplexity of the reference model and ppl / KLD / top-1 of each candidate.
 
   Args:
@@ -114,34 +127,42 @@ def evaluate(apply_fn: ApplyFn, fp_params: Params, tokens: np.ndarray | jax.Arra
     raise ValueError(f'candidate name {reference_name!r} collides with the reference name.')
   unknown = set(apply_fns) - set(candidates) - {reference_name}
   if unknown:
-    raise ValueError(f'apply_fns has names {sorted(unknown)} that are not methods; '
-                     f'expected a subset of {[reference_name, *candidates]}.')
+    raise ValueError(
+      f'apply_fns has names {sorted(unknown)} that are not methods; '
+      f'expected a subset of {[reference_name, *candidates]}.'
+    )
   tokens = np.asarray(tokens)
   if tokens.ndim != 2 or tokens.shape[1] < 2 or not np.issubdtype(tokens.dtype, np.integer):
-    raise ValueError(f'tokens must be (N, T) ints with T >= 2; got shape {tokens.shape}, '
-                     f'dtype {tokens.dtype}.')
+    raise ValueError(
+      f'tokens must be (N, T) ints with T >= 2; got shape {tokens.shape}, dtype {tokens.dtype}.'
+    )
   if not isinstance(batch_size, int) or batch_size <= 0:
     raise ValueError(f'batch_size={batch_size!r}; expected a positive int.')
   tokens = tokens.astype(np.int32)
   n, t = tokens.shape
-  for name, fn in [(reference_name, apply_fns.get(reference_name, apply_fn)),
-                   *((m, apply_fns.get(m, apply_fn)) for m in candidates)]:
+  for name, fn in [
+    (reference_name, apply_fns.get(reference_name, apply_fn)),
+    *((m, apply_fns.get(m, apply_fn)) for m in candidates),
+  ]:
     limit = getattr(fn, 'max_seq_len', None)
     if limit is not None and t > limit:
-      raise ValueError(f'token windows of {t} tokens exceed the max_seq_len={limit} of '
-                       f'the model evaluated as {name!r}; use eval windows of at most '
-                       f'{limit} tokens.')
+      raise ValueError(
+        f'token windows of {t} tokens exceed the max_seq_len={limit} of '
+        f'the model evaluated as {name!r}; use eval windows of at most '
+        f'{limit} tokens.'
+      )
 
   ref = _Timed(_reference_step(apply_fns.get(reference_name, apply_fn)))
   steps = {name: _Timed(_candidate_step(apply_fns.get(name, apply_fn))) for name in candidates}
   sums = {name: np.zeros(3) for name in [reference_name, *candidates]}  # nll, kld, agree
 
   starts = range(0, n, batch_size)
-  bar = tqdm.tqdm(total=len(starts) * (1 + len(candidates)), desc='eval', unit='fwd',
-                  disable=not progress)
+  bar = tqdm.tqdm(
+    total=len(starts) * (1 + len(candidates)), desc='eval', unit='fwd', disable=not progress
+  )
   with bar:
     for s in starts:
-      batch = jnp.asarray(tokens[s:s + batch_size])
+      batch = jnp.asarray(tokens[s : s + batch_size])
       bar.set_postfix_str(reference_name)
       lp_ref, nll = ref(fp_params, batch)
       sums[reference_name][0] += float(nll)
@@ -159,9 +180,13 @@ def evaluate(apply_fn: ApplyFn, fp_params: Params, tokens: np.ndarray | jax.Arra
     if name == reference_name:
       kld, agree = 0.0, 1.0
     results[name] = {
-        'ppl': float(np.exp(nll)), 'nll': float(nll), 'kld': float(kld),
-        'top1': float(agree), 'seconds': timed.seconds,
-        'compile_seconds': timed.compile_seconds, 'tokens': count,
+      'ppl': float(np.exp(nll)),
+      'nll': float(nll),
+      'kld': float(kld),
+      'top1': float(agree),
+      'seconds': timed.seconds,
+      'compile_seconds': timed.compile_seconds,
+      'tokens': count,
     }
   return results
 
@@ -170,6 +195,8 @@ def format_results(results: Mapping[str, Mapping[str, float]]) -> str:
   """A plain-text table of ``evaluate``'s output."""
   lines = [f'{"method":<24} {"ppl":>9} {"kld":>9} {"top1":>7} {"seconds":>8} {"compile":>8}']
   for name, r in results.items():
-    lines.append(f'{name:<24} {r["ppl"]:>9.3f} {r["kld"]:>9.5f} {r["top1"]:>7.4f} '
-                 f'{r["seconds"]:>8.2f} {r["compile_seconds"]:>8.2f}')
+    lines.append(
+      f'{name:<24} {r["ppl"]:>9.3f} {r["kld"]:>9.5f} {r["top1"]:>7.4f} '
+      f'{r["seconds"]:>8.2f} {r["compile_seconds"]:>8.2f}'
+    )
   return '\n'.join(lines)

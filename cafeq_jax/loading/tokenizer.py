@@ -14,7 +14,9 @@ import os
 from typing import Sequence
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders
+from tokenizers import models
+from tokenizers import pre_tokenizers
 
 from cafeq_jax.loading import gguf as gguf_lib
 
@@ -28,11 +30,10 @@ def _pre_tokenizer(pre: str | None):
   if pre in (None, 'default', 'gpt2', 'gpt-2'):
     return byte_level
   if pre == 'smollm':  # SmolLM / SmolLM2: digits are split one by one, then GPT-2 regex.
-    return pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), byte_level])
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
   raise ValueError(
-      f'tokenizer.ggml.pre={pre!r} is not supported; expected one of '
-      f"'smollm', 'gpt2', 'default'.")
+    f"tokenizer.ggml.pre={pre!r} is not supported; expected one of 'smollm', 'gpt2', 'default'."
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,9 +74,15 @@ class Tokenizer:
 
 
 def tokenizer_from_gguf_fields(
-    tokens: Sequence[str], merges: Sequence[str], *, model: str = 'gpt2',
-    pre: str | None = None, token_types: Sequence[int] | None = None,
-    bos_id: int | None = None, eos_id: int | None = None, add_bos: bool = False,
+  tokens: Sequence[str],
+  merges: Sequence[str],
+  *,
+  model: str = 'gpt2',
+  pre: str | None = None,
+  token_types: Sequence[int] | None = None,
+  bos_id: int | None = None,
+  eos_id: int | None = None,
+  add_bos: bool = False,
 ) -> Tokenizer:
   """Builds the tokenizer from the GGUF ``tokenizer.ggml.*`` values.
 
@@ -89,11 +96,13 @@ def tokenizer_from_gguf_fields(
   """
   if model != 'gpt2':
     raise ValueError(
-        f"tokenizer.ggml.model={model!r} is not supported; expected 'gpt2' (byte-level BPE).")
+      f"tokenizer.ggml.model={model!r} is not supported; expected 'gpt2' (byte-level BPE)."
+    )
   vocab = {t: i for i, t in enumerate(tokens)}
   if len(vocab) != len(tokens):
-    raise ValueError(f'GGUF vocabulary has duplicate tokens ({len(tokens)} tokens, '
-                     f'{len(vocab)} distinct).')
+    raise ValueError(
+      f'GGUF vocabulary has duplicate tokens ({len(tokens)} tokens, {len(vocab)} distinct).'
+    )
   pairs = []
   for m in merges:
     parts = m.split(' ')
@@ -104,10 +113,16 @@ def tokenizer_from_gguf_fields(
   backend.pre_tokenizer = _pre_tokenizer(pre)
   backend.decoder = decoders.ByteLevel()
   if token_types is not None:
-    special = [tokenizers.AddedToken(t, special=True, normalized=False)
-               for t, ty in zip(tokens, token_types) if ty == _CONTROL]
-    added = [tokenizers.AddedToken(t, special=False, normalized=False)
-             for t, ty in zip(tokens, token_types) if ty == _USER_DEFINED]
+    special = [
+      tokenizers.AddedToken(t, special=True, normalized=False)
+      for t, ty in zip(tokens, token_types)
+      if ty == _CONTROL
+    ]
+    added = [
+      tokenizers.AddedToken(t, special=False, normalized=False)
+      for t, ty in zip(tokens, token_types)
+      if ty == _USER_DEFINED
+    ]
     if special:
       backend.add_special_tokens(special)
     if added:
@@ -132,9 +147,16 @@ def load_gguf_tokenizer(path: str | os.PathLike[str] | None = None) -> Tokenizer
     raise ValueError(f'{path!r} has no BPE merges (tokenizer.ggml.merges is missing).')
   try:
     return tokenizer_from_gguf_fields(
-        tokens, merges, model=get('model'), pre=get('pre'), token_types=get('token_type'),
-        bos_id=get('bos_token_id'), eos_id=get('eos_token_id'),
-        add_bos=bool(get('add_bos_token', False)))
+      tokens,
+      merges,
+      model=get('model'),
+      pre=get('pre'),
+      token_types=get('token_type'),
+      bos_id=get('bos_token_id'),
+      eos_id=get('eos_token_id'),
+      add_bos=bool(get('add_bos_token', False)),
+    )
   except Exception as e:  # pylint: disable=broad-except  # tokenizers raises its own types
-    raise ValueError(f'{path!r}: its tokenizer (tokenizer.ggml.*) could not be built: '
-                     f'{type(e).__name__}: {e}') from e
+    raise ValueError(
+      f'{path!r}: its tokenizer (tokenizer.ggml.*) could not be built: {type(e).__name__}: {e}'
+    ) from e

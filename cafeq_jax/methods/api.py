@@ -43,11 +43,20 @@ from cafeq_jax.methods.run_options import RunOptions
 from cafeq_jax.models import linears
 
 
-def quantize(params, model_config, recipe: recipes.Recipe, key: jax.Array | None = None, *,
-             calib_tokens=None, mesh=None, checkpoint_dir: str | None = None,
-             checkpoint_every: int | None = None, layers_per_chunk: int | None = None,
-             run_options: RunOptions | None = None,
-             progress: bool = False) -> tuple[Any, QuantReport]:
+def quantize(
+  params,
+  model_config,
+  recipe: recipes.Recipe,
+  key: jax.Array | None = None,
+  *,
+  calib_tokens=None,
+  mesh=None,
+  checkpoint_dir: str | None = None,
+  checkpoint_every: int | None = None,
+  layers_per_chunk: int | None = None,
+  run_options: RunOptions | None = None,
+  progress: bool = False,
+) -> tuple[Any, QuantReport]:
   """Quantizes a model's params with ``recipe``.
 
   The keyword-only run options change where and how the work runs, never the
@@ -88,31 +97,46 @@ def quantize(params, model_config, recipe: recipes.Recipe, key: jax.Array | None
   """
   validate.check_params(params, model_config)
   if not isinstance(recipe, recipes.Recipe):
-    raise TypeError(f'recipe must be a cafeq_jax.recipes.Recipe (e.g. '
-                    f"recipes.get('cafeq-sg')); got {type(recipe).__name__}.")
-  overrides = dict(mesh=mesh, checkpoint_dir=checkpoint_dir,
-                   checkpoint_every=checkpoint_every, layers_per_chunk=layers_per_chunk)
+    raise TypeError(
+      f'recipe must be a cafeq_jax.recipes.Recipe (e.g. '
+      f"recipes.get('cafeq-sg')); got {type(recipe).__name__}."
+    )
+  overrides = dict(
+    mesh=mesh,
+    checkpoint_dir=checkpoint_dir,
+    checkpoint_every=checkpoint_every,
+    layers_per_chunk=layers_per_chunk,
+  )
   run = (run_options or RunOptions()).replace(
-      **{k: v for k, v in overrides.items() if v is not None})
+    **{k: v for k, v in overrides.items() if v is not None}
+  )
   key = jax.random.PRNGKey(0) if key is None else key
   calibrated = isinstance(recipe.statistics, recipes.Calibration)
   if calibrated and calib_tokens is None:
-    raise ValueError(f'recipe {recipe.name!r} uses Calibration statistics and needs '
-                     'calib_tokens ((n_seq, seq_len) int token ids); got None.')
+    raise ValueError(
+      f'recipe {recipe.name!r} uses Calibration statistics and needs '
+      'calib_tokens ((n_seq, seq_len) int token ids); got None.'
+    )
   if not calibrated and calib_tokens is not None:
-    raise ValueError(f'calib_tokens are only used with Calibration statistics; recipe '
-                     f'{recipe.name!r} is calibration-free.')
+    raise ValueError(
+      f'calib_tokens are only used with Calibration statistics; recipe '
+      f'{recipe.name!r} is calibration-free.'
+    )
   if calibrated and not run.is_default:
-    raise ValueError(f'recipe {recipe.name!r} (calibration GPTQ) takes no run options '
-                     f'(mesh, checkpoint_dir, layers_per_chunk, split_processes); got {run}.')
+    raise ValueError(
+      f'recipe {recipe.name!r} (calibration GPTQ) takes no run options '
+      f'(mesh, checkpoint_dir, layers_per_chunk, split_processes); got {run}.'
+    )
   t0 = time.perf_counter()
   _validate_run(run, model_config, recipe)
   if run.layers_per_chunk is not None:
-    out, report = layerwise.quantize_by_chunks(run_recipe, params, model_config, recipe,
-                                               key, run, progress=progress)
+    out, report = layerwise.quantize_by_chunks(
+      run_recipe, params, model_config, recipe, key, run, progress=progress
+    )
   else:
-    out, report = run_recipe(params, model_config, recipe, key, run=run,
-                             calib_tokens=calib_tokens, progress=progress)
+    out, report = run_recipe(
+      params, model_config, recipe, key, run=run, calib_tokens=calib_tokens, progress=progress
+    )
   report.timings['total'] = time.perf_counter() - t0
   report.extra['peak_memory'] = memory.peak_memory()
   return out, report
@@ -129,24 +153,40 @@ def _validate_run(run: RunOptions, model_config, recipe: recipes.Recipe) -> None
   shapes = {n: shapes[n] for n in recipe.matrices}
   num_layers = min(run.layers_per_chunk or model_config.num_layers, model_config.num_layers)
   # Group and block sizes against every matrix and the mesh's 'stack' axis.
-  run.validate([(num_layers, *shapes[n]) for n in shapes], recipe.spec,
-               recipe.transform.block_size if learn else None, pad=True)
+  run.validate(
+    [(num_layers, *shapes[n]) for n in shapes],
+    recipe.spec,
+    recipe.transform.block_size if learn else None,
+    pad=True,
+  )
   if learn and recipe.pairs is None:  # the exact stacks (pairs may drop layers)
     layers = {n: list(range(num_layers)) for n in shapes}
     stacks = single.unit_stacks(shapes, layers, recipe.transform.share)
-    run.validate([(len(e), *s) for s, e in stacks.items()], recipe.spec,
-                 recipe.transform.block_size)
+    run.validate(
+      [(len(e), *s) for s, e in stacks.items()], recipe.spec, recipe.transform.block_size
+    )
 
 
 def _transform_key(recipe: recipes.Recipe, key: jax.Array) -> jax.Array:
-  baseline = (recipe.pairs is None and isinstance(recipe.rounding, recipes.RTN)
-              and not isinstance(recipe.transform, recipes.Learned))
+  baseline = (
+    recipe.pairs is None
+    and isinstance(recipe.rounding, recipes.RTN)
+    and not isinstance(recipe.transform, recipes.Learned)
+  )
   return key if baseline else jax.random.split(key)[1]
 
 
-def run_recipe(params, model_config, recipe: recipes.Recipe, key: jax.Array, *,
-               run: RunOptions | None = None, calib_tokens=None, layer_offset: int = 0,
-               progress: bool = False) -> tuple[Any, QuantReport]:
+def run_recipe(
+  params,
+  model_config,
+  recipe: recipes.Recipe,
+  key: jax.Array,
+  *,
+  run: RunOptions | None = None,
+  calib_tokens=None,
+  layer_offset: int = 0,
+  progress: bool = False,
+) -> tuple[Any, QuantReport]:
   """The stages of ``recipe`` on all layers of ``params`` (``quantize`` without the
   run-option checks; ``layer_offset`` numbers a chunk's layers for keys and names)."""
   run = RunOptions() if run is None else run
@@ -158,23 +198,31 @@ def run_recipe(params, model_config, recipe: recipes.Recipe, key: jax.Array, *,
   if recipe.pairs is not None:
     t0 = time.perf_counter()
     params, report.extra['pairs'] = paired.apply_pair_transforms(
-        params, model_config, recipe.pairs, spec, chosen)
+      params, model_config, recipe.pairs, spec, chosen
+    )
     report.timings['pair_transforms'] = time.perf_counter() - t0
     if isinstance(recipe.rounding, recipes.PairAdaptive):
       t0 = time.perf_counter()
       ar_q = paired.adaptive_round_pairs(params, model_config, recipe.rounding, spec, chosen)
       report.timings['pair_rounding'] = time.perf_counter() - t0
-  mats = (linears.selected_linears(params, model_config, chosen)
-          if recipe.pairs is not None else mats0)
+  mats = (
+    linears.selected_linears(params, model_config, chosen) if recipe.pairs is not None else mats0
+  )
 
-  layers = {n: [l for l in range(model_config.num_layers) if (l, n) not in ar_q]
-            for n in mats}
+  layers = {n: [l for l in range(model_config.num_layers) if (l, n) not in ar_q] for n in mats}
   blocks, init_losses = {}, {}
   if recipe.transform is not None:
     t0 = time.perf_counter()
     blocks, init_losses, shape_t = single.transforms_for(
-        mats, layers, recipe.transform, spec, _transform_key(recipe, key), run=run,
-        layer_offset=layer_offset, progress=progress)
+      mats,
+      layers,
+      recipe.transform,
+      spec,
+      _transform_key(recipe, key),
+      run=run,
+      layer_offset=layer_offset,
+      progress=progress,
+    )
     report.timings['transforms'] = time.perf_counter() - t0
     report.extra['transform_seconds_by_shape'] = shape_t
   t0 = time.perf_counter()
@@ -186,17 +234,24 @@ def run_recipe(params, model_config, recipe: recipes.Recipe, key: jax.Array, *,
     else:
       tokens = calib_tokens
     qarrays, extra = sequential.round_sequential(
-        params, model_config, tokens, spec=spec, matrices=chosen,
-        rounding_stage=recipe.rounding, batch_size=stats.batch_size, blocks=blocks)
+      params,
+      model_config,
+      tokens,
+      spec=spec,
+      matrices=chosen,
+      rounding_stage=recipe.rounding,
+      batch_size=stats.batch_size,
+      blocks=blocks,
+    )
     report.extra['sequential'] = {'source': type(stats).__name__, **extra}
     tinvs = {k: (blocks[k][1] if k in blocks else None) for k in qarrays}
   else:
-    rounding = recipes.RTN() if isinstance(recipe.rounding, recipes.PairAdaptive) else (
-        recipe.rounding)
+    rounding = (
+      recipes.RTN() if isinstance(recipe.rounding, recipes.PairAdaptive) else (recipe.rounding)
+    )
     qarrays, tinvs = single.round_matrices(mats, layers, blocks, spec, rounding)
   # The self-generation has its own entry ('selfgen'); rounding is what follows it.
-  report.timings['rounding'] = (time.perf_counter() - t0
-                                - report.timings.get('selfgen', 0.0))
+  report.timings['rounding'] = time.perf_counter() - t0 - report.timings.get('selfgen', 0.0)
   for k, q in ar_q.items():
     qarrays[k], tinvs[k] = q, None
   _fill_report(report, mats0, mats, qarrays, tinvs, recipe)
@@ -213,7 +268,8 @@ def _fill_report(report, mats0, mats, qarrays, tinvs, recipe: recipes.Recipe):
   for k in sorted(final):
     report.per_matrix[k] = {'rtn': rtn[k], 'final': final[k]}
   report.extra['online_overhead'] = single.online_overhead(mats, tinvs)
-  report.extra['block_size'] = recipe.transform.block_size if any(
-      t is not None for t in tinvs.values()) else None
+  report.extra['block_size'] = (
+    recipe.transform.block_size if any(t is not None for t in tinvs.values()) else None
+  )
   report.extra['num_matrices'] = len(final)
   report.extra['rtn_total'] = float(np.sum(list(rtn.values())))

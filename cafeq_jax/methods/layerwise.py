@@ -56,13 +56,15 @@ def check_supported(recipe: recipes.Recipe) -> None:
   """Raises a ValueError for recipes the layer-by-layer path does not run."""
   if recipe.pairs is not None:
     raise ValueError(
-        f'layers_per_chunk does not support pair transforms (recipe {recipe.name!r}); '
-        'quantize all layers at once, or use single transforms only.')
+      f'layers_per_chunk does not support pair transforms (recipe {recipe.name!r}); '
+      'quantize all layers at once, or use single transforms only.'
+    )
   if recipe.sequential:
     raise ValueError(
-        f'layers_per_chunk does not support {type(recipe.statistics).__name__} statistics '
-        f'(recipe {recipe.name!r}): its input statistics run the whole model forward; '
-        'quantize all layers at once.')
+      f'layers_per_chunk does not support {type(recipe.statistics).__name__} statistics '
+      f'(recipe {recipe.name!r}): its input statistics run the whole model forward; '
+      'quantize all layers at once.'
+    )
 
 
 def _fp32_mib(model_config, recipe: recipes.Recipe, num_layers: int) -> float:
@@ -70,9 +72,16 @@ def _fp32_mib(model_config, recipe: recipes.Recipe, num_layers: int) -> float:
   return num_layers * sum(int(np.prod(shapes[n])) for n in recipe.matrices) * 4 / 2**20
 
 
-def quantize_by_chunks(fn: Callable[..., tuple[Any, QuantReport]], params, model_config,
-                       recipe: recipes.Recipe, key: jax.Array, run: RunOptions, *,
-                       progress: bool = False) -> tuple[Any, QuantReport]:
+def quantize_by_chunks(
+  fn: Callable[..., tuple[Any, QuantReport]],
+  params,
+  model_config,
+  recipe: recipes.Recipe,
+  key: jax.Array,
+  run: RunOptions,
+  *,
+  progress: bool = False,
+) -> tuple[Any, QuantReport]:
   """Runs the recipe chunk by chunk (see module docstring).
 
   Args:
@@ -109,8 +118,7 @@ def quantize_by_chunks(fn: Callable[..., tuple[Any, QuantReport]], params, model
       sub_run = sub_run.replace(checkpoint_dir=os.path.join(run.checkpoint_dir, name))
     if run.callback is not None:
       sub_run = sub_run.replace(callback=functools.partial(_scoped, run.callback, name))
-    qsub, report = fn(sub, sub_cfg, recipe, key, run=sub_run, layer_offset=start,
-                      progress=progress)
+    qsub, report = fn(sub, sub_cfg, recipe, key, run=sub_run, layer_offset=start, progress=progress)
     qsub = jax.device_get(qsub)  # the chunk leaves the device
     for i, l in enumerate(range(start, stop)):
       out[f'layer_{l}'] = qsub[f'layer_{i}']
@@ -119,10 +127,11 @@ def quantize_by_chunks(fn: Callable[..., tuple[Any, QuantReport]], params, model
     peaks.append(memory.peak_memory())
   report = _merge(parts)
   report.extra['layerwise'] = {
-      'layers_per_chunk': chunk, 'num_chunks': len(parts),
-      'chunk_fp32_mib': _fp32_mib(model_config, recipe, min(chunk, num_layers)),
-      'model_fp32_mib': _fp32_mib(model_config, recipe, num_layers),
-      'peak_memory_after_chunk': peaks,
+    'layers_per_chunk': chunk,
+    'num_chunks': len(parts),
+    'chunk_fp32_mib': _fp32_mib(model_config, recipe, min(chunk, num_layers)),
+    'model_fp32_mib': _fp32_mib(model_config, recipe, num_layers),
+    'peak_memory_after_chunk': peaks,
   }
   return out, report
 
@@ -158,8 +167,7 @@ def _combine(dicts: list[dict], weights: list[int]) -> dict:
     elif all(isinstance(v, dict) for v in vals):
       out[k] = _combine(vals, w)
     elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
-      out[k] = (sum(v * x for v, x in zip(vals, w)) / sum(w) if k in _MEANS
-                else sum(vals))
+      out[k] = sum(v * x for v, x in zip(vals, w)) / sum(w) if k in _MEANS else sum(vals)
     else:
       out[k] = vals[0]
   return out

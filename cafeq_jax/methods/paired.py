@@ -22,18 +22,25 @@ from cafeq_jax.core import rounding
 from cafeq_jax.models import linears
 
 PairKind = pairs_lib.PairKind
-PAIR_MATRICES = {PairKind.VO: ('v', 'o'), PairKind.QK: ('q', 'k'),
-                 PairKind.UPDOWN: ('up', 'down')}
+PAIR_MATRICES = {PairKind.VO: ('v', 'o'), PairKind.QK: ('q', 'k'), PairKind.UPDOWN: ('up', 'down')}
 
 
 def _geometry(cfg) -> pairs_lib.PairGeometry:
-  return pairs_lib.PairGeometry(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-                                head_dim=cfg.head_dim, hidden_dim=cfg.hidden_dim)
+  return pairs_lib.PairGeometry(
+    num_heads=cfg.num_heads,
+    num_kv_heads=cfg.num_kv_heads,
+    head_dim=cfg.head_dim,
+    hidden_dim=cfg.hidden_dim,
+  )
 
 
-def apply_pair_transforms(params: dict, model_config, stage: recipes.PairTransforms,
-                          spec: qz.QuantSpec, matrices: tuple[str, ...]
-                          ) -> tuple[dict, dict[str, Any]]:
+def apply_pair_transforms(
+  params: dict,
+  model_config,
+  stage: recipes.PairTransforms,
+  spec: qz.QuantSpec,
+  matrices: tuple[str, ...],
+) -> tuple[dict, dict[str, Any]]:
   """Learns and folds the pair transforms; the fp model's function is unchanged.
 
   Args:
@@ -49,27 +56,37 @@ def apply_pair_transforms(params: dict, model_config, stage: recipes.PairTransfo
     pair product error per layer with the identity and with the learned transform.
   """
   geom = _geometry(model_config)
-  mats = {n: jnp.asarray(w, jnp.float32)
-          for n, w in linears.get_linears(params, model_config).items()}
+  mats = {
+    n: jnp.asarray(w, jnp.float32) for n, w in linears.get_linears(params, model_config).items()
+  }
   report: dict[str, Any] = {}
   for kind in stage.kinds:
     na, nb = PAIR_MATRICES[kind]
     if na not in matrices and nb not in matrices:
       continue
     t0 = time.perf_counter()
-    p, e0, e1, _ = pairs_lib.optimize_pair(kind, geom, mats[na], mats[nb], spec, spec,
-                                           stage.opt)
+    p, e0, e1, _ = pairs_lib.optimize_pair(kind, geom, mats[na], mats[nb], spec, spec, stage.opt)
     mats[na], mats[nb] = pairs_lib.fold(kind, geom, mats[na], mats[nb], p)
     e0, e1 = np.asarray(e0), np.asarray(e1)
-    report[kind.value] = {'before': e0.tolist(), 'after': e1.tolist(),
-                          'seconds': time.perf_counter() - t0,
-                          'total_before': float(e0.sum()), 'total_after': float(e1.sum())}
+    report[kind.value] = {
+      'before': e0.tolist(),
+      'after': e1.tolist(),
+      'seconds': time.perf_counter() - t0,
+      'total_before': float(e0.sum()),
+      'total_after': float(e1.sum()),
+    }
   return linears.set_linears(params, model_config, mats), report
 
 
-def adaptive_round_pairs(params: dict, model_config, stage: recipes.PairAdaptive,
-                         spec: qz.QuantSpec, matrices: tuple[str, ...], *,
-                         return_history: bool = False):
+def adaptive_round_pairs(
+  params: dict,
+  model_config,
+  stage: recipes.PairAdaptive,
+  spec: qz.QuantSpec,
+  matrices: tuple[str, ...],
+  *,
+  return_history: bool = False,
+):
   """Adaptive rounding of the value/output pair of every layer.
 
   Per layer, ``W1 = v`` ``(D, K*hd)`` and ``W2 = o`` ``(H*hd, D)`` with the GQA block
@@ -89,8 +106,16 @@ def adaptive_round_pairs(params: dict, model_config, stage: recipes.PairAdaptive
   for w in (v, o):
     qz.validate_weight(w, spec)
   fn = lambda a, b: rounding.adaptive_round_pair(
-      a, b, spec, spec, rounds=stage.rounds, rounding=stage.solver.value,
-      n1=model_config.num_kv_heads, n2=model_config.num_heads, damp=stage.damp)
+    a,
+    b,
+    spec,
+    spec,
+    rounds=stage.rounds,
+    rounding=stage.solver.value,
+    n1=model_config.num_kv_heads,
+    n2=model_config.num_heads,
+    damp=stage.damp,
+  )
   # One layer per call (compiled once), not a vmap over layers: batched LAPACK
   # calls (pinv, Cholesky) of several layers running at once deadlock jaxlib's CPU
   # thread pool on 2-core machines (see core.pairs.inv).

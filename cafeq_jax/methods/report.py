@@ -43,8 +43,10 @@ class QuantReport:
 
   def summary(self) -> str:
     """A small text table: per matrix name, RTN and final proxy and their ratio."""
-    lines = [f'{self.method} {self.spec}: proxy ||W - Ŵ||² summed over layers',
-             f'{"matrix":>8} {"rtn":>12} {"final":>12} {"final/rtn":>10}']
+    lines = [
+      f'{self.method} {self.spec}: proxy ||W - Ŵ||² summed over layers',
+      f'{"matrix":>8} {"rtn":>12} {"final":>12} {"final/rtn":>10}',
+    ]
     for name, v in self.by_name().items():
       ratio = v['final'] / v['rtn'] if v.get('rtn') else float('nan')
       lines.append(f'{name:>8} {v["rtn"]:12.5g} {v["final"]:12.5g} {ratio:10.3f}')
@@ -57,18 +59,23 @@ class QuantReport:
   def to_dict(self) -> dict[str, Any]:
     """JSON-friendly dict (matrix keys as 'layer_{i}/{name}')."""
     return {
-        'method': self.method, 'spec': self.spec,
-        'per_matrix': {f'layer_{l}/{n}': dict(v) for (l, n), v in sorted(self.per_matrix.items())},
-        'by_name': self.by_name(), 'total_rtn': self.total('rtn'),
-        'total_final': self.total('final'), 'timings': dict(self.timings),
-        'extra': _jsonable(self.extra),
+      'method': self.method,
+      'spec': self.spec,
+      'per_matrix': {f'layer_{l}/{n}': dict(v) for (l, n), v in sorted(self.per_matrix.items())},
+      'by_name': self.by_name(),
+      'total_rtn': self.total('rtn'),
+      'total_final': self.total('final'),
+      'timings': dict(self.timings),
+      'extra': _jsonable(self.extra),
     }
 
 
 def _jsonable(x):
   if isinstance(x, dict):
-    return {str(k) if not isinstance(k, tuple) else '/'.join(map(str, k)): _jsonable(v)
-            for k, v in x.items()}
+    return {
+      str(k) if not isinstance(k, tuple) else '/'.join(map(str, k)): _jsonable(v)
+      for k, v in x.items()
+    }
   if isinstance(x, (list, tuple)):
     return [_jsonable(v) for v in x]
   if hasattr(x, 'to_dict'):

@@ -33,7 +33,9 @@ together:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
 import dataclasses
 import functools
 import json
@@ -81,19 +83,24 @@ class RunOptions:
 
   def __post_init__(self):
     if self.mesh is not None and not isinstance(self.mesh, jax.sharding.Mesh):
-      raise TypeError(f'mesh must be a jax.sharding.Mesh (e.g. '
-                      f'cafeq_jax.distributed.make_mesh()); got {type(self.mesh).__name__}.')
+      raise TypeError(
+        f'mesh must be a jax.sharding.Mesh (e.g. '
+        f'cafeq_jax.distributed.make_mesh()); got {type(self.mesh).__name__}.'
+      )
     if self.checkpoint_dir is not None:
       object.__setattr__(self, 'checkpoint_dir', os.fspath(self.checkpoint_dir))
     if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
       raise ValueError(f'checkpoint_every={self.checkpoint_every!r} must be a positive int.')
     if self.checkpoint_keep is not None and (
-        not isinstance(self.checkpoint_keep, int) or self.checkpoint_keep < 1):
+      not isinstance(self.checkpoint_keep, int) or self.checkpoint_keep < 1
+    ):
       raise ValueError(f'checkpoint_keep={self.checkpoint_keep!r} must be None or an int >= 1.')
     if self.layers_per_chunk is not None and (
-        not isinstance(self.layers_per_chunk, int) or self.layers_per_chunk < 1):
-      raise ValueError(f'layers_per_chunk={self.layers_per_chunk!r} must be None or a '
-                       f'positive int.')
+      not isinstance(self.layers_per_chunk, int) or self.layers_per_chunk < 1
+    ):
+      raise ValueError(
+        f'layers_per_chunk={self.layers_per_chunk!r} must be None or a positive int.'
+      )
 
   def replace(self, **kwargs) -> RunOptions:
     return dataclasses.replace(self, **kwargs)
@@ -101,11 +108,21 @@ class RunOptions:
   @property
   def is_default(self) -> bool:
     """True when nothing differs from a plain single-process, all-at-once run."""
-    return (self.mesh is None and self.checkpoint_dir is None
-            and self.layers_per_chunk is None and not self.split_processes)
+    return (
+      self.mesh is None
+      and self.checkpoint_dir is None
+      and self.layers_per_chunk is None
+      and not self.split_processes
+    )
 
-  def validate(self, stacks: Iterable[tuple[int, ...]], spec: Any,
-               block_size: int | None, *, pad: bool | None = None) -> None:
+  def validate(
+    self,
+    stacks: Iterable[tuple[int, ...]],
+    spec: Any,
+    block_size: int | None,
+    *,
+    pad: bool | None = None,
+  ) -> None:
     """Checks up front that every stack ``(n, ..., d_in, d_out)`` fits the mesh.
 
     Raises the ``ValueError`` of ``distributed.mesh.validate_sharding`` (naming
@@ -118,6 +135,7 @@ class RunOptions:
     if self.mesh is None:
       return
     from cafeq_jax.distributed import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
     pad = self.pad if pad is None else pad
     for shape in stacks:
       rows_spec = spec
@@ -143,6 +161,7 @@ class RunOptions:
         whose fingerprint differs raises ``checkpointing.CheckpointError``.
     """
     from cafeq_jax.distributed import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
     split = self._split()
     mesh = self.mesh
     ckpt = None
@@ -150,8 +169,9 @@ class RunOptions:
       ckpt = os.path.join(os.path.abspath(self.checkpoint_dir), unit)
       if split:
         raise ValueError(
-            'split_processes=True cannot checkpoint (Orbax saves one state from all '
-            'processes); leave split_processes=None to checkpoint over the global mesh.')
+          'split_processes=True cannot checkpoint (Orbax saves one state from all '
+          'processes); leave split_processes=None to checkpoint over the global mesh.'
+        )
       if mesh is None and jax.process_count() > 1:
         mesh = mesh_lib.make_mesh()  # all processes' devices: one global state
       _check_fingerprint(ckpt, fingerprint)
@@ -159,15 +179,22 @@ class RunOptions:
       remote = [d for d in mesh.devices.flat if d.process_index != jax.process_index()]
       if remote:
         raise ValueError(
-            f'split_processes=True needs a mesh of this process\'s local devices; the '
-            f'mesh has {len(remote)} devices of other processes (use '
-            f'make_mesh(devices=jax.local_devices())).')
+          f"split_processes=True needs a mesh of this process's local devices; the "
+          f'mesh has {len(remote)} devices of other processes (use '
+          f'make_mesh(devices=jax.local_devices())).'
+        )
 
     if ckpt is not None:
       from cafeq_jax import checkpointing  # pylint: disable=g-import-not-at-top
-      inner = functools.partial(checkpointing.resumable_run, ckpt_dir=ckpt,
-                                every=self.checkpoint_every, keep=self.checkpoint_keep,
-                                mesh=mesh, pad=self.pad)
+
+      inner = functools.partial(
+        checkpointing.resumable_run,
+        ckpt_dir=ckpt,
+        every=self.checkpoint_every,
+        keep=self.checkpoint_keep,
+        mesh=mesh,
+        pad=self.pad,
+      )
     elif mesh is not None:
       inner = functools.partial(mesh_lib.sharded_run, mesh=mesh, pad=self.pad)
     else:
@@ -180,12 +207,15 @@ class RunOptions:
         if callback is not None:
           callback(i, s)
         user(unit, i, s)
+
       cb = callback if user is None else both
       if not split:
         return inner(step_fn, state, num_steps, args=args, callback=cb)
       from cafeq_jax.distributed import multihost  # pylint: disable=g-import-not-at-top
-      return multihost.split_loop(step_fn, state, num_steps, args=args,
-                                  loop=functools.partial(inner, callback=cb))
+
+      return multihost.split_loop(
+        step_fn, state, num_steps, args=args, loop=functools.partial(inner, callback=cb)
+      )
 
     return loop
 
@@ -201,12 +231,15 @@ def _check_fingerprint(ckpt: str, fingerprint: Mapping[str, Any] | None) -> None
       saved = json.load(f)
     if saved != fingerprint:
       from cafeq_jax import checkpointing  # pylint: disable=g-import-not-at-top
+
       diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
       raise checkpointing.CheckpointError(
-          f'checkpoint directory {ckpt!r} was written for other inputs (differing: '
-          f'{diff}; saved {[saved.get(k) for k in diff]}, now '
-          f'{[fingerprint.get(k) for k in diff]}); use a fresh checkpoint_dir or delete it.')
+        f'checkpoint directory {ckpt!r} was written for other inputs (differing: '
+        f'{diff}; saved {[saved.get(k) for k in diff]}, now '
+        f'{[fingerprint.get(k) for k in diff]}); use a fresh checkpoint_dir or delete it.'
+      )
     return
   if jax.process_index() == 0:
     from cafeq_jax import atomic  # pylint: disable=g-import-not-at-top
+
     atomic.write_json(path, fingerprint)

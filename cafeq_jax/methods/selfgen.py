@@ -16,8 +16,14 @@ from cafeq_jax.models.config import ModelConfig
 from cafeq_jax.models.generate import generate
 
 
-def sample_tokens(params: dict, cfg: ModelConfig, stage: recipes.SelfGenerated,
-                  key: jax.Array, *, top_k: int | None = None) -> np.ndarray:
+def sample_tokens(
+  params: dict,
+  cfg: ModelConfig,
+  stage: recipes.SelfGenerated,
+  key: jax.Array,
+  *,
+  top_k: int | None = None,
+) -> np.ndarray:
   """Sequences sampled from the model itself: ``(num_seqs, seq_len)`` int32.
 
   Each row is ``stage.start_id`` followed by ``seq_len - 1`` tokens sampled at
@@ -28,6 +34,13 @@ def sample_tokens(params: dict, cfg: ModelConfig, stage: recipes.SelfGenerated,
   if not stage.start_id < cfg.vocab_size:
     raise ValueError(f'start_id={stage.start_id}; expected an id in [0, {cfg.vocab_size}).')
   prompt = jnp.full((stage.num_seqs, 1), stage.start_id, jnp.int32)
-  gen = generate(params, cfg, prompt, max_new_tokens=stage.seq_len - 1,
-                 temperature=float(stage.temperature), top_k=top_k, key=key)
+  gen = generate(
+    params,
+    cfg,
+    prompt,
+    max_new_tokens=stage.seq_len - 1,
+    temperature=float(stage.temperature),
+    top_k=top_k,
+    key=key,
+  )
   return np.concatenate([np.asarray(prompt), np.asarray(gen)], axis=1).astype(np.int32)

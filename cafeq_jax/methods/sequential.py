@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Mapping
+from typing import Any
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +42,8 @@ Block = decoder.Block
 # Per sub-layer: its method, the method giving its first matrices' input, and the
 # matrices read by that input then by the sown one.
 _SUBLAYERS = (
-    (Block.attend, Block.attention_input, (('q', 'k', 'v'), ('o',))),
-    (Block.feed_forward, Block.mlp_input, (('gate', 'up'), ('down',))),
+  (Block.attend, Block.attention_input, (('q', 'k', 'v'), ('o',))),
+  (Block.feed_forward, Block.mlp_input, (('gate', 'up'), ('down',))),
 )
 
 
@@ -50,8 +51,7 @@ def check_tokens(tokens, cfg: ModelConfig) -> jax.Array:
   """``tokens`` as ``(num_seqs, seq_len)`` int32 ids, or a ValueError naming the problem."""
   tokens = jnp.asarray(tokens)
   if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
-    raise ValueError(f'tokens must be (num_seqs, seq_len) ints; got shape '
-                     f'{tuple(tokens.shape)}.')
+    raise ValueError(f'tokens must be (num_seqs, seq_len) ints; got shape {tuple(tokens.shape)}.')
   if not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(f'tokens must be integer ids; got dtype {tokens.dtype}.')
   lo, hi = int(tokens.min()), int(tokens.max())
@@ -69,8 +69,9 @@ def _positions(x):
 def _run(layer, x, cfg, attn_type, method):
   """A sub-layer method of one block: ``(output, sown intermediates)``."""
   args = (x, _positions(x)) if method is Block.attend else (x,)
-  out, state = Block(cfg, attn_type).apply({'params': layer}, *args, method=method,
-                                           mutable=['intermediates'])
+  out, state = Block(cfg, attn_type).apply(
+    {'params': layer}, *args, method=method, mutable=['intermediates']
+  )
   return (out[0] if method is Block.attend else out), state.get('intermediates', {})
 
 
@@ -87,7 +88,7 @@ def _input_gram(layer, x, cfg, attn_type, method, names):
 
 
 def _batches(xs, batch):
-  return [xs[i:i + batch] for i in range(0, xs.shape[0], batch)]
+  return [xs[i : i + batch] for i in range(0, xs.shape[0], batch)]
 
 
 @jax.jit
@@ -100,11 +101,17 @@ def _transform_gram(h: jax.Array, m_inv: jax.Array) -> jax.Array:
 _apply_left = jax.jit(transforms.apply_left)
 
 
-def round_sequential(params: dict, cfg: ModelConfig, tokens, *, spec: qz.QuantSpec,
-                     matrices: tuple[str, ...], rounding_stage: recipes.GPTQ,
-                     batch_size: int = 8,
-                     blocks: Mapping[tuple[int, str], tuple[jax.Array, jax.Array]] | None = None
-                     ) -> tuple[dict[tuple[int, str], qz.QArray], dict[str, Any]]:
+def round_sequential(
+  params: dict,
+  cfg: ModelConfig,
+  tokens,
+  *,
+  spec: qz.QuantSpec,
+  matrices: tuple[str, ...],
+  rounding_stage: recipes.GPTQ,
+  batch_size: int = 8,
+  blocks: Mapping[tuple[int, str], tuple[jax.Array, jax.Array]] | None = None,
+) -> tuple[dict[tuple[int, str], qz.QArray], dict[str, Any]]:
   """Sequential GPTQ-form rounding of every selected matrix on ``tokens``.
 
   Args:
@@ -126,20 +133,25 @@ def round_sequential(params: dict, cfg: ModelConfig, tokens, *, spec: qz.QuantSp
   tokens = check_tokens(tokens, cfg)
   blocks = blocks or {}
   chosen = linears.check_matrices(matrices)
-  gptq = functools.partial(rounding.gptq_round, spec=spec, damp=rounding_stage.damp,
-                           block=rounding_stage.block, act_order=rounding_stage.act_order)
+  gptq = functools.partial(
+    rounding.gptq_round,
+    spec=spec,
+    damp=rounding_stage.damp,
+    block=rounding_stage.block,
+    act_order=rounding_stage.act_order,
+  )
   t0 = time.perf_counter()
   table = params['embedder']['input_embedding']
-  xs = jnp.concatenate([decoder.embed_tokens(table, t, cfg)
-                        for t in _batches(tokens, batch_size)])
+  xs = jnp.concatenate([decoder.embed_tokens(table, t, cfg) for t in _batches(tokens, batch_size)])
   qarrays: dict[tuple[int, str], qz.QArray] = {}
-  report: dict[str, Any] = {'layer_loss': {n: [] for n in chosen},
-                            'rtn_layer_loss': {n: [] for n in chosen},
-                            'tokens': int(tokens.size)}
+  report: dict[str, Any] = {
+    'layer_loss': {n: [] for n in chosen},
+    'rtn_layer_loss': {n: [] for n in chosen},
+    'tokens': int(tokens.size),
+  }
   for l, attn_type in enumerate(cfg.attention_types):
     layer = params[f'layer_{l}']
-    mats = {n: jnp.asarray(w, jnp.float32)
-            for n, w in linears.layer_matrices(layer, cfg).items()}
+    mats = {n: jnp.asarray(w, jnp.float32) for n, w in linears.layer_matrices(layer, cfg).items()}
     for method, first_input, stages in _SUBLAYERS:
       for stage_method, names in zip((first_input, method), stages):
         names = tuple(n for n in names if n in chosen)
@@ -162,17 +174,24 @@ def round_sequential(params: dict, cfg: ModelConfig, tokens, *, spec: qz.QuantSp
           mats[n] = w_hat
           report['layer_loss'][n].append(float(stats.weighted_loss(w, w_hat, h)))
           report['rtn_layer_loss'][n].append(
-              float(stats.weighted_loss(w, qz.quant_dequant(w, spec), h)))
+            float(stats.weighted_loss(w, qz.quant_dequant(w, spec), h))
+          )
         layer = linears.set_layer_matrices(layer, cfg, mats)
-      xs = jnp.concatenate([_run(layer, xb, cfg, attn_type, method)[0]
-                            for xb in _batches(xs, batch_size)])
+      xs = jnp.concatenate(
+        [_run(layer, xb, cfg, attn_type, method)[0] for xb in _batches(xs, batch_size)]
+      )
   report['seconds'] = time.perf_counter() - t0
   return qarrays, report
 
 
-def input_second_moments(params: dict, cfg: ModelConfig, tokens, *, batch_size: int = 8,
-                         matrices: tuple[str, ...] = linears.LINEAR_NAMES
-                         ) -> dict[str, jax.Array]:
+def input_second_moments(
+  params: dict,
+  cfg: ModelConfig,
+  tokens,
+  *,
+  batch_size: int = 8,
+  matrices: tuple[str, ...] = linears.LINEAR_NAMES,
+) -> dict[str, jax.Array]:
   """``E[x xᵀ]`` of every selected matrix's input on ``tokens`` (fp model, one pass).
 
   Returns:

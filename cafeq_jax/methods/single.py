@@ -27,8 +27,9 @@ from cafeq_jax.models import linears
 Key = linears.Key
 
 
-def _units(mats: Mapping[str, object], layers: Mapping[str, list[int]],
-           share: bool) -> list[tuple[tuple[str, ...], int]]:
+def _units(
+  mats: Mapping[str, object], layers: Mapping[str, list[int]], share: bool
+) -> list[tuple[tuple[str, ...], int]]:
   """Transform units ``(names sharing the transform, layer)`` (``mats``: its keys)."""
   units = []
   for group in linears.LEAF_GROUPS:
@@ -45,8 +46,9 @@ def _units(mats: Mapping[str, object], layers: Mapping[str, list[int]],
   return units
 
 
-def unit_stacks(shapes: Mapping[str, tuple[int, int]], layers: Mapping[str, list[int]],
-                share: bool) -> dict[tuple[int, int, int], list[tuple[tuple[str, ...], int]]]:
+def unit_stacks(
+  shapes: Mapping[str, tuple[int, int]], layers: Mapping[str, list[int]], share: bool
+) -> dict[tuple[int, int, int], list[tuple[tuple[str, ...], int]]]:
   """Units grouped into stacks: ``(T, d_in, d_out) -> [(names, layer), ...]``.
 
   Args:
@@ -77,17 +79,28 @@ def _fingerprint(unit, w, spec, cfg, key, units) -> dict:
   w = jnp.asarray(w, jnp.float32)
   sums = jax.device_get((jnp.sum(w), jnp.sum(jnp.abs(w))))
   key_data = key if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.key_data(key)
-  return {'unit': unit, 'shape': list(w.shape), 'spec': repr(spec), 'config': repr(cfg),
-          'key': np.asarray(key_data).tolist(), 'units': [f'{l}/{"+".join(n)}' for n, l in units],
-          'weights_sum_abs': [f'{float(x):.6e}' for x in sums]}
+  return {
+    'unit': unit,
+    'shape': list(w.shape),
+    'spec': repr(spec),
+    'config': repr(cfg),
+    'key': np.asarray(key_data).tolist(),
+    'units': [f'{l}/{"+".join(n)}' for n, l in units],
+    'weights_sum_abs': [f'{float(x):.6e}' for x in sums],
+  }
 
 
-def transforms_for(mats: Mapping[str, jax.Array], layers: Mapping[str, list[int]],
-                   stage: recipes.Hadamard | recipes.Learned, spec: quantizer.QuantSpec,
-                   key: jax.Array, *, run: run_options.RunOptions | None = None,
-                   layer_offset: int = 0, progress: bool = False
-                   ) -> tuple[dict[Key, tuple[jax.Array, jax.Array]],
-                              dict[Key, float], dict[str, float]]:
+def transforms_for(
+  mats: Mapping[str, jax.Array],
+  layers: Mapping[str, list[int]],
+  stage: recipes.Hadamard | recipes.Learned,
+  spec: quantizer.QuantSpec,
+  key: jax.Array,
+  *,
+  run: run_options.RunOptions | None = None,
+  layer_offset: int = 0,
+  progress: bool = False,
+) -> tuple[dict[Key, tuple[jax.Array, jax.Array]], dict[Key, float], dict[str, float]]:
   """Block-diagonal transforms ``(M, M⁻¹)`` for the given matrices.
 
   Randomness (Hadamard signs, column subsets) is keyed per unit ``(layer,
@@ -115,23 +128,21 @@ def transforms_for(mats: Mapping[str, jax.Array], layers: Mapping[str, list[int]
   """
   run = run_options.RunOptions() if run is None else run
   learn = isinstance(stage, recipes.Learned)
-  by_shape = unit_stacks({n: tuple(m.shape[-2:]) for n, m in mats.items()}, layers,
-                         stage.share)
+  by_shape = unit_stacks({n: tuple(m.shape[-2:]) for n, m in mats.items()}, layers, stage.share)
   if learn:  # every stack checked against the mesh before any work
-    run.validate([(len(e), *shape) for shape, e in by_shape.items()], spec,
-                 stage.block_size)
+    run.validate([(len(e), *shape) for shape, e in by_shape.items()], spec, stage.block_size)
   out, init_losses, timings = {}, {}, {}
   for shape, entries in sorted(by_shape.items()):
     t0 = time.perf_counter()
     # (B, T, d_in, d_out)
     w = jnp.stack([jnp.stack([mats[n][layer] for n in names]) for names, layer in entries])
-    unit_keys = jnp.stack([_unit_key(key, names, layer + layer_offset)
-                           for names, layer in entries])
+    unit_keys = jnp.stack([_unit_key(key, names, layer + layer_offset) for names, layer in entries])
     if not learn:
       transforms.check_block_size(shape[-2], stage.block_size)
       nb = shape[-2] // stage.block_size
-      m = jax.vmap(lambda k, nb=nb: transforms.random_hadamard_blocks(
-          k, nb, stage.block_size))(unit_keys)
+      m = jax.vmap(lambda k, nb=nb: transforms.random_hadamard_blocks(k, nb, stage.block_size))(
+        unit_keys
+      )
       m_inv = jnp.swapaxes(m, -1, -2)
       init = None
     else:
@@ -139,15 +150,18 @@ def transforms_for(mats: Mapping[str, jax.Array], layers: Mapping[str, list[int]
       k = _shape_key(key, shape)
       unit = 'single_' + 'x'.join(map(str, shape))
       glob = [(names, layer + layer_offset) for names, layer in entries]
-      fingerprint = (_fingerprint(unit, w, spec, cfg, key, glob)
-                     if run.checkpoint_dir is not None else None)
-      best, state = optimize.run(w, spec, cfg, k, progress=progress,
-                                 loop=run.loop(unit, fingerprint), unit_keys=unit_keys)
+      fingerprint = (
+        _fingerprint(unit, w, spec, cfg, key, glob) if run.checkpoint_dir is not None else None
+      )
+      best, state = optimize.run(
+        w, spec, cfg, k, progress=progress, loop=run.loop(unit, fingerprint), unit_keys=unit_keys
+      )
       m, m_inv = jax.jit(lambda t: t.matrix_and_inverse())(best)
       init = np.asarray(state.init_loss)
     m, m_inv = jax.block_until_ready((m, m_inv))
     timings[f'{shape[-2]}x{shape[-1]}' + (f'x{shape[0]}' if shape[0] > 1 else '')] = (
-        time.perf_counter() - t0)
+      time.perf_counter() - t0
+    )
     for b, (names, layer) in enumerate(entries):
       for n in names:
         out[(layer, n)] = (m[b], m_inv[b])
@@ -170,10 +184,13 @@ _rtn = jax.jit(_rtn_impl, static_argnums=1)
 _rtn_loss = jax.jit(proxy.rtn_loss, static_argnums=1)
 
 
-def round_matrices(mats: Mapping[str, jax.Array], layers: Mapping[str, list[int]],
-                   blocks: Mapping[Key, tuple[jax.Array, jax.Array]],
-                   spec: quantizer.QuantSpec, stage: recipes.RTN | recipes.GPTQ
-                   ) -> tuple[dict[Key, quantizer.QArray], dict[Key, jax.Array | None]]:
+def round_matrices(
+  mats: Mapping[str, jax.Array],
+  layers: Mapping[str, list[int]],
+  blocks: Mapping[Key, tuple[jax.Array, jax.Array]],
+  spec: quantizer.QuantSpec,
+  stage: recipes.RTN | recipes.GPTQ,
+) -> tuple[dict[Key, quantizer.QArray], dict[Key, jax.Array | None]]:
   """Quantizes ``V = M W`` (or ``W`` without transform) for each matrix.
 
   Rounding is RTN, or for a ``GPTQ`` stage with ``Frobenius`` statistics
@@ -185,8 +202,10 @@ def round_matrices(mats: Mapping[str, jax.Array], layers: Mapping[str, list[int]
     ``(qarrays, transform_invs)`` keyed by ``(layer, name)``.
   """
   if isinstance(stage, recipes.GPTQ) and not isinstance(stage.statistics, recipes.Frobenius):
-    raise ValueError(f'round_matrices rounds under the Frobenius proxy; {stage.statistics!r} '
-                     'needs methods.sequential.round_sequential.')
+    raise ValueError(
+      f'round_matrices rounds under the Frobenius proxy; {stage.statistics!r} '
+      'needs methods.sequential.round_sequential.'
+    )
   qarrays, tinvs = {}, {}
   for name, ls in layers.items():
     if not ls:
@@ -205,12 +224,15 @@ def round_matrices(mats: Mapping[str, jax.Array], layers: Mapping[str, list[int]
     quantizer.validate_weight(v, spec)
     if isinstance(stage, recipes.GPTQ):
       if m_inv is None:
-        h = jnp.broadcast_to(jnp.eye(v.shape[-2], dtype=jnp.float32), (v.shape[0],) + (v.shape[-2],) * 2)
+        h = jnp.broadcast_to(
+          jnp.eye(v.shape[-2], dtype=jnp.float32), (v.shape[0],) + (v.shape[-2],) * 2
+        )
       else:
         hb = jnp.swapaxes(m_inv, -1, -2) @ m_inv  # (B, nb, k, k): (M⁻¹)ᵀ M⁻¹ per block
         h = transforms.block_diag(hb)
-      q = rounding.gptq_round(v, h, spec, damp=stage.damp, block=stage.block,
-                              act_order=stage.act_order)
+      q = rounding.gptq_round(
+        v, h, spec, damp=stage.damp, block=stage.block, act_order=stage.act_order
+      )
     else:
       q = _rtn(v, spec)
     for b, l in enumerate(ls):
@@ -227,8 +249,11 @@ def _effective_loss(w, q, t):
   return proxy.frobenius(w, eff)
 
 
-def proxy_losses(ref: Mapping[str, jax.Array], qarrays: Mapping[Key, quantizer.QArray],
-                 tinvs: Mapping[Key, jax.Array | None]) -> dict[Key, float]:
+def proxy_losses(
+  ref: Mapping[str, jax.Array],
+  qarrays: Mapping[Key, quantizer.QArray],
+  tinvs: Mapping[Key, jax.Array | None],
+) -> dict[Key, float]:
   """``||W - M⁻¹ dequant(Q)||²`` per matrix, ``W = ref[name][layer]``."""
   out = {}
   names = sorted({n for _, n in qarrays})
@@ -254,8 +279,7 @@ def rtn_losses(mats: Mapping[str, jax.Array], spec: quantizer.QuantSpec) -> dict
   return out
 
 
-def online_overhead(mats: Mapping[str, jax.Array], tinvs: Mapping[Key, jax.Array | None]
-                    ) -> float:
+def online_overhead(mats: Mapping[str, jax.Array], tinvs: Mapping[Key, jax.Array | None]) -> float:
   """MACs of all ``x M⁻¹`` over MACs of all quantized matmuls (per token)."""
   extra = total = 0
   for (l, n), t in tinvs.items():

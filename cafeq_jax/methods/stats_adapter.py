@@ -22,7 +22,9 @@ the given ``H`` (``core.rounding.gptq_round``) and builds the quantized param tr
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any
+from typing import Mapping
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +43,9 @@ _HI = jax.lax.Precision.HIGHEST
 MATRICES = linears.LINEAR_NAMES
 
 
-def activation_hessians(params: dict, cfg, tokens: Any, *, batch_size: int = 8,
-                        matrices: Sequence[str] = MATRICES) -> dict[str, jax.Array]:
+def activation_hessians(
+  params: dict, cfg, tokens: Any, *, batch_size: int = 8, matrices: Sequence[str] = MATRICES
+) -> dict[str, jax.Array]:
   """``E[x xᵀ]`` of every selected matrix's input on ``tokens`` (fp model).
 
   ``methods.sequential.input_second_moments``: one pass, no quantization in the loop.
@@ -50,12 +53,20 @@ def activation_hessians(params: dict, cfg, tokens: Any, *, batch_size: int = 8,
   Returns:
     ``{name: (L, d_in, d_in) float32}``, the mean over the ``N*S`` token positions.
   """
-  return sequential.input_second_moments(params, cfg, tokens, batch_size=batch_size,
-                                         matrices=tuple(matrices))
+  return sequential.input_second_moments(
+    params, cfg, tokens, batch_size=batch_size, matrices=tuple(matrices)
+  )
 
 
-def selfgen_hessians(params: dict, cfg, *, stage: recipes.SelfGenerated, key: jax.Array,
-                     matrices: Sequence[str] = MATRICES, return_tokens: bool = False):
+def selfgen_hessians(
+  params: dict,
+  cfg,
+  *,
+  stage: recipes.SelfGenerated,
+  key: jax.Array,
+  matrices: Sequence[str] = MATRICES,
+  return_tokens: bool = False,
+):
   """Data-free ``{name: (L, d_in, d_in)}`` second moments from self-generated text.
 
   ``selfgen.sample_tokens`` then ``activation_hessians`` on them. With
@@ -66,8 +77,9 @@ def selfgen_hessians(params: dict, cfg, *, stage: recipes.SelfGenerated, key: ja
   return (h, toks) if return_tokens else h
 
 
-def structural_hessians(params: dict, cfg, *, key: jax.Array | None = None,
-                        num_samples: int = 4096) -> dict[str, jax.Array]:
+def structural_hessians(
+  params: dict, cfg, *, key: jax.Array | None = None, num_samples: int = 4096
+) -> dict[str, jax.Array]:
   """Weights-only estimates ``{name: (L, d_in, d_in)}`` (see the module docstring).
 
   Assumes the normalised residual ``x / rms(x)`` is isotropic, so the RMSNorm
@@ -78,10 +90,15 @@ def structural_hessians(params: dict, cfg, *, key: jax.Array | None = None,
   key = jax.random.PRNGKey(0) if key is None else key
   mats = linears.get_linears(params, cfg)
   plus_one = bool(cfg.norm_scale_plus_one)
-  g_att = jnp.stack([jnp.asarray(params[f'layer_{l}']['pre_attention_norm']['scale'])
-                     for l in range(cfg.num_layers)])
-  g_ffw = jnp.stack([jnp.asarray(params[f'layer_{l}']['pre_ffw_norm']['scale'])
-                     for l in range(cfg.num_layers)])
+  g_att = jnp.stack(
+    [
+      jnp.asarray(params[f'layer_{l}']['pre_attention_norm']['scale'])
+      for l in range(cfg.num_layers)
+    ]
+  )
+  g_ffw = jnp.stack(
+    [jnp.asarray(params[f'layer_{l}']['pre_ffw_norm']['scale']) for l in range(cfg.num_layers)]
+  )
   h_att = stats.diag_from_scale(g_att, plus_one=plus_one)
   h_ffw = stats.diag_from_scale(g_ffw, plus_one=plus_one)
   h_v = stats.propagate(h_att, mats['v'])
@@ -92,19 +109,24 @@ def structural_hessians(params: dict, cfg, *, key: jax.Array | None = None,
   def down_h(g, wg, wu):
     x = z * g
     a = decoder.mlp_activation(jnp.matmul(x, wg, precision=_HI), cfg) * jnp.matmul(
-        x, wu, precision=_HI)
+      x, wu, precision=_HI
+    )
     return stats.second_moment(a)
 
   h_down = jax.lax.map(lambda t: down_h(*t), (gf, mats['gate'], mats['up']))
-  return {'q': h_att, 'k': h_att, 'v': h_att, 'o': h_o, 'gate': h_ffw, 'up': h_ffw,
-          'down': h_down}
+  return {'q': h_att, 'k': h_att, 'v': h_att, 'o': h_o, 'gate': h_ffw, 'up': h_ffw, 'down': h_down}
 
 
-def quantize_with_hessians(params: dict, cfg, spec: qz.QuantSpec,
-                           hessians: Mapping[str, jax.Array], *,
-                           matrices: Sequence[str] = MATRICES, damp: float = 0.01,
-                           block: int = 128) -> tuple[dict, dict[tuple[int, str], qz.QArray],
-                                                      dict[str, Any]]:
+def quantize_with_hessians(
+  params: dict,
+  cfg,
+  spec: qz.QuantSpec,
+  hessians: Mapping[str, jax.Array],
+  *,
+  matrices: Sequence[str] = MATRICES,
+  damp: float = 0.01,
+  block: int = 128,
+) -> tuple[dict, dict[tuple[int, str], qz.QArray], dict[str, Any]]:
   """GPTQ-form rounding of every selected matrix under ``hessians[name]`` (no transform).
 
   Args:

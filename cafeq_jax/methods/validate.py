@@ -17,13 +17,15 @@ seconds with a message naming the leaf instead of after the expensive stages:
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cafeq_jax.models import linears, qlinear
+from cafeq_jax.models import linears
+from cafeq_jax.models import qlinear
 from cafeq_jax.models.config import ModelConfig
 
 _LAYER = re.compile(r'^layer_(\d+)$')
@@ -58,31 +60,37 @@ def check_structure(params: Any, cfg: ModelConfig) -> None:
     cfg: its ``ModelConfig``.
   """
   if not isinstance(params, Mapping):
-    raise TypeError(f'params must be a dict param tree (docs/params.md); got '
-                    f'{type(params).__name__}.')
+    raise TypeError(
+      f'params must be a dict param tree (docs/params.md); got {type(params).__name__}.'
+    )
   layers = sorted((int(m.group(1)) for m in map(_LAYER.match, params) if m))
   missing = [f'layer_{i}' for i in range(cfg.num_layers) if f'layer_{i}' not in params]
   extra = [f'layer_{i}' for i in layers if i >= cfg.num_layers]
   if missing or extra:
     raise ValueError(
-        f'the param tree does not match model_config: it has {len(layers)} layer(s) '
-        f'({", ".join(f"layer_{i}" for i in layers[:3])}{" ..." if len(layers) > 3 else ""})'
-        f' but num_layers={cfg.num_layers}'
-        + (f'; missing {missing[:4]}' if missing else '')
-        + (f'; unexpected {extra[:4]}' if extra else '') + '.')
+      f'the param tree does not match model_config: it has {len(layers)} layer(s) '
+      f'({", ".join(f"layer_{i}" for i in layers[:3])}{" ..." if len(layers) > 3 else ""})'
+      f' but num_layers={cfg.num_layers}'
+      + (f'; missing {missing[:4]}' if missing else '')
+      + (f'; unexpected {extra[:4]}' if extra else '')
+      + '.'
+    )
   for i in range(cfg.num_layers):
     for leaf in linears.LEAVES:
       w = _get(params[f'layer_{i}'], leaf.path)
       where = '/'.join((f'layer_{i}',) + leaf.path)
       if w is None:
-        raise ValueError(f'param leaf {where!r} is missing (expected the {leaf.kind} '
-                         f'weight of matrices {leaf.names}).')
+        raise ValueError(
+          f'param leaf {where!r} is missing (expected the {leaf.kind} '
+          f'weight of matrices {leaf.names}).'
+        )
       if isinstance(w, qlinear.QuantizedLinear):
         continue
       expected = linears.leaf_shape(leaf.kind, cfg)
       if tuple(np.shape(w)) != expected:
-        raise ValueError(f'param leaf {where!r} has shape {tuple(np.shape(w))}; '
-                         f'model_config implies {expected}.')
+        raise ValueError(
+          f'param leaf {where!r} has shape {tuple(np.shape(w))}; model_config implies {expected}.'
+        )
 
 
 def _bad_mask(x) -> np.ndarray | None:
@@ -110,8 +118,7 @@ def _bad_mask(x) -> np.ndarray | None:
   return None if finite.all() else ~finite
 
 
-def _where_in_matrix(layer: int, leaf: linears.Leaf, bad: np.ndarray,
-                     cfg: ModelConfig) -> str:
+def _where_in_matrix(layer: int, leaf: linears.Leaf, bad: np.ndarray, cfg: ModelConfig) -> str:
   """'layer 1, matrix "q" (D, H*hd) view, row 3, column 17' of the first bad entry."""
   try:
     view = np.asarray(linears.leaf_to_matrix(leaf.kind, bad, cfg))
@@ -121,8 +128,10 @@ def _where_in_matrix(layer: int, leaf: linears.Leaf, bad: np.ndarray,
   name = leaf.names[idx[0]] if len(leaf.names) > 1 else leaf.names[0]
   row, col = idx[-2:]
   d_in, d_out = linears.linear_shapes(cfg)[name]
-  return (f'; that is layer {layer}, matrix {name!r} of the input model, row {row} '
-          f'(of d_in={d_in}), column {col} (of d_out={d_out}) in its (d_in, d_out) view')
+  return (
+    f'; that is layer {layer}, matrix {name!r} of the input model, row {row} '
+    f'(of d_in={d_in}), column {col} (of d_out={d_out}) in its (d_in, d_out) view'
+  )
 
 
 def check_finite(params: Any, cfg: ModelConfig | None = None) -> None:
@@ -152,11 +161,12 @@ def check_finite(params: Any, cfg: ModelConfig | None = None) -> None:
     if cfg is not None and exact and parts and _LAYER.match(parts[0]):
       leaf = kinds.get(tuple(parts[1:]))
       if leaf is not None and tuple(np.shape(x)) == linears.leaf_shape(leaf.kind, cfg):
-        located = _where_in_matrix(int(parts[0][len('layer_'):]), leaf, bad, cfg)
+        located = _where_in_matrix(int(parts[0][len('layer_') :]), leaf, bad, cfg)
     raise ValueError(
-        f'param leaf {where!r} {tuple(np.shape(x))} has {n} non-finite value(s)'
-        f'{what}{located}. The input model must be finite: check the checkpoint it was '
-        'loaded from.')
+      f'param leaf {where!r} {tuple(np.shape(x))} has {n} non-finite value(s)'
+      f'{what}{located}. The input model must be finite: check the checkpoint it was '
+      'loaded from.'
+    )
 
 
 def check_params(params: Any, cfg: ModelConfig) -> None:

@@ -69,15 +69,24 @@ class ModelConfig:
   max_seq_len: int = 8192
 
   def __post_init__(self):
-    for name in ('vocab_size', 'num_layers', 'embed_dim', 'hidden_dim', 'num_heads',
-                 'num_kv_heads', 'head_dim', 'max_seq_len'):
+    for name in (
+      'vocab_size',
+      'num_layers',
+      'embed_dim',
+      'hidden_dim',
+      'num_heads',
+      'num_kv_heads',
+      'head_dim',
+      'max_seq_len',
+    ):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f'ModelConfig.{name}={value!r}; expected a positive int.')
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
-          f'num_heads={self.num_heads} is not a multiple of num_kv_heads='
-          f'{self.num_kv_heads} (grouped-query attention needs H % K == 0).')
+        f'num_heads={self.num_heads} is not a multiple of num_kv_heads='
+        f'{self.num_kv_heads} (grouped-query attention needs H % K == 0).'
+      )
     if self.head_dim % 2:
       raise ValueError(f'head_dim={self.head_dim} must be even for RoPE.')
     if self.family not in FAMILIES:
@@ -92,13 +101,14 @@ class ModelConfig:
     object.__setattr__(self, 'attention_pattern', pattern)
     if not pattern or any(t not in ATTENTION_TYPES for t in pattern):
       raise ValueError(
-          f'attention_pattern={pattern!r}; expected a non-empty tuple of '
-          f'{ATTENTION_TYPES}.')
+        f'attention_pattern={pattern!r}; expected a non-empty tuple of {ATTENTION_TYPES}.'
+      )
     if 'local' in self.attention_types:
       if not isinstance(self.sliding_window_size, int) or self.sliding_window_size <= 0:
         raise ValueError(
-            f'sliding_window_size={self.sliding_window_size!r}; local attention layers '
-            f'need a positive int window.')
+          f'sliding_window_size={self.sliding_window_size!r}; local attention layers '
+          f'need a positive int window.'
+        )
     for name in ('query_pre_attn_scalar', 'attn_logits_softcap', 'final_logit_softcap'):
       value = getattr(self, name)
       if value is not None and not value > 0:
@@ -131,45 +141,111 @@ class ModelConfig:
 
 def _gemma2(**kw) -> ModelConfig:
   base = dict(
-      vocab_size=256_000, family='gemma2', rope_base=10_000.0, norm_eps=1e-6,
-      activation='gelu_tanh', norm_scale_plus_one=True, use_post_norms=True,
-      attn_logits_softcap=50.0, final_logit_softcap=30.0, sliding_window_size=4096,
-      attention_pattern=('local', 'global'), tie_embeddings=True, scale_embeddings=True,
-      max_seq_len=8192)
+    vocab_size=256_000,
+    family='gemma2',
+    rope_base=10_000.0,
+    norm_eps=1e-6,
+    activation='gelu_tanh',
+    norm_scale_plus_one=True,
+    use_post_norms=True,
+    attn_logits_softcap=50.0,
+    final_logit_softcap=30.0,
+    sliding_window_size=4096,
+    attention_pattern=('local', 'global'),
+    tie_embeddings=True,
+    scale_embeddings=True,
+    max_seq_len=8192,
+  )
   base.update(kw)
   return ModelConfig(**base)
 
 
 def _llama(**kw) -> ModelConfig:
   base = dict(
-      family='llama', activation='silu', norm_scale_plus_one=False, use_post_norms=False,
-      query_pre_attn_scalar=None, attn_logits_softcap=None, final_logit_softcap=None,
-      sliding_window_size=None, attention_pattern=('global',), scale_embeddings=False)
+    family='llama',
+    activation='silu',
+    norm_scale_plus_one=False,
+    use_post_norms=False,
+    query_pre_attn_scalar=None,
+    attn_logits_softcap=None,
+    final_logit_softcap=None,
+    sliding_window_size=None,
+    attention_pattern=('global',),
+    scale_embeddings=False,
+  )
   base.update(kw)
   return ModelConfig(**base)
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # Public shapes of google/gemma-2-{2b,9b,27b}.
-    'gemma2_2b': _gemma2(num_layers=26, embed_dim=2304, hidden_dim=9216, num_heads=8,
-                         num_kv_heads=4, head_dim=256, query_pre_attn_scalar=256),
-    'gemma2_9b': _gemma2(num_layers=42, embed_dim=3584, hidden_dim=14336, num_heads=16,
-                         num_kv_heads=8, head_dim=256, query_pre_attn_scalar=256),
-    'gemma2_27b': _gemma2(num_layers=46, embed_dim=4608, hidden_dim=36864, num_heads=32,
-                          num_kv_heads=16, head_dim=128,
-                          query_pre_attn_scalar=4608 // 32),
-    # HuggingFaceTB/SmolLM2-135M(-Instruct).
-    'smollm2_135m': _llama(vocab_size=49_152, num_layers=30, embed_dim=576, hidden_dim=1536,
-                           num_heads=9, num_kv_heads=3, head_dim=64, rope_base=100_000.0,
-                           norm_eps=1e-5, tie_embeddings=True, max_seq_len=8192),
-    # Tiny test configurations (random weights).
-    'tiny_gemma2': _gemma2(vocab_size=128, num_layers=3, embed_dim=64, hidden_dim=128,
-                           num_heads=4, num_kv_heads=2, head_dim=16,
-                           query_pre_attn_scalar=24, sliding_window_size=4,
-                           max_seq_len=64),
-    'tiny_llama': _llama(vocab_size=128, num_layers=2, embed_dim=64, hidden_dim=128,
-                         num_heads=4, num_kv_heads=2, head_dim=16, rope_base=10_000.0,
-                         norm_eps=1e-5, tie_embeddings=False, max_seq_len=64),
+  # Public shapes of google/gemma-2-{2b,9b,27b}.
+  'gemma2_2b': _gemma2(
+    num_layers=26,
+    embed_dim=2304,
+    hidden_dim=9216,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=256,
+    query_pre_attn_scalar=256,
+  ),
+  'gemma2_9b': _gemma2(
+    num_layers=42,
+    embed_dim=3584,
+    hidden_dim=14336,
+    num_heads=16,
+    num_kv_heads=8,
+    head_dim=256,
+    query_pre_attn_scalar=256,
+  ),
+  'gemma2_27b': _gemma2(
+    num_layers=46,
+    embed_dim=4608,
+    hidden_dim=36864,
+    num_heads=32,
+    num_kv_heads=16,
+    head_dim=128,
+    query_pre_attn_scalar=4608 // 32,
+  ),
+  # HuggingFaceTB/SmolLM2-135M(-Instruct).
+  'smollm2_135m': _llama(
+    vocab_size=49_152,
+    num_layers=30,
+    embed_dim=576,
+    hidden_dim=1536,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    rope_base=100_000.0,
+    norm_eps=1e-5,
+    tie_embeddings=True,
+    max_seq_len=8192,
+  ),
+  # Tiny test configurations (random weights).
+  'tiny_gemma2': _gemma2(
+    vocab_size=128,
+    num_layers=3,
+    embed_dim=64,
+    hidden_dim=128,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    query_pre_attn_scalar=24,
+    sliding_window_size=4,
+    max_seq_len=64,
+  ),
+  'tiny_llama': _llama(
+    vocab_size=128,
+    num_layers=2,
+    embed_dim=64,
+    hidden_dim=128,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rope_base=10_000.0,
+    norm_eps=1e-5,
+    tie_embeddings=False,
+    max_seq_len=64,
+  ),
 }
 
 
@@ -178,5 +254,4 @@ def get_config(name: str) -> ModelConfig:
   try:
     return PRESETS[name]
   except KeyError:
-    raise ValueError(
-        f'unknown model preset {name!r}; expected one of {sorted(PRESETS)}.') from None
+    raise ValueError(f'unknown model preset {name!r}; expected one of {sorted(PRESETS)}.') from None

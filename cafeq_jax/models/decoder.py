@@ -52,9 +52,13 @@ _MASK_VALUE = -2.3819763e38  # as the gemma library: finite, so fully masked row
 
 # Where each per-layer matrix's input is sown: (sub-module of the block, sow name).
 LINEAR_INPUTS: dict[str, tuple[str, str]] = {
-    'q': ('attn', 'qkv_input'), 'k': ('attn', 'qkv_input'), 'v': ('attn', 'qkv_input'),
-    'o': ('attn', 'o_input'), 'gate': ('mlp', 'gating_input'),
-    'up': ('mlp', 'gating_input'), 'down': ('mlp', 'down_input'),
+  'q': ('attn', 'qkv_input'),
+  'k': ('attn', 'qkv_input'),
+  'v': ('attn', 'qkv_input'),
+  'o': ('attn', 'o_input'),
+  'gate': ('mlp', 'gating_input'),
+  'up': ('mlp', 'gating_input'),
+  'down': ('mlp', 'down_input'),
 }
 
 
@@ -67,13 +71,13 @@ def _get_weight(module: nn.Module, name: str, shape: tuple[int, ...], init) -> A
   if not module.has_variable('params', name):
     return module.param(name, init, shape, jnp.float32)
   value = module.get_variable('params', name)
-  got = value.shape if isinstance(value, qlinear.QuantizedLinear) else getattr(
-      value, 'shape', None)
+  got = value.shape if isinstance(value, qlinear.QuantizedLinear) else getattr(value, 'shape', None)
   if got is None or tuple(got) != tuple(shape):
     path = '/'.join((*module.scope.path, name))
     raise ValueError(
-        f'param {path!r} has shape {None if got is None else tuple(got)} but the model '
-        f'config expects {tuple(shape)}; do the params and the config match?')
+      f'param {path!r} has shape {None if got is None else tuple(got)} but the model '
+      f'config expects {tuple(shape)}; do the params and the config match?'
+    )
   return value
 
 
@@ -199,9 +203,11 @@ class Attention(nn.Module):
     new_cache = None
     if layer_cache is not None:
       ck = jax.lax.dynamic_update_slice(
-          layer_cache['k'], k.astype(layer_cache['k'].dtype), (0, end_index, 0, 0))
+        layer_cache['k'], k.astype(layer_cache['k'].dtype), (0, end_index, 0, 0)
+      )
       cv = jax.lax.dynamic_update_slice(
-          layer_cache['v'], v.astype(layer_cache['v'].dtype), (0, end_index, 0, 0))
+        layer_cache['v'], v.astype(layer_cache['v'].dtype), (0, end_index, 0, 0)
+      )
       new_cache = {'k': ck, 'v': cv}
       k, v = ck.astype(self.dtype), cv.astype(self.dtype)
     S = k.shape[1]
@@ -282,8 +288,9 @@ class Block(nn.Module):
 
   def attend(self, x, positions, layer_cache=None, end_index=None, attention_mask=None):
     """Attention sub-layer with its residual: ``(x_mid (B, L, D), new layer cache)``."""
-    h, new_cache = self.attn(self.attention_input(x), positions, layer_cache, end_index,
-                             attention_mask)
+    h, new_cache = self.attn(
+      self.attention_input(x), positions, layer_cache, end_index, attention_mask
+    )
     if self.config.use_post_norms:
       h = self.post_attention_norm(h)
     return x + h, new_cache
@@ -312,12 +319,14 @@ class Embedder(nn.Module):
 
   @nn.compact
   def __call__(self):
-    return _get_weight(self, 'input_embedding', (self.vocab_size, self.embed_dim),
-                       nn.initializers.normal(1.0))
+    return _get_weight(
+      self, 'input_embedding', (self.vocab_size, self.embed_dim), nn.initializers.normal(1.0)
+    )
 
 
-def embed_tokens(table: jax.Array, tokens: jax.Array, cfg: ModelConfig,
-                 dtype=jnp.float32) -> jax.Array:
+def embed_tokens(
+  table: jax.Array, tokens: jax.Array, cfg: ModelConfig, dtype=jnp.float32
+) -> jax.Array:
   """Input embeddings ``(B, L, D)`` of ``dtype``: table rows, times ``sqrt(D)`` for Gemma."""
   x = jnp.asarray(table)[tokens].astype(dtype)
   if cfg.scale_embeddings:
@@ -340,9 +349,13 @@ class Transformer(nn.Module):
   backend: str = 'xla'
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               cache: Cache | None = None,
-               attention_mask: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
+  def __call__(
+    self,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    cache: Cache | None = None,
+    attention_mask: jax.Array | None = None,
+  ) -> tuple[jax.Array, Cache | None]:
     """Forward pass.
 
     Args:
@@ -373,7 +386,8 @@ class Transformer(nn.Module):
       name = f'layer_{i}'
       layer_cache = None if cache is None else cache[name]
       x, c = Block(cfg, attn_type, self.dtype, self.backend, name=name)(
-          x, positions, layer_cache, end_index, attention_mask)
+        x, positions, layer_cache, end_index, attention_mask
+      )
       if cache is not None:
         new_cache[name] = c
     x = RMSNorm(cfg.norm_scale_plus_one, cfg.norm_eps, self.dtype, name='final_norm')(x)
@@ -386,12 +400,13 @@ class Transformer(nn.Module):
     return logits, new_cache
 
 
-def init_cache(cfg: ModelConfig, batch_size: int, cache_len: int,
-               dtype=jnp.float32) -> Cache:
+def init_cache(cfg: ModelConfig, batch_size: int, cache_len: int, dtype=jnp.float32) -> Cache:
   """Empty KV cache: per layer ``k``, ``v``: ``(B, T, K, hd)`` zeros; ``end_index`` 0."""
   shape = (batch_size, cache_len, cfg.num_kv_heads, cfg.head_dim)
-  cache: Cache = {f'layer_{i}': {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
-                  for i in range(cfg.num_layers)}
+  cache: Cache = {
+    f'layer_{i}': {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+    for i in range(cfg.num_layers)
+  }
   cache['end_index'] = jnp.zeros((), jnp.int32)
   return cache
 
@@ -404,13 +419,21 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'dtype', 'backend'))
-def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
-            positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
-            dtype=jnp.float32, backend: str = 'xla') -> jax.Array:
+def forward(
+  params: Params,
+  cfg: ModelConfig,
+  tokens: jax.Array,
+  *,
+  positions: jax.Array | None = None,
+  attention_mask: jax.Array | None = None,
+  dtype=jnp.float32,
+  backend: str = 'xla',
+) -> jax.Array:
   """Cache-free forward pass (jitted): ``(B, L)`` tokens -> ``(B, L, V)`` float32 logits.
 
   ``positions`` and ``attention_mask`` are as for ``Transformer.__call__``.
   """
   logits, _ = Transformer(cfg, dtype, backend).apply(
-      {'params': params}, tokens, positions, None, attention_mask)
+    {'params': params}, tokens, positions, None, attention_mask
+  )
   return logits

@@ -17,8 +17,9 @@ from cafeq_jax.models import decoder
 from cafeq_jax.models.config import ModelConfig
 
 
-def sample_logits(logits: jax.Array, key: jax.Array | None, temperature: float | jax.Array,
-                  top_k: int | None = None) -> jax.Array:
+def sample_logits(
+  logits: jax.Array, key: jax.Array | None, temperature: float | jax.Array, top_k: int | None = None
+) -> jax.Array:
   """Next tokens from ``logits`` (B, V): argmax when ``key`` is None, else a sample.
 
   Sampling divides by ``temperature`` and, with ``top_k``, keeps only the k largest
@@ -34,10 +35,38 @@ def sample_logits(logits: jax.Array, key: jax.Array | None, temperature: float |
 
 
 @functools.partial(
-    jax.jit, static_argnames=('cfg', 'max_new_tokens', 'cache_len', 'top_k', 'sample',
-                              'eos_id', 'pad_id', 'dtype', 'backend', 'return_logits'))
-def _generate(params, prompt, prompt_mask, key, temperature, *, cfg, max_new_tokens,
-              cache_len, top_k, sample, eos_id, pad_id, dtype, backend, return_logits):
+  jax.jit,
+  static_argnames=(
+    'cfg',
+    'max_new_tokens',
+    'cache_len',
+    'top_k',
+    'sample',
+    'eos_id',
+    'pad_id',
+    'dtype',
+    'backend',
+    'return_logits',
+  ),
+)
+def _generate(
+  params,
+  prompt,
+  prompt_mask,
+  key,
+  temperature,
+  *,
+  cfg,
+  max_new_tokens,
+  cache_len,
+  top_k,
+  sample,
+  eos_id,
+  pad_id,
+  dtype,
+  backend,
+  return_logits,
+):
   B, P = prompt.shape
   model = decoder.Transformer(cfg, dtype, backend)
   prompt_mask = prompt_mask.astype(bool)
@@ -53,15 +82,12 @@ def _generate(params, prompt, prompt_mask, key, temperature, *, cfg, max_new_tok
 
   def step(carry, step_key):
     cache, kv_mask, tok, pos, done = carry
-    kv_mask = jax.lax.dynamic_update_slice(kv_mask, jnp.ones((B, 1), bool),
-                                           (0, cache['end_index']))
-    logits, cache = model.apply({'params': params}, tok[:, None], pos[:, None], cache,
-                                kv_mask)
+    kv_mask = jax.lax.dynamic_update_slice(kv_mask, jnp.ones((B, 1), bool), (0, cache['end_index']))
+    logits, cache = model.apply({'params': params}, tok[:, None], pos[:, None], cache, kv_mask)
     nxt = sample_logits(logits[:, 0], step_key if sample else None, temperature, top_k)
     nxt = jnp.where(done, pad_id, nxt)
     new_done = done if eos_id is None else done | (nxt == eos_id)
-    return (cache, kv_mask, nxt, pos + 1, new_done), (nxt, logits[:, 0] if return_logits
-                                                       else None)
+    return (cache, kv_mask, nxt, pos + 1, new_done), (nxt, logits[:, 0] if return_logits else None)
 
   carry = (cache, kv_mask, tok, next_pos, done)
   _, (toks, step_logits) = jax.lax.scan(step, carry, keys[1:])
@@ -72,11 +98,23 @@ def _generate(params, prompt, prompt_mask, key, temperature, *, cfg, max_new_tok
   return tokens
 
 
-def generate(params: dict, cfg: ModelConfig, prompt: Any, *, max_new_tokens: int,
-             prompt_mask: Any | None = None, temperature: float = 0.0,
-             top_k: int | None = None, key: jax.Array | None = None,
-             eos_id: int | None = None, pad_id: int = 0, cache_len: int | None = None,
-             dtype=jnp.float32, backend: str = 'xla', return_logits: bool = False):
+def generate(
+  params: dict,
+  cfg: ModelConfig,
+  prompt: Any,
+  *,
+  max_new_tokens: int,
+  prompt_mask: Any | None = None,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  key: jax.Array | None = None,
+  eos_id: int | None = None,
+  pad_id: int = 0,
+  cache_len: int | None = None,
+  dtype=jnp.float32,
+  backend: str = 'xla',
+  return_logits: bool = False,
+):
   """Generates ``max_new_tokens`` tokens after ``prompt``.
 
   Args:
@@ -103,22 +141,26 @@ def generate(params: dict, cfg: ModelConfig, prompt: Any, *, max_new_tokens: int
   prompt = jnp.asarray(prompt, jnp.int32)
   if prompt.ndim != 2:
     raise ValueError(f'prompt must be (batch, length) ints; got shape {prompt.shape}.')
-  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
-      max_new_tokens < 1):
+  if (
+    isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (max_new_tokens < 1)
+  ):
     raise ValueError(f'max_new_tokens={max_new_tokens!r}; expected an int >= 1.')
   B, P = prompt.shape
   if B < 1 or P < 1:
-    raise ValueError(f'prompt is empty (shape {prompt.shape}); give at least one token '
-                     '(e.g. a BOS id) per row.')
+    raise ValueError(
+      f'prompt is empty (shape {prompt.shape}); give at least one token (e.g. a BOS id) per row.'
+    )
   if P + max_new_tokens > cfg.max_seq_len:
     raise ValueError(
-        f'prompt length {P} + max_new_tokens {max_new_tokens} = {P + max_new_tokens} '
-        f'exceeds the model\'s max_seq_len={cfg.max_seq_len}; shorten the prompt or '
-        'generate fewer tokens.')
+      f'prompt length {P} + max_new_tokens {max_new_tokens} = {P + max_new_tokens} '
+      f"exceeds the model's max_seq_len={cfg.max_seq_len}; shorten the prompt or "
+      'generate fewer tokens.'
+    )
   cache_len = P + max_new_tokens if cache_len is None else cache_len
   if cache_len < P + max_new_tokens:
-    raise ValueError(f'cache_len={cache_len} < prompt length {P} + max_new_tokens '
-                     f'{max_new_tokens}.')
+    raise ValueError(
+      f'cache_len={cache_len} < prompt length {P} + max_new_tokens {max_new_tokens}.'
+    )
   if temperature < 0:
     raise ValueError(f'temperature={temperature}; expected >= 0.')
   sample = temperature > 0
@@ -132,10 +174,25 @@ def generate(params: dict, cfg: ModelConfig, prompt: Any, *, max_new_tokens: int
   if prompt_mask is not None:
     empty = [int(i) for i in jnp.flatnonzero(~jnp.any(mask, axis=1))]
     if empty:
-      raise ValueError(f'prompt rows {empty[:8]} are empty (prompt_mask all False); '
-                       'every row needs at least one real token.')
+      raise ValueError(
+        f'prompt rows {empty[:8]} are empty (prompt_mask all False); '
+        'every row needs at least one real token.'
+      )
   key = jax.random.key(0) if key is None else key
-  return _generate(params, prompt, mask, key, jnp.float32(max(temperature, 1e-6)), cfg=cfg,
-                   max_new_tokens=max_new_tokens, cache_len=cache_len, top_k=top_k,
-                   sample=sample, eos_id=eos_id, pad_id=pad_id, dtype=dtype,
-                   backend=backend, return_logits=return_logits)
+  return _generate(
+    params,
+    prompt,
+    mask,
+    key,
+    jnp.float32(max(temperature, 1e-6)),
+    cfg=cfg,
+    max_new_tokens=max_new_tokens,
+    cache_len=cache_len,
+    top_k=top_k,
+    sample=sample,
+    eos_id=eos_id,
+    pad_id=pad_id,
+    dtype=dtype,
+    backend=backend,
+    return_logits=return_logits,
+  )

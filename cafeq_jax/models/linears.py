@@ -23,7 +23,9 @@ layout a ``QuantizedLinear`` stores and back.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping
+from typing import Any
+from typing import Iterable
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -47,17 +49,18 @@ class Leaf:
     names: the matrices it holds, in the order of its stack dim (one name: no
       stack dim).
   """
+
   kind: str
   path: tuple[str, ...]
   names: tuple[str, ...]
 
 
 LEAVES = (
-    Leaf('q_einsum', ('attn', 'q_einsum', 'w'), ('q',)),
-    Leaf('kv_einsum', ('attn', 'kv_einsum', 'w'), ('k', 'v')),
-    Leaf('attn_vec_einsum', ('attn', 'attn_vec_einsum', 'w'), ('o',)),
-    Leaf('gating_einsum', ('mlp', 'gating_einsum'), ('gate', 'up')),
-    Leaf('linear', ('mlp', 'linear'), ('down',)),
+  Leaf('q_einsum', ('attn', 'q_einsum', 'w'), ('q',)),
+  Leaf('kv_einsum', ('attn', 'kv_einsum', 'w'), ('k', 'v')),
+  Leaf('attn_vec_einsum', ('attn', 'attn_vec_einsum', 'w'), ('o',)),
+  Leaf('gating_einsum', ('mlp', 'gating_einsum'), ('gate', 'up')),
+  Leaf('linear', ('mlp', 'linear'), ('down',)),
 )
 LEAF_OF: dict[str, Leaf] = {n: leaf for leaf in LEAVES for n in leaf.names}
 # Matrices stored stacked in one param leaf: selected together or not at all.
@@ -71,19 +74,23 @@ def check_matrices(matrices: Iterable[str]) -> tuple[str, ...]:
   names, repeats, or a leaf group taken only in part (k without v, ...).
   """
   if isinstance(matrices, str):
-    raise TypeError(f'matrices must be a sequence of names, not the string '
-                    f'{matrices!r}; e.g. ("q", "k", "v").')
+    raise TypeError(
+      f'matrices must be a sequence of names, not the string {matrices!r}; e.g. ("q", "k", "v").'
+    )
   matrices = tuple(matrices)
   unknown = [m for m in matrices if m not in LINEAR_NAMES]
   if unknown or not matrices or len(set(matrices)) != len(matrices):
-    raise ValueError(f'matrices={matrices!r} must be a non-empty subset of '
-                     f'{LINEAR_NAMES} without repeats (unknown: {unknown}).')
+    raise ValueError(
+      f'matrices={matrices!r} must be a non-empty subset of '
+      f'{LINEAR_NAMES} without repeats (unknown: {unknown}).'
+    )
   for group in LEAF_GROUPS:
     chosen = [m for m in group if m in matrices]
     if chosen and len(chosen) != len(group):
       raise ValueError(
-          f'matrices {group} share one param leaf and must be quantized together; '
-          f'got {chosen} without {[m for m in group if m not in chosen]}.')
+        f'matrices {group} share one param leaf and must be quantized together; '
+        f'got {chosen} without {[m for m in group if m not in chosen]}.'
+      )
   return tuple(m for m in LINEAR_NAMES if m in matrices)
 
 
@@ -91,16 +98,27 @@ def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
   """``(d_in, d_out)`` of each per-layer matrix, by name (``LINEAR_NAMES`` order)."""
   D, F = cfg.embed_dim, cfg.hidden_dim
   Hd, Kd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-  return {'q': (D, Hd), 'k': (D, Kd), 'v': (D, Kd), 'o': (Hd, D), 'gate': (D, F),
-          'up': (D, F), 'down': (F, D)}
+  return {
+    'q': (D, Hd),
+    'k': (D, Kd),
+    'v': (D, Kd),
+    'o': (Hd, D),
+    'gate': (D, F),
+    'up': (D, F),
+    'down': (F, D),
+  }
 
 
 def leaf_shape(kind: str, cfg: ModelConfig) -> tuple[int, ...]:
   """Tree-layout shape of leaf ``kind`` (a ``Leaf.kind`` of ``LEAVES``)."""
-  H, K, hd, D, F = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim,
-                    cfg.hidden_dim)
-  shapes = {'q_einsum': (H, D, hd), 'kv_einsum': (2, K, D, hd),
-            'attn_vec_einsum': (H, hd, D), 'gating_einsum': (2, F, D), 'linear': (F, D)}
+  H, K, hd, D, F = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim, cfg.hidden_dim)
+  shapes = {
+    'q_einsum': (H, D, hd),
+    'kv_einsum': (2, K, D, hd),
+    'attn_vec_einsum': (H, hd, D),
+    'gating_einsum': (2, F, D),
+    'linear': (F, D),
+  }
   if kind not in shapes:
     raise ValueError(f'unknown leaf kind {kind!r}; expected one of {sorted(shapes)}.')
   return shapes[kind]
@@ -147,8 +165,7 @@ def matrix_to_leaf(kind: str, m, cfg: ModelConfig):
     return xp.transpose(m, (0, 2, 1))
   if kind == 'linear':
     return m
-  raise ValueError(f'unknown leaf kind {kind!r}; expected one of '
-                   f'{sorted(l.kind for l in LEAVES)}.')
+  raise ValueError(f'unknown leaf kind {kind!r}; expected one of {sorted(l.kind for l in LEAVES)}.')
 
 
 def _get_path(tree, path):
@@ -223,8 +240,9 @@ def set_layer_matrices(layer: dict, cfg: ModelConfig, mats: Mapping[str, Any]) -
     if not all(n in mats for n in leaf.names):
       continue
     m = [jnp.asarray(mats[n]) for n in leaf.names]
-    layer = _set_path(layer, leaf.path,
-                      matrix_to_leaf(leaf.kind, m[0] if len(m) == 1 else jnp.stack(m), cfg))
+    layer = _set_path(
+      layer, leaf.path, matrix_to_leaf(leaf.kind, m[0] if len(m) == 1 else jnp.stack(m), cfg)
+    )
   return layer
 
 
@@ -253,17 +271,20 @@ def set_linears(params: dict, cfg: ModelConfig, linears: dict[str, Any]) -> dict
     expected = (cfg.num_layers, *shapes[n])
     if tuple(linears[n].shape) != expected:
       raise ValueError(
-          f'linear {n!r} has shape {tuple(linears[n].shape)}; expected {expected} '
-          f'(num_layers, d_in, d_out).')
+        f'linear {n!r} has shape {tuple(linears[n].shape)}; expected {expected} '
+        f'(num_layers, d_in, d_out).'
+      )
   out = dict(params)
   for i in range(cfg.num_layers):
-    out[f'layer_{i}'] = set_layer_matrices(params[f'layer_{i}'], cfg,
-                                           {n: linears[n][i] for n in LINEAR_NAMES})
+    out[f'layer_{i}'] = set_layer_matrices(
+      params[f'layer_{i}'], cfg, {n: linears[n][i] for n in LINEAR_NAMES}
+    )
   return out
 
 
-def selected_linears(params: dict, cfg: ModelConfig,
-                     matrices: Iterable[str]) -> dict[str, jax.Array]:
+def selected_linears(
+  params: dict, cfg: ModelConfig, matrices: Iterable[str]
+) -> dict[str, jax.Array]:
   """``get_linears`` restricted to ``matrices``, as float32 stacks ``(L, d_in, d_out)``."""
   mats = get_linears(params, cfg)
   return {n: jnp.asarray(mats[n], jnp.float32) for n in check_matrices(matrices)}
@@ -288,9 +309,12 @@ def _leaf_transform(ts: list) -> jax.Array | None:
   return jnp.asarray(ts[0] if same else jnp.stack(ts), jnp.float32)
 
 
-def quantized_params(params: dict, cfg: ModelConfig,
-                     qarrays: Mapping[Key, quantizer.QArray],
-                     transform_invs: Mapping[Key, jax.Array | None]) -> dict:
+def quantized_params(
+  params: dict,
+  cfg: ModelConfig,
+  qarrays: Mapping[Key, quantizer.QArray],
+  transform_invs: Mapping[Key, jax.Array | None],
+) -> dict:
   """Replaces the weight leaves of the quantized matrices by ``QuantizedLinear``.
 
   Args:
@@ -319,14 +343,16 @@ def quantized_params(params: dict, cfg: ModelConfig,
       fp = node[leaf.path[-1]]
       qs = [qarrays[(layer, n)] for n in leaf.names]
       node[leaf.path[-1]] = qlinear.QuantizedLinear(
-          weight=qs[0] if len(qs) == 1 else quantizer.QArray.stack(qs),
-          transform_inv=_leaf_transform([transform_invs.get((layer, n)) for n in leaf.names]),
-          shape=tuple(fp.shape))
+        weight=qs[0] if len(qs) == 1 else quantizer.QArray.stack(qs),
+        transform_inv=_leaf_transform([transform_invs.get((layer, n)) for n in leaf.names]),
+        shape=tuple(fp.shape),
+      )
   return out
 
 
-def quantized_matrices(qparams: dict, cfg: ModelConfig
-                       ) -> tuple[dict[Key, quantizer.QArray], dict[Key, jax.Array | None]]:
+def quantized_matrices(
+  qparams: dict, cfg: ModelConfig
+) -> tuple[dict[Key, quantizer.QArray], dict[Key, jax.Array | None]]:
   """Inverse of ``quantized_params``: ``(layer, name) -> QArray`` and ``M⁻¹`` blocks.
 
   Only the ``QuantizedLinear`` leaves are read (fp leaves are skipped); packed

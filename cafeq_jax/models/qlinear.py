@@ -70,7 +70,8 @@ def _matrix_shape(w) -> tuple[int, ...]:
   if _is_packed(w):
     return tuple(w.shape)
   raise TypeError(
-      f'QuantizedLinear.weight must be a QArray or PackedArray; got {type(w).__name__}.')
+    f'QuantizedLinear.weight must be a QArray or PackedArray; got {type(w).__name__}.'
+  )
 
 
 def as_qarray(w) -> quantizer.QArray:
@@ -80,7 +81,8 @@ def as_qarray(w) -> quantizer.QArray:
   if _is_packed(w):
     return packing.unpack(w)
   raise TypeError(
-      f'QuantizedLinear.weight must be a QArray or PackedArray; got {type(w).__name__}.')
+    f'QuantizedLinear.weight must be a QArray or PackedArray; got {type(w).__name__}.'
+  )
 
 
 def dequantize_weight(ql: QuantizedLinear, dtype=jnp.float32) -> jax.Array:
@@ -110,18 +112,24 @@ def _index(w, i: int):
   """Matrix ``i`` of a stacked ``QArray`` / ``PackedArray`` (leading dim)."""
   if isinstance(w, quantizer.QArray):
     return w[i]
-  return w.replace(data=w.data[i], scale=w.scale[i],
-                   zero=None if w.zero is None else w.zero[i], shape=tuple(w.shape[1:]))
+  return w.replace(
+    data=w.data[i],
+    scale=w.scale[i],
+    zero=None if w.zero is None else w.zero[i],
+    shape=tuple(w.shape[1:]),
+  )
 
 
 def _pallas():
   try:
     import kernels_pallas  # pylint: disable=g-import-not-at-top
+
     return kernels_pallas
   except ImportError as e:
     raise ImportError(
-        "backend='pallas' needs the kernels_pallas package (quantized_matmul), which "
-        f"could not be imported ({e}); use backend='xla'.") from e
+      "backend='pallas' needs the kernels_pallas package (quantized_matmul), which "
+      f"could not be imported ({e}); use backend='xla'."
+    ) from e
 
 
 _WARNED_PER_CALL_PACKING: set[tuple] = set()
@@ -132,10 +140,13 @@ def _warn_packing_per_call(weight: quantizer.QArray) -> None:
   if key not in _WARNED_PER_CALL_PACKING:
     _WARNED_PER_CALL_PACKING.add(key)
     logging.warning(
-        "QuantizedLinear: backend='pallas' got a QArray weight of shape %s (int%d, "
-        'group_size=%s) and packs it on every call, re-reading and re-writing its codes; '
-        'convert the param tree once with cafeq_jax.models.qlinear.pack_params(params).',
-        key[0], key[1], key[2])
+      "QuantizedLinear: backend='pallas' got a QArray weight of shape %s (int%d, "
+      'group_size=%s) and packs it on every call, re-reading and re-writing its codes; '
+      'convert the param tree once with cafeq_jax.models.qlinear.pack_params(params).',
+      key[0],
+      key[1],
+      key[2],
+    )
 
 
 _pack_jit = jax.jit(packing.pack, static_argnames=('scale_dtype',))
@@ -155,8 +166,7 @@ def pack_weight(weight, *, scale_dtype=jnp.float32):
   if _is_packed(weight):
     return weight
   if not isinstance(weight, quantizer.QArray):
-    raise TypeError(
-        f'pack_weight expects a QArray or PackedArray; got {type(weight).__name__}.')
+    raise TypeError(f'pack_weight expects a QArray or PackedArray; got {type(weight).__name__}.')
   if isinstance(weight.codes, np.ndarray):
     return packing.pack(weight, scale_dtype=scale_dtype)
   return _pack_jit(weight, scale_dtype=scale_dtype)
@@ -177,6 +187,7 @@ def pack_params(params: Any, *, scale_dtype=jnp.float32) -> Any:
     them straight to the kernels and ``backend='xla'`` gives the same outputs as
     before packing (``scale_dtype=float32``).
   """
+
   def one(leaf):
     if isinstance(leaf, QuantizedLinear) and not _is_packed(leaf.weight):
       return leaf.replace(weight=pack_weight(leaf.weight, scale_dtype=scale_dtype))
@@ -189,8 +200,11 @@ def _matmul_one(x, weight, transform_inv, backend):
   if backend == 'xla':
     if transform_inv is not None:
       x = transforms.apply_to_activations(x, transform_inv)
-    w = packing.dequantize(weight, x.dtype) if _is_packed(weight) else quantizer.dequantize(
-        weight, x.dtype)
+    w = (
+      packing.dequantize(weight, x.dtype)
+      if _is_packed(weight)
+      else quantizer.dequantize(weight, x.dtype)
+    )
     return x @ w
   kp = _pallas()
   if transform_inv is not None:
@@ -221,12 +235,14 @@ def matmul(x: jax.Array, ql: QuantizedLinear, backend: str = 'xla') -> jax.Array
   shape = _matrix_shape(ql.weight)
   if x.shape[-1] != shape[-2]:
     raise ValueError(
-        f'input width {x.shape[-1]} (x shape {x.shape}) does not match the quantized '
-        f'weight of shape {shape} (expected (..., d_in, d_out)).')
+      f'input width {x.shape[-1]} (x shape {x.shape}) does not match the quantized '
+      f'weight of shape {shape} (expected (..., d_in, d_out)).'
+    )
   lead = shape[:-2]
   if not lead:
     return _matmul_one(x, ql.weight, ql.transform_inv, backend)
   if len(lead) != 1:
     raise ValueError(f'QuantizedLinear supports at most one stack dim; got shape {shape}.')
-  return jnp.stack([_matmul_one(x, _index(ql.weight, i), _transform_for(ql, i), backend)
-                    for i in range(lead[0])])
+  return jnp.stack(
+    [_matmul_one(x, _index(ql.weight, i), _transform_for(ql, i), backend) for i in range(lead[0])]
+  )

@@ -47,8 +47,8 @@ def test_best_loss_is_the_actual_quantized_loss_of_the_returned_transform(identi
     dense = np.zeros((64, 64))
     dense_inv = np.zeros((64, 64))
     for i in range(2):
-      dense[32 * i:32 * i + 32, 32 * i:32 * i + 32] = m[b, i]
-      dense_inv[32 * i:32 * i + 32, 32 * i:32 * i + 32] = m_inv[b, i]
+      dense[32 * i : 32 * i + 32, 32 * i : 32 * i + 32] = m[b, i]
+      dense_inv[32 * i : 32 * i + 32, 32 * i : 32 * i + 32] = m_inv[b, i]
     v_hat = quantizer.quant_dequant(jnp.asarray(dense @ np.asarray(w[b]), jnp.float32), SPEC)
     loss = ((np.asarray(w[b]) - dense_inv @ np.asarray(v_hat, np.float64)) ** 2).sum()
     assert loss == pytest.approx(float(state.best_loss[b]), rel=1e-3)
@@ -75,20 +75,32 @@ def test_same_key_gives_identical_transforms_and_different_key_differs():
 
 def test_fixed_scales_keep_the_transform_orthogonal_and_shared_stacks_sum_losses():
   w = _outlier_stack(seed=3, b=2).reshape(1, 2, 64, 32)  # two matrices share a transform
-  cfg = dataclasses.replace(CFG, learn_scales=False, steps=3, optimizer='adamw',
-                            weight_decay=1e-3, schedule='constant', right_scales=True)
+  cfg = dataclasses.replace(
+    CFG,
+    learn_scales=False,
+    steps=3,
+    optimizer='adamw',
+    weight_decay=1e-3,
+    schedule='constant',
+    right_scales=True,
+  )
   best, state = optimize.run(w, SPEC, cfg, jax.random.PRNGKey(0))
   m = np.asarray(best.matrix(), np.float64)
   assert m.shape == (1, 2, 32, 32)
-  np.testing.assert_allclose(m @ np.swapaxes(m, -1, -2), np.broadcast_to(np.eye(32), m.shape),
-                             atol=1e-5)
-  assert float(state.rtn_loss[0]) == pytest.approx(float(proxy.rtn_loss(w[0], SPEC).sum()), rel=1e-6)
+  np.testing.assert_allclose(
+    m @ np.swapaxes(m, -1, -2), np.broadcast_to(np.eye(32), m.shape), atol=1e-5
+  )
+  assert float(state.rtn_loss[0]) == pytest.approx(
+    float(proxy.rtn_loss(w[0], SPEC).sum()), rel=1e-6
+  )
 
 
 def test_zero_steps_returns_the_initial_transform():
   w = _outlier_stack(seed=4, b=1)
   best, state = optimize.run(w, SPEC, dataclasses.replace(CFG, steps=0), jax.random.PRNGKey(0))
-  np.testing.assert_array_equal(np.asarray(best.matrix()), np.broadcast_to(np.eye(32), (1, 2, 32, 32)))
+  np.testing.assert_array_equal(
+    np.asarray(best.matrix()), np.broadcast_to(np.eye(32), (1, 2, 32, 32))
+  )
   assert int(state.step) == 0
 
 
@@ -105,7 +117,9 @@ def test_step_function_is_resumable_from_the_state_pytree():
   assert int(a.step) == 4
 
 
-@pytest.mark.parametrize('kwargs, match', [
+@pytest.mark.parametrize(
+  'kwargs, match',
+  [
     (dict(optimizer='sgd'), 'optimizer='),
     (dict(schedule='linear'), 'schedule='),
     (dict(learning_rate=0.0), 'learning_rate='),
@@ -114,7 +128,8 @@ def test_step_function_is_resumable_from_the_state_pytree():
     (dict(log_scale_bound=0.0), 'log_scale_bound='),
     (dict(ste='none'), 'ste='),
     (dict(warmup_steps=500), 'warmup_steps='),
-])
+  ],
+)
 def test_bad_transform_configs_raise_clear_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     optimize.TransformConfig(**kwargs)
@@ -122,8 +137,9 @@ def test_bad_transform_configs_raise_clear_errors(kwargs, match):
 
 def test_run_rejects_block_size_not_dividing_d_in_and_bad_ranks():
   with pytest.raises(ValueError, match='does not divide d_in=64'):
-    optimize.run(jnp.ones((1, 64, 8)), SPEC, dataclasses.replace(CFG, block_size=48),
-                 jax.random.PRNGKey(0))
+    optimize.run(
+      jnp.ones((1, 64, 8)), SPEC, dataclasses.replace(CFG, block_size=48), jax.random.PRNGKey(0)
+    )
   with pytest.raises(ValueError, match=r'\(B, d_in, d_out\)'):
     optimize.run(jnp.ones((64, 8)), SPEC, CFG, jax.random.PRNGKey(0))
 
@@ -139,6 +155,7 @@ def test_column_subsampling_still_lowers_the_full_actual_loss():
 
 def test_run_hands_its_steps_to_the_loop_hook(identity_run):
   from cafeq_jax.distributed import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
   w, ref, _ = identity_run  # same shapes and config: no recompile of the step
   calls = []
 
@@ -152,8 +169,9 @@ def test_run_hands_its_steps_to_the_loop_hook(identity_run):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # A sharded loop (one-device mesh here; tests/methods/test_scaleout.py: 8 devices).
   mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
-  sharded, _ = optimize.run(w, SPEC, CFG, jax.random.PRNGKey(0),
-                            loop=functools.partial(mesh_lib.sharded_run, mesh=mesh))
+  sharded, _ = optimize.run(
+    w, SPEC, CFG, jax.random.PRNGKey(0), loop=functools.partial(mesh_lib.sharded_run, mesh=mesh)
+  )
   for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(ref)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
@@ -163,8 +181,9 @@ def test_unit_keys_make_the_hadamard_init_independent_of_the_stack():
   keys = jnp.stack([jax.random.PRNGKey(i) for i in range(3)])
   whole = optimize.init_state(w, SPEC, CFG_H, jax.random.PRNGKey(0), unit_keys=keys)
   alone = optimize.init_state(w[1:2], SPEC, CFG_H, jax.random.PRNGKey(0), unit_keys=keys[1:2])
-  np.testing.assert_array_equal(np.asarray(whole.transform.base[1:2]),
-                                np.asarray(alone.transform.base))
+  np.testing.assert_array_equal(
+    np.asarray(whole.transform.base[1:2]), np.asarray(alone.transform.base)
+  )
   base = np.asarray(whole.transform.base)
   assert not np.array_equal(base[0], base[1])
   with pytest.raises(ValueError, match='unit_keys has 2 keys for a stack of 3'):

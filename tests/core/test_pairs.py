@@ -35,13 +35,13 @@ def _np_attention(x, q, k, v, o):
   out = np.zeros((n, o.shape[1]))
   for h in range(H):
     g = h // (H // K)
-    qh = _np_rope(x @ q[:, h * HD:(h + 1) * HD], pos)
-    kh = _np_rope(x @ k[:, g * HD:(g + 1) * HD], pos)
-    vh = x @ v[:, g * HD:(g + 1) * HD]
+    qh = _np_rope(x @ q[:, h * HD : (h + 1) * HD], pos)
+    kh = _np_rope(x @ k[:, g * HD : (g + 1) * HD], pos)
+    vh = x @ v[:, g * HD : (g + 1) * HD]
     s = qh @ kh.T / np.sqrt(HD) + np.triu(np.full((n, n), -np.inf), 1)
     p = np.exp(s - s.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    out += p @ vh @ o[h * HD:(h + 1) * HD]
+    out += p @ vh @ o[h * HD : (h + 1) * HD]
   return out
 
 
@@ -52,11 +52,17 @@ def _rand(rng, *shape):
 def test_vo_and_qk_folds_leave_numpy_gqa_rope_attention_unchanged():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(7, D))
-  q, k, v, o = _rand(rng, D, H * HD), _rand(rng, D, K * HD), _rand(rng, D, K * HD), _rand(
-      rng, H * HD, D)
+  q, k, v, o = (
+    _rand(rng, D, H * HD),
+    _rand(rng, D, K * HD),
+    _rand(rng, D, K * HD),
+    _rand(rng, H * HD, D),
+  )
   m = jnp.asarray(np.eye(HD) + 0.3 * rng.normal(size=(K, HD, HD)), jnp.float32)
-  qk_p = (jnp.asarray(0.5 * rng.normal(size=(K, HD // 2)), jnp.float32),
-          jnp.asarray(rng.uniform(-3, 3, size=(K, HD // 2)), jnp.float32))
+  qk_p = (
+    jnp.asarray(0.5 * rng.normal(size=(K, HD // 2)), jnp.float32),
+    jnp.asarray(rng.uniform(-3, 3, size=(K, HD // 2)), jnp.float32),
+  )
   v2, o2 = pairs.vo_fold(jnp.asarray(v), jnp.asarray(o), m, num_heads=H)
   q2, k2 = pairs.qk_fold(jnp.asarray(q), jnp.asarray(k), qk_p, num_heads=H)
   want = _np_attention(x, q, k, v, o)
@@ -70,11 +76,15 @@ def test_qk_fold_with_a_generic_matrix_would_break_rope_invariance():
   # Control for the test above: a non-commuting transform on the same pair is not exact.
   rng = np.random.default_rng(1)
   x = rng.normal(size=(7, D))
-  q, k, v, o = _rand(rng, D, H * HD), _rand(rng, D, K * HD), _rand(rng, D, K * HD), _rand(
-      rng, H * HD, D)
+  q, k, v, o = (
+    _rand(rng, D, H * HD),
+    _rand(rng, D, K * HD),
+    _rand(rng, D, K * HD),
+    _rand(rng, H * HD, D),
+  )
   t = np.eye(HD) + 0.3 * rng.normal(size=(HD, HD))
-  q2 = np.concatenate([q[:, h * HD:(h + 1) * HD] @ t for h in range(H)], 1)
-  k2 = np.concatenate([k[:, g * HD:(g + 1) * HD] @ np.linalg.inv(t).T for g in range(K)], 1)
+  q2 = np.concatenate([q[:, h * HD : (h + 1) * HD] @ t for h in range(H)], 1)
+  k2 = np.concatenate([k[:, g * HD : (g + 1) * HD] @ np.linalg.inv(t).T for g in range(K)], 1)
   want = _np_attention(x, q, k, v, o)
   got = _np_attention(x, q2, k2, v, o)
   assert np.abs(got - want).max() > 1e-3 * np.abs(want).max()
@@ -87,7 +97,9 @@ def test_updown_fold_leaves_gated_mlp_unchanged():
   log_d = jnp.asarray(rng.normal(size=(F,)), jnp.float32)
   up2, down2 = pairs.updown_fold(jnp.asarray(up), jnp.asarray(down), log_d)
   silu = lambda z: z / (1 + np.exp(-z))
-  mlp = lambda u, dn: (silu(x @ gate) * (x @ np.asarray(u, np.float64))) @ np.asarray(dn, np.float64)
+  mlp = lambda u, dn: (
+    (silu(x @ gate) * (x @ np.asarray(u, np.float64))) @ np.asarray(dn, np.float64)
+  )
   np.testing.assert_allclose(mlp(up2, down2), mlp(up, down), rtol=1e-4, atol=1e-3)
 
 
@@ -118,11 +130,11 @@ def _dense_error(kind, a, b, ah, bh):
   for h in range(H):
     g = h // (H // K)
     if kind == 'vo':
-      p = a[:, g * HD:(g + 1) * HD] @ b[h * HD:(h + 1) * HD]
-      ph = ah[:, g * HD:(g + 1) * HD] @ bh[h * HD:(h + 1) * HD]
+      p = a[:, g * HD : (g + 1) * HD] @ b[h * HD : (h + 1) * HD]
+      ph = ah[:, g * HD : (g + 1) * HD] @ bh[h * HD : (h + 1) * HD]
     else:
-      p = a[:, h * HD:(h + 1) * HD] @ b[:, g * HD:(g + 1) * HD].T
-      ph = ah[:, h * HD:(h + 1) * HD] @ bh[:, g * HD:(g + 1) * HD].T
+      p = a[:, h * HD : (h + 1) * HD] @ b[:, g * HD : (g + 1) * HD].T
+      ph = ah[:, h * HD : (h + 1) * HD] @ bh[:, g * HD : (g + 1) * HD].T
     err += np.sum((p - ph) ** 2)
   return err
 
@@ -151,15 +163,17 @@ def test_product_error_matches_dense_numpy(kind):
   np.testing.assert_allclose(float(got), _dense_error(kind, a, b, ah, bh), rtol=1e-4)
 
 
-@pytest.mark.parametrize('kind,loss', [('vo', 'lse'), ('vo', 'product'), ('qk', 'both'),
-                                       ('updown', 'product')])
+@pytest.mark.parametrize(
+  'kind,loss', [('vo', 'lse'), ('vo', 'product'), ('qk', 'both'), ('updown', 'product')]
+)
 def test_optimised_transform_reduces_quantized_product_error(kind, loss):
   rng = np.random.default_rng(6)
   a, b = _pair_mats(kind, rng)
   spec = qz.QuantSpec(bits=3, group_size=32)
   cfg = pairs.PairOptConfig(loss=loss, steps=40, learning_rate=1e-2, eval_every=4)
-  p, e0, e1, losses = pairs.optimize_pair(kind, GEOM, jnp.asarray(a), jnp.asarray(b),
-                                          spec, spec, cfg)
+  p, e0, e1, losses = pairs.optimize_pair(
+    kind, GEOM, jnp.asarray(a), jnp.asarray(b), spec, spec, cfg
+  )
   assert losses.shape == (40,)
   e0, e1 = np.asarray(e0), np.asarray(e1)
   assert np.all(e1 <= e0) and e1.sum() < 0.97 * e0.sum(), (e0, e1)
@@ -187,8 +201,7 @@ def test_bad_configs_raise():
   with pytest.raises(ValueError, match='pair kind'):
     pairs.init_params('ffn', GEOM)
   with pytest.raises(ValueError, match='num_heads'):
-    pairs.vo_fold(jnp.zeros((8, 16)), jnp.zeros((24, 8)), jnp.zeros((2, 8, 8)),
-                  num_heads=3)
+    pairs.vo_fold(jnp.zeros((8, 16)), jnp.zeros((24, 8)), jnp.zeros((2, 8, 8)), num_heads=3)
   with pytest.raises(ValueError, match='even'):
     pairs.qk_init(2, 7)
 
@@ -196,8 +209,8 @@ def test_bad_configs_raise():
 def test_inverse_matches_numpy_with_pivoting():
   rng = np.random.default_rng(0)
   m = rng.normal(size=(3, 4, 16, 16)) + 0.5 * np.eye(16)
-  m[0, 0, 0, 0] = 0.0            # needs a row swap
-  m[1, 2] = np.eye(16)[::-1]     # a permutation: pivoting on every column
+  m[0, 0, 0, 0] = 0.0  # needs a row swap
+  m[1, 2] = np.eye(16)[::-1]  # a permutation: pivoting on every column
   got = np.asarray(pairs.inv(jnp.asarray(m, jnp.float32)))
   want = np.linalg.inv(m)
   np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
@@ -225,9 +238,15 @@ def test_stacked_vo_optimisation_finishes_on_a_two_thread_cpu():
   import os
   import subprocess
   import sys
+
   env = dict(os.environ, XLA_FLAGS='--xla_cpu_multi_thread_eigen=true')
   env['JAX_PLATFORMS'] = 'cpu'
-  out = subprocess.run([sys.executable, '-c', _STACKED_VO_SCRIPT], env=env,
-                       capture_output=True, text=True, timeout=300,
-                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  out = subprocess.run(
+    [sys.executable, '-c', _STACKED_VO_SCRIPT],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+  )
   assert out.returncode == 0 and 'ok' in out.stdout, out.stderr[-2000:]

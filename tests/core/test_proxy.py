@@ -27,8 +27,11 @@ def test_frobenius_matches_numpy_per_matrix():
 def test_transformed_loss_with_identity_equals_rtn_loss():
   w = _w(2, (3, 64, 16))
   eye = transforms.identity_blocks(2, 32, (3,))
-  np.testing.assert_allclose(np.asarray(proxy.transformed_loss(w, eye, eye, SPEC)),
-                             np.asarray(proxy.rtn_loss(w, SPEC)), rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(proxy.transformed_loss(w, eye, eye, SPEC)),
+    np.asarray(proxy.rtn_loss(w, SPEC)),
+    rtol=1e-6,
+  )
 
 
 @pytest.mark.parametrize('ste', ['round', 'full', False])
@@ -42,7 +45,7 @@ def test_transformed_loss_matches_numpy_reference(ste):
   for b in range(2):
     dense = np.zeros((64, 64))
     for i in range(4):
-      dense[16 * i:16 * i + 16, 16 * i:16 * i + 16] = m[b, i]
+      dense[16 * i : 16 * i + 16, 16 * i : 16 * i + 16] = m[b, i]
     v_hat = np.asarray(quantizer.quant_dequant(jnp.asarray(dense @ w[b], jnp.float32), SPEC))
     expected.append(((w[b] - np.linalg.solve(dense, v_hat)) ** 2).sum())
   got = proxy.transformed_loss(w, *t.matrix_and_inverse(), SPEC, ste=ste)
@@ -52,8 +55,11 @@ def test_transformed_loss_matches_numpy_reference(ste):
 def test_round_ste_value_equals_quant_dequant():
   v = _w(7, (2, 64, 10)) * 3.0
   for spec in [SPEC, quantizer.QuantSpec(bits=4, group_size=None, symmetric=True)]:
-    np.testing.assert_allclose(np.asarray(proxy.round_ste_quant(v, spec)),
-                               np.asarray(quantizer.quant_dequant(v, spec)), atol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(proxy.round_ste_quant(v, spec)),
+      np.asarray(quantizer.quant_dequant(v, spec)),
+      atol=1e-5,
+    )
 
 
 def test_full_ste_gives_no_rotation_gradient_but_round_ste_does():
@@ -76,8 +82,10 @@ def test_full_ste_gives_no_rotation_gradient_but_round_ste_does():
 @pytest.mark.parametrize('factored', [True, False, None])
 def test_pair_loss_matches_numpy_product_error(factored):
   w1, w2 = _w(9, (3, 40, 8)), _w(10, (3, 8, 30))
-  w1h, w2h = quantizer.quant_dequant(w1, quantizer.QuantSpec(bits=3, group_size=None)), \
-      w2 + 0.05 * _w(11, w2.shape)
+  w1h, w2h = (
+    quantizer.quant_dequant(w1, quantizer.QuantSpec(bits=3, group_size=None)),
+    w2 + 0.05 * _w(11, w2.shape),
+  )
   a, b, ah, bh = (np.asarray(x, np.float64) for x in (w1, w2, w1h, w2h))
   expected = ((a @ b - ah @ bh) ** 2).sum(axis=(-2, -1))
   got = proxy.pair_loss(w1, w2, w1h, w2h, factored=factored)

@@ -47,7 +47,7 @@ def numpy_gptq(w, h, bits, group, symmetric, damp=0.01):
     s, z = _np_scale_zero(w, bits, symmetric)
   for i in range(d):
     if group is not None and i % group == 0:
-      s, z = _np_scale_zero(w[i:i + group], bits, symmetric)
+      s, z = _np_scale_zero(w[i : i + group], bits, symmetric)
     q = np.clip(np.round(w[i] / s) + z, qmin, qmax)
     out[i] = (q - z) * s
     e = (w[i] - out[i]) / u[i, i]
@@ -60,8 +60,9 @@ def _correlated(rng, n, d):
   return rng.normal(size=(n, d)) @ a
 
 
-@pytest.mark.parametrize('bits,group,symmetric', [(3, 32, False), (4, None, True),
-                                                  (2, 64, True), (4, None, False)])
+@pytest.mark.parametrize(
+  'bits,group,symmetric', [(3, 32, False), (4, None, True), (2, 64, True), (4, None, False)]
+)
 def test_gptq_matches_independent_numpy_gptq(bits, group, symmetric):
   rng = np.random.default_rng(bits + (group or 1))
   x = _correlated(rng, 1024, 128)
@@ -77,9 +78,14 @@ def test_gptq_matches_independent_numpy_gptq(bits, group, symmetric):
   np.testing.assert_allclose(loss(got), loss(want), rtol=2e-2)
 
 
-@pytest.mark.parametrize('spec', [qz.QuantSpec(bits=3, group_size=32),
-                                  qz.QuantSpec(bits=4, group_size=None, symmetric=True),
-                                  qz.QuantSpec(bits=3, group_size=64, clip_search=True)])
+@pytest.mark.parametrize(
+  'spec',
+  [
+    qz.QuantSpec(bits=3, group_size=32),
+    qz.QuantSpec(bits=4, group_size=None, symmetric=True),
+    qz.QuantSpec(bits=3, group_size=64, clip_search=True),
+  ],
+)
 def test_gptq_with_identity_hessian_equals_rtn_exactly(spec):
   w = np.random.default_rng(1).standard_t(3, size=(192, 24)).astype(np.float32)
   want = qz.quantize(jnp.asarray(w), spec)
@@ -97,8 +103,10 @@ def test_gptq_output_side_with_identity_hessian_equals_rtn():
   np.testing.assert_allclose(np.asarray(got.scale), np.asarray(want.scale), rtol=1e-6)
 
 
-@pytest.mark.parametrize('block', [pytest.param(32, marks=pytest.mark.slow), 128,
-                                   pytest.param(1000, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  'block',
+  [pytest.param(32, marks=pytest.mark.slow), 128, pytest.param(1000, marks=pytest.mark.slow)],
+)
 def test_gptq_reduces_activation_error_vs_rtn_and_block_size_is_irrelevant(block):
   rng = np.random.default_rng(3)
   x = _correlated(rng, 2048, 160)
@@ -169,8 +177,8 @@ def test_pair_product_error_matches_dense_formula_for_gqa_blocks():
   want = 0.0
   for head in range(h):
     g = head // (h // k)
-    p = w1[:, g * b:(g + 1) * b] @ w2[head * b:(head + 1) * b]
-    ph = w1h[:, g * b:(g + 1) * b] @ w2h[head * b:(head + 1) * b]
+    p = w1[:, g * b : (g + 1) * b] @ w2[head * b : (head + 1) * b]
+    ph = w1h[:, g * b : (g + 1) * b] @ w2h[head * b : (head + 1) * b]
     want += np.sum((p - ph) ** 2)
   f32 = lambda v: jnp.asarray(v, jnp.float32)
   got = rounding.pair_product_error(f32(w1), f32(w2), f32(w1h), f32(w2h), n1=k, n2=h)
@@ -192,8 +200,14 @@ def test_adaptive_rounding_never_worse_than_rtn_and_reports_history():
     q1, q2, hist = rounding.adaptive_round_pair(w1, w2, spec, spec, rounds=2, rounding=mode)
     p_hat = np.asarray(qz.dequantize(q1)) @ np.asarray(qz.dequantize(q2))
     err = np.sum((w1 @ w2 - p_hat) ** 2)
-    rtn = np.sum((w1 @ w2 - np.asarray(qz.quant_dequant(jnp.asarray(w1), spec))
-                  @ np.asarray(qz.quant_dequant(jnp.asarray(w2), spec))) ** 2)
+    rtn = np.sum(
+      (
+        w1 @ w2
+        - np.asarray(qz.quant_dequant(jnp.asarray(w1), spec))
+        @ np.asarray(qz.quant_dequant(jnp.asarray(w2), spec))
+      )
+      ** 2
+    )
     np.testing.assert_allclose(hist[0], rtn, rtol=1e-4)
     np.testing.assert_allclose(err, np.min(hist), rtol=1e-4)
     assert err < 0.9 * rtn, (mode, err, rtn)
@@ -236,11 +250,13 @@ def test_adaptive_rounding_blocked_gqa_pair_matches_per_block_problem_when_align
   w1 = rng.normal(size=(a, k * b)).astype(np.float32)
   w2 = rng.normal(size=(h * b, c)).astype(np.float32)
   spec = qz.QuantSpec(bits=3, group_size=32)
-  q1, q2, hist = rounding.adaptive_round_pair(w1, w2, spec, spec, n1=k, n2=h, rounds=2,
-                                              rounding='gptq')
+  q1, q2, hist = rounding.adaptive_round_pair(
+    w1, w2, spec, spec, n1=k, n2=h, rounds=2, rounding='gptq'
+  )
   assert q1.codes.shape == (a, k * b) and q2.codes.shape == (h * b, c)
-  got = rounding.pair_product_error(jnp.asarray(w1), jnp.asarray(w2), qz.dequantize(q1),
-                                    qz.dequantize(q2), n1=k, n2=h)
+  got = rounding.pair_product_error(
+    jnp.asarray(w1), jnp.asarray(w2), qz.dequantize(q1), qz.dequantize(q2), n1=k, n2=h
+  )
   assert float(got) < 0.9 * float(hist[0])
   np.testing.assert_allclose(float(got), float(np.min(hist)), rtol=1e-5)
 
@@ -264,8 +280,8 @@ def test_gptq_group_fallback_uses_the_group_size_dividing_d_in():
   assert got.spec.group_size == 64 and got.scale.shape == (3, 8)
   np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(want.codes))
   q_out = rounding.gptq_round_output(
-      w, np.eye(8, dtype=np.float32), qz.QuantSpec(bits=3, group_size=128,
-                                                   group_fallback=True))
+    w, np.eye(8, dtype=np.float32), qz.QuantSpec(bits=3, group_size=128, group_fallback=True)
+  )
   rtn = qz.quantize(jnp.asarray(w), qz.QuantSpec(bits=3, group_size=64))
   assert q_out.spec.group_size == 64
   np.testing.assert_array_equal(np.asarray(q_out.codes), np.asarray(rtn.codes))
@@ -280,7 +296,7 @@ def numpy_gptq_act_order(w, h, bits, group, symmetric, damp=0.01):
   w = w.astype(np.float64)
   d = w.shape[0]
   g = d if group is None else group
-  scales = [_np_scale_zero(w[i:i + g], bits, symmetric) for i in range(0, d, g)]
+  scales = [_np_scale_zero(w[i : i + g], bits, symmetric) for i in range(0, d, g)]
   perm = np.argsort(-np.diag(h), kind='stable')
   wp, u = _np_damped_hinv_upper(w[perm], h[perm][:, perm], damp)
   qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
@@ -310,8 +326,7 @@ def test_gptq_act_order_matches_numpy_reference_and_keeps_groups(bits, group, sy
   close = np.isclose(got, want, rtol=1e-4, atol=1e-5)
   assert close.mean() > 0.99, close.mean()
   # Static groups: the stored scales are those of RTN on the input weights.
-  np.testing.assert_allclose(np.asarray(q.scale), np.asarray(qz.quantize(w, spec).scale),
-                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(q.scale), np.asarray(qz.quantize(w, spec).scale), rtol=1e-6)
   loss = lambda v: np.sum((x @ (w - v)) ** 2)
   assert loss(got) < loss(np.asarray(qz.quant_dequant(w, spec)))
 

@@ -50,7 +50,7 @@ def test_weighted_loss_equals_activation_error_norm():
 
 def test_diag_from_scale_gives_second_moment_of_scaled_isotropic_input():
   g = np.array([0.5, 2.0, -1.0], np.float32)
-  np.testing.assert_allclose(stats.diag_from_scale(g), np.diag(g ** 2))
+  np.testing.assert_allclose(stats.diag_from_scale(g), np.diag(g**2))
   np.testing.assert_allclose(stats.diag_from_scale(g, plus_one=True), np.diag((1 + g) ** 2))
 
 
@@ -59,8 +59,9 @@ def test_propagate_matches_second_moment_of_projected_samples():
   x = r.normal(size=(400, 5)).astype(np.float32)
   w = r.normal(size=(5, 3)).astype(np.float32)
   h = stats.second_moment(x)
-  np.testing.assert_allclose(stats.propagate(h, w), stats.second_moment(x @ w),
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    stats.propagate(h, w), stats.second_moment(x @ w), rtol=1e-4, atol=1e-5
+  )
 
 
 def test_repeat_kv_blocks_puts_group_blocks_on_query_heads():
@@ -72,11 +73,11 @@ def test_repeat_kv_blocks_puts_group_blocks_on_query_heads():
   assert out.shape == (heads * hd, heads * hd)
   for i in range(heads):
     j = i // (heads // k)
-    blk = out[i * hd:(i + 1) * hd, i * hd:(i + 1) * hd]
-    np.testing.assert_allclose(blk, h[j * hd:(j + 1) * hd, j * hd:(j + 1) * hd])
+    blk = out[i * hd : (i + 1) * hd, i * hd : (i + 1) * hd]
+    np.testing.assert_allclose(blk, h[j * hd : (j + 1) * hd, j * hd : (j + 1) * hd])
   off = out.copy()
   for i in range(heads):
-    off[i * hd:(i + 1) * hd, i * hd:(i + 1) * hd] = 0
+    off[i * hd : (i + 1) * hd, i * hd : (i + 1) * hd] = 0
   assert np.all(off == 0)
   with pytest.raises(ValueError, match='num_heads=3'):
     stats.repeat_kv_blocks(h, 3, k, hd)
@@ -97,7 +98,7 @@ def test_proxy_mismatch_flags_uniform_error_on_a_heavy_channel():
   w = np.zeros((4, 1), np.float32)
   e_avoid = np.array([[0.0], [1.0], [1.0], [1.0]], np.float32)
   e_spread = np.full((4, 1), np.sqrt(0.75), np.float32)
-  assert np.sum(e_avoid ** 2) == pytest.approx(np.sum(e_spread ** 2))
+  assert np.sum(e_avoid**2) == pytest.approx(np.sum(e_spread**2))
   assert float(stats.proxy_mismatch(w, -e_spread, -e_avoid, h)) > 10
 
 
@@ -107,7 +108,9 @@ def test_proxy_mismatch_flags_uniform_error_on_a_heavy_channel():
 
 @pytest.fixture(scope='module')
 def tiny():
-  from cafeq_jax.models import PRESETS, init_params
+  from cafeq_jax.models import PRESETS
+  from cafeq_jax.models import init_params
+
   name = min(PRESETS, key=lambda n: PRESETS[n].embed_dim * PRESETS[n].num_layers)
   cfg = PRESETS[name]
   return init_params(cfg, jax.random.PRNGKey(0)), cfg
@@ -116,24 +119,32 @@ def tiny():
 def test_activation_hessians_match_captured_inputs_of_first_layer(tiny):
   from cafeq_jax.methods import stats_adapter
   from cafeq_jax.models import decoder
+
   params, cfg = tiny
   toks = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, cfg.vocab_size))
   hs = stats_adapter.activation_hessians(params, cfg, toks, batch_size=1)
   x = decoder.embed_tokens(params['embedder']['input_embedding'], jnp.asarray(toks), cfg)
   xn = decoder.Block(cfg, cfg.attention_types[0]).apply(
-      {'params': params['layer_0']}, x, method=decoder.Block.attention_input)
+    {'params': params['layer_0']}, x, method=decoder.Block.attention_input
+  )
   ref = stats.second_moment(xn)
   np.testing.assert_allclose(hs['q'][0], ref, rtol=1e-4, atol=1e-6)
   # The normed embedding, in numpy: x / rms(x) * g (Llama) or * (1 + g) (Gemma).
   e = np.asarray(params['embedder']['input_embedding'], np.float64)[toks]
   e = e * (np.sqrt(cfg.embed_dim) if cfg.scale_embeddings else 1.0)
   g = np.asarray(params['layer_0']['pre_attention_norm']['scale'], np.float64)
-  xn_np = e / np.sqrt(np.mean(e * e, -1, keepdims=True) + cfg.norm_eps) * (
-      1 + g if cfg.norm_scale_plus_one else g)
+  xn_np = (
+    e
+    / np.sqrt(np.mean(e * e, -1, keepdims=True) + cfg.norm_eps)
+    * (1 + g if cfg.norm_scale_plus_one else g)
+  )
   xn_np = xn_np.reshape(-1, cfg.embed_dim)
   np.testing.assert_allclose(hs['k'][0], xn_np.T @ xn_np / xn_np.shape[0], rtol=1e-4, atol=1e-6)
-  assert hs['o'].shape == (cfg.num_layers, cfg.num_heads * cfg.head_dim,
-                           cfg.num_heads * cfg.head_dim)
+  assert hs['o'].shape == (
+    cfg.num_layers,
+    cfg.num_heads * cfg.head_dim,
+    cfg.num_heads * cfg.head_dim,
+  )
   assert hs['down'].shape == (cfg.num_layers, cfg.hidden_dim, cfg.hidden_dim)
 
 
@@ -141,6 +152,7 @@ def test_selfgen_hessians_are_deterministic_given_the_key(tiny):
   from cafeq_jax import recipes
   from cafeq_jax.methods import selfgen
   from cafeq_jax.methods import stats_adapter
+
   params, cfg = tiny
   stage = recipes.SelfGenerated(num_seqs=2, seq_len=6)
   kw = dict(stage=stage, key=jax.random.PRNGKey(3), matrices=('q', 'down'))
@@ -151,32 +163,42 @@ def test_selfgen_hessians_are_deterministic_given_the_key(tiny):
   np.testing.assert_array_equal(h1['down'], h2['down'])
   # They are the statistics of the sampled tokens, which come from the key.
   np.testing.assert_array_equal(
-      t1, selfgen.sample_tokens(params, cfg, stage, jax.random.PRNGKey(3)))
+    t1, selfgen.sample_tokens(params, cfg, stage, jax.random.PRNGKey(3))
+  )
   np.testing.assert_allclose(
-      h1['q'], stats_adapter.activation_hessians(params, cfg, t1, matrices=('q',))['q'],
-      rtol=1e-6, atol=1e-7)
-  _, t3 = stats_adapter.selfgen_hessians(params, cfg, return_tokens=True,
-                                         **{**kw, 'key': jax.random.PRNGKey(4)})
+    h1['q'],
+    stats_adapter.activation_hessians(params, cfg, t1, matrices=('q',))['q'],
+    rtol=1e-6,
+    atol=1e-7,
+  )
+  _, t3 = stats_adapter.selfgen_hessians(
+    params, cfg, return_tokens=True, **{**kw, 'key': jax.random.PRNGKey(4)}
+  )
   assert not np.array_equal(t1, t3)
   with pytest.raises(ValueError, match='temperature'):
     recipes.SelfGenerated(num_seqs=1, seq_len=4, temperature=0.0)
   with pytest.raises(ValueError, match=r'start_id=128; expected an id in \[0, 128\)'):
-    selfgen.sample_tokens(params, cfg, recipes.SelfGenerated(num_seqs=1, seq_len=4,
-                                                             start_id=cfg.vocab_size),
-                          jax.random.PRNGKey(0))
+    selfgen.sample_tokens(
+      params,
+      cfg,
+      recipes.SelfGenerated(num_seqs=1, seq_len=4, start_id=cfg.vocab_size),
+      jax.random.PRNGKey(0),
+    )
 
 
 def test_quantize_with_identity_hessians_equals_rtn(tiny):
   from cafeq_jax import quantizer as qz
   from cafeq_jax.methods import stats_adapter
   from cafeq_jax.models import linears
+
   params, cfg = tiny
   spec = qz.QuantSpec(bits=3, group_size=32, group_fallback=True)
   mats = linears.get_linears(params, cfg)
-  eye = {n: jnp.broadcast_to(jnp.eye(w.shape[-2]), (w.shape[0],) + (w.shape[-2],) * 2)
-         for n, w in mats.items()}
-  _, qa, _ = stats_adapter.quantize_with_hessians(params, cfg, spec, eye,
-                                                  matrices=('q', 'down'))
+  eye = {
+    n: jnp.broadcast_to(jnp.eye(w.shape[-2]), (w.shape[0],) + (w.shape[-2],) * 2)
+    for n, w in mats.items()
+  }
+  _, qa, _ = stats_adapter.quantize_with_hessians(params, cfg, spec, eye, matrices=('q', 'down'))
   for n in ('q', 'down'):
     ref = qz.quantize(jnp.asarray(mats[n][0], jnp.float32), spec.for_rows(mats[n].shape[-2]))
     np.testing.assert_array_equal(np.asarray(qa[(0, n)].codes), np.asarray(ref.codes))
@@ -185,6 +207,7 @@ def test_quantize_with_identity_hessians_equals_rtn(tiny):
 def test_structural_hessians_have_matrix_input_shapes(tiny):
   from cafeq_jax.methods import stats_adapter
   from cafeq_jax.models import linears
+
   params, cfg = tiny
   hs = stats_adapter.structural_hessians(params, cfg, num_samples=64)
   mats = linears.get_linears(params, cfg)
@@ -196,14 +219,18 @@ def test_structural_hessians_have_matrix_input_shapes(tiny):
   for l in range(cfg.num_layers):
     g = np.asarray(params[f'layer_{l}']['pre_attention_norm']['scale'], np.float64)
     g = 1 + g if cfg.norm_scale_plus_one else g
-    np.testing.assert_allclose(hs['q'][l], np.diag(g ** 2), rtol=1e-6)
+    np.testing.assert_allclose(hs['q'][l], np.diag(g**2), rtol=1e-6)
     wv = np.asarray(mats['v'][l], np.float64)
     hd, group = cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
     for h in range(cfg.num_heads):
       k = h // group
-      blk = wv[:, k * hd:(k + 1) * hd]
-      np.testing.assert_allclose(hs['o'][l][h * hd:(h + 1) * hd, h * hd:(h + 1) * hd],
-                                 blk.T @ np.diag(g ** 2) @ blk, rtol=1e-4, atol=1e-7)
+      blk = wv[:, k * hd : (k + 1) * hd]
+      np.testing.assert_allclose(
+        hs['o'][l][h * hd : (h + 1) * hd, h * hd : (h + 1) * hd],
+        blk.T @ np.diag(g**2) @ blk,
+        rtol=1e-4,
+        atol=1e-7,
+      )
 
 
 def test_gram_of_chunks_sums_to_one_matmul():
@@ -211,8 +238,9 @@ def test_gram_of_chunks_sums_to_one_matmul():
   h = sum(stats.gram(jnp.asarray(chunk)) for chunk in x)
   want = x.reshape(-1, 16).astype(np.float64)
   np.testing.assert_allclose(np.asarray(h), want.T @ want, rtol=1e-5, atol=1e-4)
-  np.testing.assert_allclose(np.asarray(stats.gram(jnp.asarray(x))), want.T @ want,
-                             rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(stats.gram(jnp.asarray(x))), want.T @ want, rtol=1e-5, atol=1e-4
+  )
 
 
 def test_weighted_loss_equals_activation_error():

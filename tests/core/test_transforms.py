@@ -11,13 +11,13 @@ from cafeq_jax.core import transforms
 
 
 def _random_transform(key, d_in, k, batch=(), scale=1.0, init='identity', bound=0.5):
-  t = transforms.init_transform(key, d_in, k, init=init, batch_shape=batch,
-                                log_scale_bound=bound)
+  t = transforms.init_transform(key, d_in, k, init=init, batch_shape=batch, log_scale_bound=bound)
   k1, k2, k3 = jax.random.split(jax.random.fold_in(key, 1), 3)
   return t.replace(
-      skew=scale * jax.random.normal(k1, t.skew.shape),
-      log_row=3 * scale * jax.random.normal(k2, t.log_row.shape),
-      log_col=3 * scale * jax.random.normal(k3, t.log_col.shape))
+    skew=scale * jax.random.normal(k1, t.skew.shape),
+    log_row=3 * scale * jax.random.normal(k2, t.log_row.shape),
+    log_col=3 * scale * jax.random.normal(k3, t.log_col.shape),
+  )
 
 
 @pytest.mark.parametrize('k', [1, 2, 8, 64])
@@ -36,8 +36,9 @@ def test_hadamard_rejects_non_power_of_two(k):
 def test_random_hadamard_blocks_are_orthogonal_with_random_signs():
   m = np.asarray(transforms.random_hadamard_blocks(jax.random.PRNGKey(0), 3, 16, (2,)))
   assert m.shape == (2, 3, 16, 16)
-  np.testing.assert_allclose(m @ np.swapaxes(m, -1, -2), np.broadcast_to(np.eye(16), m.shape),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    m @ np.swapaxes(m, -1, -2), np.broadcast_to(np.eye(16), m.shape), atol=1e-6
+  )
   assert not np.allclose(m[0, 0], m[0, 1])  # independent signs per block
 
 
@@ -73,9 +74,13 @@ def test_apply_left_matches_dense_block_diagonal_product():
   dense = np.zeros((2, 24, 24))
   for b in range(2):
     for i in range(3):
-      dense[b, 8 * i:8 * i + 8, 8 * i:8 * i + 8] = m[b, i]
-  np.testing.assert_allclose(np.asarray(transforms.apply_left(jnp.asarray(m, jnp.float32), w)),
-                             dense @ w, rtol=1e-5, atol=1e-5)
+      dense[b, 8 * i : 8 * i + 8, 8 * i : 8 * i + 8] = m[b, i]
+  np.testing.assert_allclose(
+    np.asarray(transforms.apply_left(jnp.asarray(m, jnp.float32), w)),
+    dense @ w,
+    rtol=1e-5,
+    atol=1e-5,
+  )
   np.testing.assert_allclose(np.asarray(transforms.block_diag(jnp.asarray(m))), dense, atol=1e-7)
 
 
@@ -105,11 +110,13 @@ def test_online_overhead_is_k_over_d_out():
 @pytest.mark.parametrize('scale', [0.0, 0.01, 0.3, 3.0, 100.0])
 def test_expm_skew_matches_scipy_and_is_orthogonal(scale):
   import scipy.linalg  # pylint: disable=g-import-not-at-top
+
   p = scale * np.asarray(jax.random.normal(jax.random.PRNGKey(9), (3, 16, 16)), np.float64)
   a = 0.5 * (p - np.swapaxes(p, -1, -2))
   r = np.asarray(transforms.expm_skew(jnp.asarray(a, jnp.float32)), np.float64)
-  np.testing.assert_allclose(r @ np.swapaxes(r, -1, -2), np.broadcast_to(np.eye(16), r.shape),
-                             atol=2e-5)
+  np.testing.assert_allclose(
+    r @ np.swapaxes(r, -1, -2), np.broadcast_to(np.eye(16), r.shape), atol=2e-5
+  )
   for x, rx in zip(a, r):
     if np.linalg.norm(x) <= 32:  # beyond, the generator is clipped (still orthogonal)
       np.testing.assert_allclose(rx, scipy.linalg.expm(x), atol=5e-5)

@@ -54,10 +54,15 @@ def init_state(w: jax.Array, block: int = BLOCK):
 def step(state):
   def total(blocks):
     return jnp.sum(jax.vmap(matrix_loss)(blocks, state['w']))
+
   grads = jax.grad(total)(state['blocks'])
   updates, opt = _OPT.update(grads, state['opt'], state['blocks'])
-  return {'w': state['w'], 'blocks': optax.apply_updates(state['blocks'], updates),
-          'opt': opt, 'step': state['step'] + 1}
+  return {
+    'w': state['w'],
+    'blocks': optax.apply_updates(state['blocks'], updates),
+    'opt': opt,
+    'step': state['step'] + 1,
+  }
 
 
 def run(state, num_steps: int):

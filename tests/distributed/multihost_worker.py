@@ -12,12 +12,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cafeq_jax.distributed import multihost  # pylint: disable=g-import-not-at-top
-
+import distributed_toy as toy  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-import distributed_toy as toy  # pylint: disable=g-import-not-at-top
+from cafeq_jax.distributed import multihost  # pylint: disable=g-import-not-at-top
 
 N, STEPS = 8, 6
 
@@ -26,6 +25,7 @@ def problem():
   """The stack, spec, config and the step/finalize functions of core.optimize."""
   from cafeq_jax import quantizer  # pylint: disable=g-import-not-at-top
   from cafeq_jax.core import optimize  # pylint: disable=g-import-not-at-top
+
   spec = quantizer.QuantSpec(bits=3, group_size=32)
   config = optimize.TransformConfig(block_size=16, init='hadamard', steps=STEPS)
   w4 = toy.make_stack(jax.random.key(0), n=N)[:, None]
@@ -38,6 +38,7 @@ def quantized(state, spec, w4):
   from cafeq_jax import quantizer  # pylint: disable=g-import-not-at-top
   from cafeq_jax.core import optimize  # pylint: disable=g-import-not-at-top
   from cafeq_jax.core import transforms  # pylint: disable=g-import-not-at-top
+
   state = optimize.make_finalize(spec)(state, w4)
   v = transforms.apply_left(state.best_transform().matrix()[:, None], w4)[:, 0]
   return quantizer.quantize(v, spec)
@@ -54,9 +55,13 @@ def main(out_path, ckpt_dir):
   info = multihost.initialize_from_env(initialization_timeout=120)
   from cafeq_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from cafeq_jax.distributed import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
   spec, w4, state0, step = problem()
-  out = {'process_index': info.process_index, 'process_count': info.process_count,
-         'share': np.array([multihost.process_share(N).start, multihost.process_share(N).stop])}
+  out = {
+    'process_index': info.process_index,
+    'process_count': info.process_count,
+    'share': np.array([multihost.process_share(N).start, multihost.process_share(N).stop]),
+  }
   # (a) each process optimises its contiguous share; results gathered.
   split = multihost.split_loop(step, state0, STEPS, args=(w4,))
   q = quantized(split, spec, w4)
@@ -68,8 +73,9 @@ def main(out_path, ckpt_dir):
   out['global_codes'] = quantized(glob, spec, w4).codes
   # (c) the same, checkpointed by Orbax from both processes, stopped and resumed.
   checkpointing.resumable_run(step, state0, STEPS - 2, ckpt_dir, every=2, args=(w4,), mesh=mesh)
-  resumed = checkpointing.resumable_run(step, state0, STEPS, ckpt_dir, every=2, args=(w4,),
-                                        mesh=mesh)
+  resumed = checkpointing.resumable_run(
+    step, state0, STEPS, ckpt_dir, every=2, args=(w4,), mesh=mesh
+  )
   out['resumed_codes'] = quantized(resumed, spec, w4).codes
   np.savez(out_path, **{k: np.asarray(v) for k, v in out.items()})
   if info.initialized:

@@ -28,8 +28,13 @@ def _run_eight_device_worker():
   env = {k: v for k, v in os.environ.items() if not k.startswith(('JAX_', 'XLA_'))}
   env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
   env['JAX_PLATFORMS'] = 'cpu'
-  proc = subprocess.run([sys.executable, os.path.join(HERE, 'sharded_worker.py')],
-                        env=env, capture_output=True, text=True, timeout=400)
+  proc = subprocess.run(
+    [sys.executable, os.path.join(HERE, 'sharded_worker.py')],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=400,
+  )
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -57,8 +62,10 @@ def test_sharding_over_eight_devices_matches_single_device_runs():
 
 
 def test_pad_and_unpad_stack_round_trip_with_edge_padding():
-  tree = {'w': jnp.arange(5 * 2 * 3, dtype=jnp.float32).reshape(5, 2, 3),
-          'step': jnp.zeros((), jnp.int32)}
+  tree = {
+    'w': jnp.arange(5 * 2 * 3, dtype=jnp.float32).reshape(5, 2, 3),
+    'step': jnp.zeros((), jnp.int32),
+  }
   padded = mesh_lib.pad_stack(tree, 4)
   assert padded['w'].shape == (8, 2, 3) and padded['step'].shape == ()
   np.testing.assert_array_equal(padded['w'][5:], np.broadcast_to(tree['w'][4], (3, 2, 3)))
@@ -69,20 +76,26 @@ def test_pad_and_unpad_stack_round_trip_with_edge_padding():
 def test_sharded_run_on_one_device_equals_plain_loop():
   def step(state):
     return {'x': state['x'] * 0.5 + 1.0, 'i': state['i'] + 1}
+
   state = {'x': jnp.ones((3, 2, 2)), 'i': jnp.zeros((), jnp.int32)}
   out = mesh_lib.sharded_run(jax.jit(step), state, 3, mesh_lib.make_mesh(devices=jax.devices()[:1]))
-  np.testing.assert_array_equal(out['x'], np.full((3, 2, 2), 2.0 - 0.5**3))  # x_n = 2 - 2^-n (2 - x_0)
+  np.testing.assert_array_equal(
+    out['x'], np.full((3, 2, 2), 2.0 - 0.5**3)
+  )  # x_n = 2 - 2^-n (2 - x_0)
   assert int(out['i']) == 3
 
 
-@pytest.mark.parametrize('shape, group, block, shards, dim, match', [
+@pytest.mark.parametrize(
+  'shape, group, block, shards, dim, match',
+  [
     ((8, 96, 64), 64, None, 2, 0, 'd_in=96 of stack .* group_size=64'),
     ((8, 128, 64), 32, 48, 2, 0, 'block_size=48'),
     ((6, 128, 64), 32, 32, 4, 0, r'dim 0 \(size 6\).* 4 devices'),
     ((8, 256, 64), 64, 32, 8, -2, 'shards of d_in=32, not divisible by group_size=64'),
     ((8, 256, 64), 32, 64, 8, -2, 'd_in=32, not divisible by block_size=64'),
     ((8, 256, 64), None, None, 2, 1, 'per-channel'),
-])
+  ],
+)
 def test_validate_sharding_names_offending_sizes(shape, group, block, shards, dim, match):
   spec = quantizer.QuantSpec(bits=4, group_size=group)
   with pytest.raises(ValueError, match=match):
@@ -99,7 +112,9 @@ def test_validate_sharding_accepts_valid_layouts():
 
 def test_peak_memory_reports_host_rss_at_least_a_live_buffer():
   import resource  # pylint: disable=g-import-not-at-top
+
   from cafeq_jax.distributed import memory  # pylint: disable=g-import-not-at-top
+
   buf = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
   rss_mib = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**20
   before = rss_mib()

@@ -27,18 +27,20 @@ def _free_port() -> int:
 
 
 def _clean_env():
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(('JAX_', 'XLA_', 'CAFEQ_'))}
+  env = {k: v for k, v in os.environ.items() if not k.startswith(('JAX_', 'XLA_', 'CAFEQ_'))}
   env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
   env['JAX_PLATFORMS'] = 'cpu'
   return env
 
 
-@pytest.mark.parametrize('n, count, expected', [
+@pytest.mark.parametrize(
+  'n, count, expected',
+  [
     (8, 2, [(0, 4), (4, 8)]),
     (7, 3, [(0, 3), (3, 5), (5, 7)]),
     (2, 3, [(0, 1), (1, 2), (2, 2)]),
-])
+  ],
+)
 def test_process_share_is_contiguous_balanced_partition(n, count, expected):
   got = [multihost.process_share(n, i, count) for i in range(count)]
   assert [(s.start, s.stop) for s in got] == expected
@@ -60,8 +62,7 @@ def test_local_share_slices_only_stacked_leaves():
 
 
 def test_initialize_from_env_is_noop_for_single_process(monkeypatch):
-  for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID',
-            'CAFEQ_DISTRIBUTED'):
+  for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID', 'CAFEQ_DISTRIBUTED'):
     monkeypatch.delenv(k, raising=False)
   info = multihost.initialize_from_env()
   assert (info.process_index, info.process_count) == (0, 1)
@@ -84,14 +85,25 @@ def test_two_processes_produce_the_same_quantized_stack_as_one(tmp_path):
   procs, outs = [], []
   for pid in range(2):
     env = _clean_env()
-    env.update(JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
-               JAX_PROCESS_ID=str(pid))
+    env.update(
+      JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(pid)
+    )
     out = tmp_path / f'p{pid}.npz'
     outs.append(out)
-    procs.append(subprocess.Popen(
-        [sys.executable, os.path.join(HERE, 'multihost_worker.py'), str(out),
-         str(tmp_path / 'ckpt')],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    procs.append(
+      subprocess.Popen(
+        [
+          sys.executable,
+          os.path.join(HERE, 'multihost_worker.py'),
+          str(out),
+          str(tmp_path / 'ckpt'),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+    )
   logs = []
   try:
     for p in procs:

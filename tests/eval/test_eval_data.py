@@ -14,6 +14,7 @@ from cafeq_jax.eval import data
 
 def test_default_text_is_pydoc_topics_in_sorted_key_order():
   from pydoc_data import topics  # pylint: disable=g-import-not-at-top
+
   text = data.default_text()
   keys = sorted(topics.topics)
   assert text.startswith(topics.topics[keys[0]])
@@ -71,11 +72,18 @@ def test_load_text_file_errors(tmp_path):
 def test_cli_reports_missing_text_file(tmp_path):
   # Exits 2 with an error line before the model loads (absl + config_flags launcher).
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env = {**{k: v for k, v in os.environ.items() if not k.startswith(('JAX_', 'XLA_'))},
-         'JAX_PLATFORMS': 'cpu'}
+  env = {
+    **{k: v for k, v in os.environ.items() if not k.startswith(('JAX_', 'XLA_'))},
+    'JAX_PLATFORMS': 'cpu',
+  }
   proc = subprocess.run(
-      [sys.executable, '-m', 'cafeq_jax.eval', f'--config.text={tmp_path / "missing.txt"}'],
-      cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    [sys.executable, '-m', 'cafeq_jax.eval', f'--config.text={tmp_path / "missing.txt"}'],
+    cwd=repo,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert 'error:' in proc.stderr and 'missing.txt' in proc.stderr
 
@@ -83,16 +91,17 @@ def test_cli_reports_missing_text_file(tmp_path):
 def test_cli_run_raises_before_loading_the_model(tmp_path):
   from cafeq_jax.eval import __main__ as cli  # pylint: disable=g-import-not-at-top
   from cafeq_jax.eval import config as eval_config  # pylint: disable=g-import-not-at-top
+
   config = eval_config.get_config()
   config.text = str(tmp_path / 'missing.txt')
-  config.gguf = str(tmp_path / 'not_loaded.gguf')   # never reached
+  config.gguf = str(tmp_path / 'not_loaded.gguf')  # never reached
   with pytest.raises(FileNotFoundError, match='missing.txt'):
     cli.run(config)
 
 
 def test_cli_config_keeps_the_old_defaults():
   from cafeq_jax.eval import config as eval_config  # pylint: disable=g-import-not-at-top
+
   c = eval_config.get_config()
   assert c.gguf is None and c.text is None and c.json is False
-  assert (c.num_seqs, c.seq_len, c.batch_size) == (data.DEFAULT_NUM_SEQS,
-                                                   data.DEFAULT_SEQ_LEN, 1)
+  assert (c.num_seqs, c.seq_len, c.batch_size) == (data.DEFAULT_NUM_SEQS, data.DEFAULT_SEQ_LEN, 1)

@@ -49,8 +49,7 @@ def test_kl_divergence_matches_numpy(logits):
 
 def test_kl_is_zero_for_shifted_logits_and_stable_for_huge_values(logits):
   shifted = logits + 1e4  # same distribution; naive exp would overflow
-  np.testing.assert_allclose(np.asarray(metrics.kl_divergence(logits, shifted)), 0.0,
-                             atol=2e-3)
+  np.testing.assert_allclose(np.asarray(metrics.kl_divergence(logits, shifted)), 0.0, atol=2e-3)
   big = logits * 1e3  # near one-hot distributions
   kl = np.asarray(metrics.kl_divergence(big, logits))
   lp, lq = _np_log_softmax(big), _np_log_softmax(logits)

@@ -21,10 +21,15 @@ def _bigram_apply(params, tokens):
 
 def _np_reference(w_fp, w_q, tokens):
   """Brute force, float64: (ppl_q, kld, top1) over all next-token predictions."""
+
   def lsm(x):
     x = np.asarray(x, np.float64)
-    return x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(
-        -1, keepdims=True)
+    return (
+      x
+      - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+      - x.max(-1, keepdims=True)
+    )
+
   nll, kl, agree = [], [], []
   for row in tokens:
     for t in range(len(row) - 1):
@@ -47,9 +52,14 @@ def setup():
 @pytest.mark.parametrize('batch_size', [1, 2, 5])
 def test_evaluate_matches_brute_force(setup, batch_size):
   w, noisy, tokens = setup
-  res = evaluate(_bigram_apply, {'w': jnp.asarray(w)}, tokens,
-                 {'noisy': {'w': jnp.asarray(noisy)}, 'same': {'w': jnp.asarray(w)}},
-                 batch_size=batch_size, progress=False)
+  res = evaluate(
+    _bigram_apply,
+    {'w': jnp.asarray(w)},
+    tokens,
+    {'noisy': {'w': jnp.asarray(noisy)}, 'same': {'w': jnp.asarray(w)}},
+    batch_size=batch_size,
+    progress=False,
+  )
   assert list(res) == ['fp', 'noisy', 'same']
   ppl_fp, _, _ = _np_reference(w, w, tokens)
   ppl_q, kld, top1 = _np_reference(w, noisy, tokens)
@@ -69,8 +79,14 @@ def test_evaluate_matches_brute_force(setup, batch_size):
 def test_evaluate_uses_per_method_apply_fns(setup):
   w, _, tokens = setup
   doubled = lambda p, x: 2.0 * _bigram_apply(p, x)  # sharper distribution, same argmax
-  res = evaluate(_bigram_apply, {'w': jnp.asarray(w)}, tokens, {'sharp': {'w': jnp.asarray(w)}},
-                 apply_fns={'sharp': doubled}, progress=False)
+  res = evaluate(
+    _bigram_apply,
+    {'w': jnp.asarray(w)},
+    tokens,
+    {'sharp': {'w': jnp.asarray(w)}},
+    apply_fns={'sharp': doubled},
+    progress=False,
+  )
   ppl, kld, top1 = _np_reference(w, 2 * w, tokens)
   np.testing.assert_allclose(res['sharp']['ppl'], ppl, rtol=1e-5)
   np.testing.assert_allclose(res['sharp']['kld'], kld, rtol=1e-4)
@@ -89,23 +105,27 @@ def test_evaluate_rejects_bad_inputs(setup):
   with pytest.raises(ValueError, match="'fp' collides"):
     evaluate(_bigram_apply, p, tokens, {'fp': p}, progress=False)
   with pytest.raises(ValueError, match=r"\['typo'\]"):
-    evaluate(_bigram_apply, p, tokens, {'a': p}, apply_fns={'typo': _bigram_apply},
-             progress=False)
+    evaluate(_bigram_apply, p, tokens, {'a': p}, apply_fns={'typo': _bigram_apply}, progress=False)
 
 
 def test_evaluate_runs_the_decoder_and_matches_direct_forward():
   from cafeq_jax.models import config as config_lib  # pylint: disable=g-import-not-at-top
   from cafeq_jax.models import decoder  # pylint: disable=g-import-not-at-top
+
   cfg = config_lib.PRESETS['tiny_llama']
   # Random params from the decoder's shapes (cheaper than an eager init on CPU).
   shapes = jax.eval_shape(decoder.init_params, cfg, jax.random.key(0))
   rng = np.random.default_rng(0)
   params = jax.tree.map(
-      lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), jnp.float32), shapes)
+    lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), jnp.float32), shapes
+  )
   tokens = np.asarray(jax.random.randint(jax.random.key(1), (3, 10), 0, cfg.vocab_size))
   res = evaluate(model_apply_fn(cfg), params, tokens, batch_size=3, progress=False)
   logits = np.asarray(decoder.forward(params, cfg, jnp.asarray(tokens)), np.float64)[:, :-1]
-  lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)
-                       ) - logits.max(-1, keepdims=True)
+  lp = (
+    logits
+    - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    - logits.max(-1, keepdims=True)
+  )
   nll = -np.take_along_axis(lp, tokens[:, 1:, None], -1).mean()
   np.testing.assert_allclose(res['fp']['ppl'], np.exp(nll), rtol=1e-4)

@@ -58,7 +58,7 @@ def test_tiny_run_writes_results_table_and_plots_then_resumes(tmp_path, monkeypa
 
   for m in ('rtn', 'hadamard'):
     report = json.loads((tmp_path / 'reports' / f'{col}_{m}.json').read_text())
-    assert len(report['per_matrix']) == 2 * 7   # tiny_llama: 2 layers x 7 matrices
+    assert len(report['per_matrix']) == 2 * 7  # tiny_llama: 2 layers x 7 matrices
   plots = sorted(os.listdir(tmp_path / 'plots'))
   assert plots == sorted([f'proxy_{col}.png', f'proxy_loss_{col}.png', 'ppl_vs_bits.png'])
   for p in plots:
@@ -67,6 +67,7 @@ def test_tiny_run_writes_results_table_and_plots_then_resumes(tmp_path, monkeypa
   # Rerun with the same config: every cell is done, nothing is re-quantized.
   def fail(*args, **kwargs):
     raise AssertionError('a finished (column, method) cell was quantized again')
+
   monkeypatch.setattr(quantize_lib, 'quantize', fail)
   again = quantize_lib.run(config)
   assert again['columns'][col]['methods']['rtn']['ppl'] == rows['rtn']['ppl']
@@ -89,15 +90,20 @@ def test_tiny_run_with_data_free_selfgen_cafeq_saves_and_counts_storage(tmp_path
   rows = results['columns']['w4g32asym']['methods']
   assert rows['cafeq-sg']['ppl'] > 1 and rows['cafeq-sg']['kld'] >= 0
   # Hadamard transforms are stored as sign bits: a small overhead over RTN.
-  assert rows['rtn']['bits_per_weight'] < rows['cafeq-sg']['bits_per_weight'] < (
-      rows['rtn']['bits_per_weight'] + 1.5)
+  assert (
+    rows['rtn']['bits_per_weight']
+    < rows['cafeq-sg']['bits_per_weight']
+    < (rows['rtn']['bits_per_weight'] + 1.5)
+  )
   assert (tmp_path / 'models').is_dir()
 
 
 def test_transform_storage_counts_signed_hadamard_blocks_as_sign_bits():
-  import numpy as np
-  from cafeq_jax.core import transforms
   import jax
+  import numpy as np
+
+  from cafeq_jax.core import transforms
+
   h = np.asarray(transforms.random_hadamard_blocks(jax.random.PRNGKey(0), 3, 64))
   assert quantize_lib.transform_nbytes(h) == 3 * (64 * 64 // 8 + 2)
   dense = h.copy()
@@ -133,21 +139,27 @@ def _count_quantize(monkeypatch):
   def counted(params, cfg, recipe, *args, **kwargs):
     calls.append(recipe.name)
     return real(params, cfg, recipe, *args, **kwargs)
+
   monkeypatch.setattr(quantize_lib, 'quantize', counted)
   return calls
 
 
 def _write_text(path, seed):
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(seed)
   path.write_text(' '.join(''.join(rng.choice(list('abcdefghij'), 5)) for _ in range(200)))
 
 
-def test_edited_eval_text_replaced_weights_and_changed_seed_recompute(tmp_path, monkeypatch,
-                                                                       caplog):
+def test_edited_eval_text_replaced_weights_and_changed_seed_recompute(
+  tmp_path, monkeypatch, caplog
+):
   import jax  # pylint: disable=g-import-not-at-top
+
   from cafeq_jax.loading import hf  # pylint: disable=g-import-not-at-top
-  from cafeq_jax.models import PRESETS, init_params  # pylint: disable=g-import-not-at-top
+  from cafeq_jax.models import PRESETS  # pylint: disable=g-import-not-at-top
+  from cafeq_jax.models import init_params  # pylint: disable=g-import-not-at-top
+
   cfg = PRESETS['tiny_llama']
   model_dir, text = tmp_path / 'model', tmp_path / 'eval.txt'
   hf.save_hf(init_params(cfg, jax.random.PRNGKey(0)), cfg, model_dir)
@@ -163,14 +175,14 @@ def test_edited_eval_text_replaced_weights_and_changed_seed_recompute(tmp_path, 
 
   n, ppl0, h0 = run()
   assert n == 1
-  assert run() == (0, ppl0, h0)                # same inputs: kept
-  _write_text(text, 1)                         # eval text edited in place (same path)
+  assert run() == (0, ppl0, h0)  # same inputs: kept
+  _write_text(text, 1)  # eval text edited in place (same path)
   n, ppl1, h1 = run()
   assert n == 1 and ppl1 != ppl0 and h1 != h0
   hf.save_hf(init_params(cfg, jax.random.PRNGKey(1)), cfg, model_dir)  # weights replaced
   n, ppl2, h2 = run()
   assert n == 1 and ppl2 != ppl1 and h2 not in (h0, h1)
-  config.seed = 1                              # seed changed
+  config.seed = 1  # seed changed
   n, _, h3 = run()
   assert n == 1 and h3 not in (h0, h1, h2)
   rows = json.loads((tmp_path / 'out' / 'results.json').read_text())['columns'][_COL]['methods']
@@ -181,13 +193,15 @@ def test_edited_eval_text_replaced_weights_and_changed_seed_recompute(tmp_path, 
     config.seed = 2
     assert run()[0] == 1
   logs = [r.getMessage() for r in caplog.records]
-  assert any('rtn: kept (results.json holds it with the same inputs: weights' in m
-             for m in logs), logs[-8:]
+  assert any('rtn: kept (results.json holds it with the same inputs: weights' in m for m in logs), (
+    logs[-8:]
+  )
   assert any('rtn: computing (inputs changed since its result: seed)' in m for m in logs)
 
 
 def test_two_concurrent_runs_on_one_output_dir_keep_both_cells(tmp_path, monkeypatch):
   import threading  # pylint: disable=g-import-not-at-top
+
   real = quantize_lib.quantize
   # Both runs have read results.json before either writes (the losing interleaving).
   barrier = threading.Barrier(2, timeout=120)
@@ -195,6 +209,7 @@ def test_two_concurrent_runs_on_one_output_dir_keep_both_cells(tmp_path, monkeyp
   def meet(*args, **kwargs):
     barrier.wait()
     return real(*args, **kwargs)
+
   monkeypatch.setattr(quantize_lib, 'quantize', meet)
   errors = []
 
@@ -204,6 +219,7 @@ def test_two_concurrent_runs_on_one_output_dir_keep_both_cells(tmp_path, monkeyp
     except BaseException as e:  # pylint: disable=broad-except
       errors.append(e)
       barrier.abort()
+
   threads = [threading.Thread(target=run, args=(m,)) for m in ('rtn', 'hadamard')]
   for t in threads:
     t.start()
@@ -219,10 +235,13 @@ def test_two_concurrent_runs_on_one_output_dir_keep_both_cells(tmp_path, monkeyp
 def _fail(what):
   def fail(*args, **kwargs):
     raise AssertionError(f'{what} ran before the bad option was reported')
+
   return fail
 
 
-@pytest.mark.parametrize('change, match, loads', [
+@pytest.mark.parametrize(
+  'change, match, loads',
+  [
     (dict(prompt='abc', max_new_tokens=0), 'max_new_tokens=0', False),
     (dict(eval_batch_size=0), 'eval_batch_size=0', False),
     (dict(export_hf='rtn', hf_is_a_file=True), 'hf.* exists and is not a directory', False),
@@ -230,9 +249,11 @@ def _fail(what):
     (dict(export_hf='rtn,hadamardd'), r"\['hadamardd'\], which are not rows", False),
     (dict(eval_seq_len=100), 'eval_seq_len=100 exceeds the max_seq_len=64', True),
     (dict(prompt='x' * 60, max_new_tokens=8), r'max_new_tokens=8 exceeds the max_seq_len', True),
-])
-def test_late_failing_options_fail_before_any_expensive_work(tmp_path, monkeypatch, change,
-                                                             match, loads):
+  ],
+)
+def test_late_failing_options_fail_before_any_expensive_work(
+  tmp_path, monkeypatch, change, match, loads
+):
   config = _tiny_config(tmp_path, plots=False)
   change = dict(change)
   if change.pop('hf_is_a_file', False):
@@ -261,6 +282,7 @@ def test_corrupt_results_json_is_moved_aside_with_a_warning(tmp_path, content, c
 def test_done_rows_named_in_save_or_export_are_saved_on_a_rerun(tmp_path, monkeypatch):
   from cafeq_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from cafeq_jax.loading import hf  # pylint: disable=g-import-not-at-top
+
   config = _tiny_config(tmp_path, methods='rtn', plots=False)
   first = quantize_lib.run(config)['columns'][_COL]['methods']['rtn']
   assert not (tmp_path / 'models').exists() and not (tmp_path / 'hf').exists()
@@ -272,8 +294,9 @@ def test_done_rows_named_in_save_or_export_are_saved_on_a_rerun(tmp_path, monkey
   assert calls == ['rtn'] and again == first
   _, info = checkpointing.restore_quantized(tmp_path / 'models' / f'{_COL}_rtn')
   assert info['metadata']['row_hash'] == first['hash']
-  assert hf.verify_export(tmp_path / 'hf' / f'{_COL}_rtn')['provenance']['row_hash'] == (
-      first['hash'])
+  assert (
+    hf.verify_export(tmp_path / 'hf' / f'{_COL}_rtn')['provenance']['row_hash'] == (first['hash'])
+  )
   # Once saved and exported, a rerun does nothing.
   calls.clear()
   quantize_lib.run(config)
@@ -282,11 +305,13 @@ def test_done_rows_named_in_save_or_export_are_saved_on_a_rerun(tmp_path, monkey
 
 def test_failing_export_keeps_the_metrics(tmp_path, monkeypatch):
   from cafeq_jax.loading import hf  # pylint: disable=g-import-not-at-top
+
   config = _tiny_config(tmp_path, methods='rtn', plots=False)
   config.export_hf = 'rtn'
 
   def broken(*args, **kwargs):
     raise OSError('disk full')
+
   monkeypatch.setattr(hf, 'save_hf', broken)
   with pytest.raises(OSError, match='disk full'):
     quantize_lib.run(config)

@@ -33,28 +33,40 @@ def _tiny_config(workdir):
 def _numpy_metrics(config, bits, group):
   """ppl / KLD / top-1 of the RTN point recomputed with numpy from the logits."""
   import jax
+
   from cafeq_jax import eval as eval_lib
-  from cafeq_jax import quantize, recipes
-  from cafeq_jax.models import decoder, linears
+  from cafeq_jax import quantize
+  from cafeq_jax import recipes
+  from cafeq_jax.models import decoder
+  from cafeq_jax.models import linears
   from experiments import quantize_lib
 
   model = quantize_lib.load_model(config.models, config.seed)
-  tokens = eval_lib.make_windows(model.encode(eval_lib.load_text(None)), config.eval_num_seqs,
-                                 config.eval_seq_len)
+  tokens = eval_lib.make_windows(
+    model.encode(eval_lib.load_text(None)), config.eval_num_seqs, config.eval_seq_len
+  )
   recipe = recipes.get('rtn', bits=bits, group_size=group, group_fallback=False)
   qparams, _ = quantize(model.params, model.config, recipe, jax.random.PRNGKey(config.seed))
+
   def log_probs(params):
     logits = np.asarray(decoder.forward(params, model.config, np.asarray(tokens)), np.float64)
     logits = logits[:, :-1]
-    return logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
-                           keepdims=True)) - logits.max(-1, keepdims=True)
+    return (
+      logits
+      - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+      - logits.max(-1, keepdims=True)
+    )
+
   lp_fp = log_probs(model.params)
   lp_q = log_probs(linears.dequantize_params(qparams, model.config))
   target = np.asarray(tokens)[:, 1:, None]
   nll = lambda lp: -np.take_along_axis(lp, target, -1).mean()
-  return {'fp_ppl': np.exp(nll(lp_fp)), 'ppl': np.exp(nll(lp_q)),
-          'kld': (np.exp(lp_fp) * (lp_fp - lp_q)).sum(-1).mean(),
-          'top1': (lp_fp.argmax(-1) == lp_q.argmax(-1)).mean()}
+  return {
+    'fp_ppl': np.exp(nll(lp_fp)),
+    'ppl': np.exp(nll(lp_q)),
+    'kld': (np.exp(lp_fp) * (lp_fp - lp_q)).sum(-1).mean(),
+    'top1': (lp_fp.argmax(-1) == lp_q.argmax(-1)).mean(),
+  }
 
 
 def test_grid_is_the_cartesian_product_with_per_channel_as_zero():
@@ -63,7 +75,8 @@ def test_grid_is_the_cartesian_product_with_per_channel_as_zero():
   points = sweep.grid(c)
   assert len(points) == 2 * 2 * 2
   assert {(p.method, p.bits, p.group_size) for p in points} == {
-      (m, b, g) for m in ('rtn', 'hadamard') for b in (4, 3) for g in (32, None)}
+    (m, b, g) for m in ('rtn', 'hadamard') for b in (4, 3) for g in (32, None)
+  }
   assert points[0].name == 'tiny_llama/rtn/w4g32'
 
 
@@ -79,7 +92,7 @@ def test_point_key_changes_with_result_affecting_fields_only():
   c = _tiny_config('/a')
   p = sweep.grid(c)[0]
   key = sweep.point_key(p, c)
-  c2 = _tiny_config('/b')   # different workdir: same result
+  c2 = _tiny_config('/b')  # different workdir: same result
   c2.progress = True
   assert sweep.point_key(p, c2) == key
   c3 = _tiny_config('/a')
@@ -90,9 +103,11 @@ def test_point_key_changes_with_result_affecting_fields_only():
 
 def test_append_result_is_whole_lines_under_concurrent_writers(tmp_path):
   path = str(tmp_path / 'r.jsonl')
+
   def write(t):
     for i in range(50):
       sweep.append_result(path, {'key': f'{t}-{i}', 'pad': 'x' * 5000})
+
   threads = [threading.Thread(target=write, args=(t,)) for t in range(4)]
   for t in threads:
     t.start()
@@ -101,7 +116,7 @@ def test_append_result_is_whole_lines_under_concurrent_writers(tmp_path):
   rows = sweep.read_results(path)
   assert sorted(r['key'] for r in rows) == sorted(f'{t}-{i}' for t in range(4) for i in range(50))
   with open(path, 'a') as f:
-    f.write('{"key": "torn"')   # a crash mid-line is ignored on read
+    f.write('{"key": "torn"')  # a crash mid-line is ignored on read
   assert len(sweep.read_results(path)) == 200
 
 
@@ -142,18 +157,32 @@ def test_tiny_sweep_over_2x2_grid_completes_and_is_skipped_on_rerun(tmp_path):
 
   # The command line (absl + config_flags overrides) sees the same points as done.
   proc = subprocess.run(
-      [sys.executable, '-m', 'experiments.sweep',
-       f'--config={os.path.join(REPO, "experiments", "configs", "sweep.py")}',
-       '--config.models=tiny_llama', '--config.methods=rtn', '--config.bits=4,3',
-       '--config.group_sizes=32,0', '--config.eval_num_seqs=2', '--config.eval_seq_len=16',
-       f'--config.workdir={tmp_path}'],
-      cwd=REPO, capture_output=True, text=True, timeout=400,
-      env={**{k: v for k, v in os.environ.items() if not k.startswith(('JAX_', 'XLA_'))},
-           'JAX_PLATFORMS': 'cpu'})
+    [
+      sys.executable,
+      '-m',
+      'experiments.sweep',
+      f'--config={os.path.join(REPO, "experiments", "configs", "sweep.py")}',
+      '--config.models=tiny_llama',
+      '--config.methods=rtn',
+      '--config.bits=4,3',
+      '--config.group_sizes=32,0',
+      '--config.eval_num_seqs=2',
+      '--config.eval_seq_len=16',
+      f'--config.workdir={tmp_path}',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=400,
+    env={
+      **{k: v for k, v in os.environ.items() if not k.startswith(('JAX_', 'XLA_'))},
+      'JAX_PLATFORMS': 'cpu',
+    },
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'ran 0, skipped 4 already done' in proc.stdout
   assert 'process 0/1' in proc.stdout
-  assert proc.stdout.count('tiny_llama') >= 4   # the summary table
+  assert proc.stdout.count('tiny_llama') >= 4  # the summary table
 
 
 def test_empty_grid_axis_is_an_error():

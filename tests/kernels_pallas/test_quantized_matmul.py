@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cafeq_jax import packing, quantizer
+from cafeq_jax import packing
+from cafeq_jax import quantizer
 import kernels_pallas
 from kernels_pallas import matmul as matmul_lib
 
@@ -28,8 +29,9 @@ from kernels_pallas import matmul as matmul_lib
 def _case(k, n, bits, group_size, symmetric, seed=0):
   kw, kx = jax.random.split(jax.random.PRNGKey(seed))
   w = jax.random.normal(kw, (k, n), jnp.float32)
-  q = quantizer.quantize(w, quantizer.QuantSpec(bits=bits, group_size=group_size,
-                                                symmetric=symmetric))
+  q = quantizer.quantize(
+    w, quantizer.QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric)
+  )
   return q, packing.pack(q), kx
 
 
@@ -59,8 +61,7 @@ def _check(y, x, q, dtype):
 @pytest.mark.parametrize('symmetric', [False, True])
 @pytest.mark.parametrize('group_size', [32, 64, 128, None])
 @pytest.mark.parametrize('bits', [3, 4])
-def test_kernel_matches_reference_across_bits_groups_symmetry(bits, group_size,
-                                                              symmetric, variant):
+def test_kernel_matches_reference_across_bits_groups_symmetry(bits, group_size, symmetric, variant):
   # N = 200 is not a multiple of 8 (int3 pads N) nor of the tile (pads Np).
   q, p, kx = _case(256, 200, bits, group_size, symmetric)
   x = jax.random.normal(kx, (3, 256), jnp.float32)
@@ -68,14 +69,17 @@ def test_kernel_matches_reference_across_bits_groups_symmetry(bits, group_size,
   _check(y, x, q, jnp.float32)
 
 
-@pytest.mark.parametrize('bits,dtype,batch,variant', [
+@pytest.mark.parametrize(
+  'bits,dtype,batch,variant',
+  [
     (3, jnp.float32, 1, 'gpu'),
     (3, jnp.bfloat16, 17, 'gpu'),
     (3, jnp.bfloat16, 1, 'tpu'),
     (4, jnp.bfloat16, 1, 'gpu'),
     (4, jnp.float32, 17, 'tpu'),
     (4, jnp.bfloat16, 17, 'tpu'),
-])
+  ],
+)
 def test_kernel_matches_reference_for_odd_batches_and_bf16(bits, dtype, batch, variant):
   q, p, kx = _case(128, 72, bits, 32, False, seed=batch)
   x = jax.random.normal(kx, (batch, 128), jnp.float32).astype(dtype)
@@ -102,8 +106,7 @@ def test_gpu_kernel_split_k_and_multiple_m_tiles(split_k):
   q, p, kx = _case(256, 64, 4, 64, False)
   x = jax.random.normal(kx, (40, 256), jnp.float32)  # 40 rows -> 3 M tiles of 16
   config = kernels_pallas.QuantizedMatmulConfig(block_m=16, block_n=16, split_k=split_k)
-  y = kernels_pallas.quantized_matmul(x, p, backend='gpu', interpret=True,
-                                      config=config)
+  y = kernels_pallas.quantized_matmul(x, p, backend='gpu', interpret=True, config=config)
   _check(y, x, q, jnp.float32)
 
 
@@ -130,17 +133,20 @@ def test_reference_matches_numpy():
   _check(kernels_pallas.quantized_matmul_reference(x, p), x, q, jnp.float32)
 
 
-@pytest.mark.parametrize('shape,bits,group_size,backend,ok', [
+@pytest.mark.parametrize(
+  'shape,bits,group_size,backend,ok',
+  [
     ((2304, 2048), 4, 128, 'gpu', True),
     ((2304, 2048), 3, None, 'tpu', True),
-    ((2304, 2048), 3, 32, 'tpu', True),     # 4 groups per 128-wide K tile
-    ((96, 64), 4, 32, 'tpu', False),        # K=96 not a multiple of the 128 tile
+    ((2304, 2048), 3, 32, 'tpu', True),  # 4 groups per 128-wide K tile
+    ((96, 64), 4, 32, 'tpu', False),  # K=96 not a multiple of the 128 tile
     ((96, 64), 4, 32, 'gpu', True),
-    ((100, 64), 4, None, 'gpu', False),     # no power-of-2 K divisor >= 16
-    ((2, 64, 64), 4, 32, 'gpu', False),     # stacked weights
+    ((100, 64), 4, None, 'gpu', False),  # no power-of-2 K divisor >= 16
+    ((2, 64, 64), 4, 32, 'gpu', False),  # stacked weights
     ((64, 64), 5, 32, 'gpu', False),
     ((64, 64), 4, 32, 'metal', False),
-])
+  ],
+)
 def test_can_use_predicate(shape, bits, group_size, backend, ok):
   got, reason = kernels_pallas.can_use_quantized_matmul(shape, bits, group_size, backend)
   assert got is ok
@@ -181,19 +187,24 @@ def test_every_fallback_path_warns(caplog, case):
   messages = [r.getMessage() for r in caplog.records if 'falling back' in r.getMessage()]
   assert len(messages) == 1 and reason in messages[0], messages
   np.testing.assert_array_equal(
-      np.asarray(y), np.asarray(kernels_pallas.quantized_matmul_reference(x, p)))
+    np.asarray(y), np.asarray(kernels_pallas.quantized_matmul_reference(x, p))
+  )
 
 
 def test_supported_case_runs_the_kernel_without_warning(caplog, monkeypatch):
   matmul_lib._WARNED.clear()
   calls = []
   kernel = matmul_lib._quantized_matmul_pallas
-  monkeypatch.setattr(matmul_lib, '_quantized_matmul_pallas',
-                      lambda *a, **kw: calls.append(kw['variant']) or kernel(*a, **kw))
+  monkeypatch.setattr(
+    matmul_lib,
+    '_quantized_matmul_pallas',
+    lambda *a, **kw: calls.append(kw['variant']) or kernel(*a, **kw),
+  )
   q, p, kx = _case(64, 16, 4, 32, False)
   with caplog.at_level(logging.WARNING):
-    kernels_pallas.quantized_matmul(jax.random.normal(kx, (2, 64)), p, backend='gpu',
-                                    interpret=True)
+    kernels_pallas.quantized_matmul(
+      jax.random.normal(kx, (2, 64)), p, backend='gpu', interpret=True
+    )
   assert calls == ['gpu']
   assert not [r for r in caplog.records if 'falling back' in r.getMessage()]
 
@@ -221,8 +232,10 @@ def test_gpu_plan_caps_accumulators_splits_k_for_decode_and_pads_n():
   assert plan.np_pad % plan.bn == 0 and plan.np_pad >= 100
 
 
-@pytest.mark.skipif(jax.default_backend() not in ('gpu', 'tpu'),
-                    reason='compiled (non-interpret) kernels need a GPU or TPU')
+@pytest.mark.skipif(
+  jax.default_backend() not in ('gpu', 'tpu'),
+  reason='compiled (non-interpret) kernels need a GPU or TPU',
+)
 @pytest.mark.parametrize('bits', [3, 4])
 @pytest.mark.parametrize('batch', [1, 8, 64])
 def test_compiled_kernel_matches_reference_on_accelerator(bits, batch):
@@ -233,5 +246,9 @@ def test_compiled_kernel_matches_reference_on_accelerator(bits, batch):
   minv = jax.random.normal(kx, (2304 // 64, 64, 64), jnp.float32)
   yb = kernels_pallas.blockdiag_matmul(x, minv, interpret=False)
   ref = kernels_pallas.blockdiag_matmul_reference(x, minv)
-  np.testing.assert_allclose(np.asarray(yb, np.float32), np.asarray(ref, np.float32),
-                             rtol=2e-2, atol=2e-2 * float(jnp.abs(ref).max()))
+  np.testing.assert_allclose(
+    np.asarray(yb, np.float32),
+    np.asarray(ref, np.float32),
+    rtol=2e-2,
+    atol=2e-2 * float(jnp.abs(ref).max()),
+  )

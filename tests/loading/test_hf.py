@@ -12,7 +12,9 @@ import pytest
 
 from cafeq_jax import quantizer
 from cafeq_jax.loading import hf
-from cafeq_jax.models import decoder, linears, qlinear
+from cafeq_jax.models import decoder
+from cafeq_jax.models import linears
+from cafeq_jax.models import qlinear
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -34,10 +36,21 @@ def _randomize(model: 'torch.nn.Module', seed: int) -> None:
 
 def tiny_gemma2(seed: int = 0):
   config = transformers.Gemma2Config(
-      vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-      num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
-      sliding_window=4, attn_logit_softcapping=5.0, final_logit_softcapping=10.0,
-      rope_theta=10_000.0, max_position_embeddings=64, attn_implementation='eager')
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    query_pre_attn_scalar=24,
+    sliding_window=4,
+    attn_logit_softcapping=5.0,
+    final_logit_softcapping=10.0,
+    rope_theta=10_000.0,
+    max_position_embeddings=64,
+    attn_implementation='eager',
+  )
   torch.manual_seed(seed)
   model = transformers.Gemma2ForCausalLM(config).eval()
   _randomize(model, seed)
@@ -46,9 +59,18 @@ def tiny_gemma2(seed: int = 0):
 
 def tiny_llama(seed: int = 0, tie: bool = False):
   config = transformers.LlamaConfig(
-      vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=50_000.0,
-      rms_norm_eps=1e-5, max_position_embeddings=64, tie_word_embeddings=tie)
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rope_theta=50_000.0,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=64,
+    tie_word_embeddings=tie,
+  )
   torch.manual_seed(seed)
   model = transformers.LlamaForCausalLM(config).eval()
   _randomize(model, seed)
@@ -75,7 +97,10 @@ def test_config_from_hf_gemma2_reads_window_softcaps_and_pattern():
   assert cfg.family == 'gemma2'
   assert cfg.attention_types == ('local', 'global', 'local')
   assert (cfg.sliding_window_size, cfg.attn_logits_softcap, cfg.final_logit_softcap) == (
-      4, 5.0, 10.0)
+    4,
+    5.0,
+    10.0,
+  )
   assert cfg.query_pre_attn_scalar == 24 and cfg.norm_scale_plus_one and cfg.use_post_norms
 
 
@@ -87,12 +112,14 @@ def test_gemma2_logits_match_transformers_beyond_sliding_window():
   ours = np.asarray(decoder.forward(params, cfg, jnp.asarray(tokens)))
   np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
   # The window matters: treating local layers as global changes the late logits.
-  glob = np.asarray(decoder.forward(params, cfg.replace(attention_pattern=('global',)),
-                                    jnp.asarray(tokens)))
+  glob = np.asarray(
+    decoder.forward(params, cfg.replace(attention_pattern=('global',)), jnp.asarray(tokens))
+  )
   assert np.abs(glob[:, 8:] - ref[:, 8:]).max() > 100 * ATOL
   # So does the attention-logit soft-cap.
-  uncapped = np.asarray(decoder.forward(params, cfg.replace(attn_logits_softcap=None),
-                                        jnp.asarray(tokens)))
+  uncapped = np.asarray(
+    decoder.forward(params, cfg.replace(attn_logits_softcap=None), jnp.asarray(tokens))
+  )
   assert np.abs(uncapped - ref).max() > 100 * ATOL
 
 
@@ -103,8 +130,11 @@ def test_llama_gqa_logits_match_transformers(tie):
   assert cfg.tie_embeddings == tie and ('unembed' in params) == (not tie)
   tokens = _tokens(2, 12, cfg.vocab_size)
   np.testing.assert_allclose(
-      np.asarray(decoder.forward(params, cfg, jnp.asarray(tokens))),
-      _hf_logits(model, tokens), atol=ATOL, rtol=0)
+    np.asarray(decoder.forward(params, cfg, jnp.asarray(tokens))),
+    _hf_logits(model, tokens),
+    atol=ATOL,
+    rtol=0,
+  )
 
 
 def test_params_to_hf_inverts_params_from_hf():
@@ -126,10 +156,12 @@ def test_save_hf_loads_in_transformers_with_same_logits(tmp_path, family):
   assert sorted(os.listdir(out)) == [hf.EXPORT_MARKER, 'config.json', 'model.safetensors']
   assert os.listdir(tmp_path) == ['export']  # no temporary left behind
   loaded = transformers.AutoModelForCausalLM.from_pretrained(
-      out, attn_implementation='eager', dtype=torch.float32).eval()
+    out, attn_implementation='eager', dtype=torch.float32
+  ).eval()
   tokens = _tokens(1, SEQ_LEN, cfg.vocab_size, seed=3)
-  np.testing.assert_allclose(_hf_logits(loaded, tokens), _hf_logits(model, tokens),
-                             atol=ATOL, rtol=0)
+  np.testing.assert_allclose(
+    _hf_logits(loaded, tokens), _hf_logits(model, tokens), atol=ATOL, rtol=0
+  )
   # And our own loader reads it back exactly.
   params2, cfg2 = hf.load_hf(out)
   assert cfg2 == cfg
@@ -145,10 +177,12 @@ def test_save_hf_exports_quantized_params_as_effective_weights(tmp_path):
   qparams = dict(params)
   layer = dict(params['layer_0'])
   w = linears.leaf_to_matrix('gating_einsum', jnp.asarray(layer['mlp']['gating_einsum']), cfg)
-  minv = jnp.asarray(np.eye(k) + 0.1 * rng.standard_normal((cfg.embed_dim // k, k, k)),
-                     jnp.float32)
-  ql = qlinear.QuantizedLinear(weight=quantizer.quantize(w, spec), transform_inv=minv,
-                               shape=tuple(layer['mlp']['gating_einsum'].shape))
+  minv = jnp.asarray(np.eye(k) + 0.1 * rng.standard_normal((cfg.embed_dim // k, k, k)), jnp.float32)
+  ql = qlinear.QuantizedLinear(
+    weight=quantizer.quantize(w, spec),
+    transform_inv=minv,
+    shape=tuple(layer['mlp']['gating_einsum'].shape),
+  )
   layer['mlp'] = {**layer['mlp'], 'gating_einsum': ql}
   qparams['layer_0'] = layer
   out = hf.save_hf(qparams, cfg, tmp_path / 'q')
@@ -165,8 +199,9 @@ def test_params_from_hf_names_tensor_and_both_shapes_on_mismatch():
   sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
   cfg = hf.config_from_hf(model.config.to_dict())
   sd['model.layers.1.mlp.up_proj.weight'] = np.zeros((95, 64), np.float32)
-  with pytest.raises(ValueError,
-                     match=r"model.layers.1.mlp.up_proj.weight.*\(95, 64\).*\(96, 64\)"):
+  with pytest.raises(
+    ValueError, match=r'model.layers.1.mlp.up_proj.weight.*\(95, 64\).*\(96, 64\)'
+  ):
     hf.params_from_hf(sd, cfg)
 
 
@@ -201,5 +236,6 @@ def test_config_from_hf_rejects_unsupported_models():
 
 def test_default_transformers_gemma2_config_is_our_gemma2_2b_preset():
   from cafeq_jax.models import config as config_lib
+
   ours = hf.config_from_hf(transformers.Gemma2Config().to_dict())
   assert ours == config_lib.get_config('gemma2_2b')

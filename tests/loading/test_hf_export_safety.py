@@ -14,7 +14,8 @@ import pytest
 
 from cafeq_jax import atomic
 from cafeq_jax.loading import hf
-from cafeq_jax.models import PRESETS, init_params
+from cafeq_jax.models import PRESETS
+from cafeq_jax.models import init_params
 
 CFG = PRESETS['tiny_llama']
 
@@ -34,7 +35,7 @@ def test_save_hf_refuses_a_foreign_directory_and_a_regular_file(tmp_path, params
   out.mkdir()
   (out / 'tokenizer.json').write_text('{"mine": 1}')
   (out / 'notes.txt').write_text('keep me')
-  with pytest.raises(FileExistsError, match=r"not empty .*notes.txt.*not written by save_hf"):
+  with pytest.raises(FileExistsError, match=r'not empty .*notes.txt.*not written by save_hf'):
     hf.save_hf(params, CFG, out)
   assert sorted(os.listdir(out)) == ['notes.txt', 'tokenizer.json']
   assert (out / 'notes.txt').read_text() == 'keep me'
@@ -65,6 +66,7 @@ def test_interrupted_export_leaves_the_previous_one(tmp_path, params, monkeypatc
 
   def interrupt(*args):
     raise KeyboardInterrupt
+
   monkeypatch.setattr(atomic, 'replace_dir', interrupt)
   with pytest.raises(KeyboardInterrupt):
     hf.save_hf(init_params(CFG, jax.random.PRNGKey(1)), CFG, out)
@@ -80,19 +82,23 @@ def test_load_hf_errors_name_the_file(tmp_path, params):
   config = out / 'config.json'
   good = config.read_text()
   config.write_text('[1, 2]')
-  with pytest.raises(ValueError, match=r'config.json: a Hugging Face config must be a JSON '
-                                       r'object \(dict\); got a list'):
+  with pytest.raises(
+    ValueError,
+    match=r'config.json: a Hugging Face config must be a JSON '
+    r'object \(dict\); got a list',
+  ):
     hf.load_hf(out)
   d = json.loads(good)
   d['hidden_size'] = [64]
   config.write_text(json.dumps(d))
-  with pytest.raises(ValueError, match='config.json: Hugging Face config has a field of the '
-                                       'wrong type'):
+  with pytest.raises(
+    ValueError, match='config.json: Hugging Face config has a field of the wrong type'
+  ):
     hf.load_hf(out)
   config.write_text(good)
   weights = out / 'model.safetensors'
   blob = weights.read_bytes()
-  weights.write_bytes(blob[:len(blob) // 2])
+  weights.write_bytes(blob[: len(blob) // 2])
   with pytest.raises(ValueError, match=r'model.safetensors.* could not be read as safetensors'):
     hf.load_hf(out)
   with pytest.raises(ValueError, match='does not match the sha256'):

@@ -15,21 +15,32 @@ import numpy as np
 
 from cafeq_jax import recipes
 from cafeq_jax.methods import quantize
-from cafeq_jax.models import PRESETS, QuantizedLinear, init_params
+from cafeq_jax.models import PRESETS
+from cafeq_jax.models import QuantizedLinear
+from cafeq_jax.models import init_params
 
 MODELS = ('tiny_llama', 'tiny_gemma2')
 SPECS = (dict(bits=3, group_size=32), dict(bits=4, group_size=None, symmetric=True))
 # Small optimisation / sampling settings so that every preset runs in seconds.
-SMALL = {'transform.block_size': 32, 'transform.steps': 6, 'transform.eval_every': 3,
-         'transform.columns_per_step': None, 'pairs.steps': 6, 'pairs.eval_every': 3,
-         'rounding.rounds': 2, 'statistics.num_seqs': 4, 'statistics.seq_len': 12}
+SMALL = {
+  'transform.block_size': 32,
+  'transform.steps': 6,
+  'transform.eval_every': 3,
+  'transform.columns_per_step': None,
+  'pairs.steps': 6,
+  'pairs.eval_every': 3,
+  'rounding.rounds': 2,
+  'statistics.num_seqs': 4,
+  'statistics.seq_len': 12,
+}
 
 
 def digest(qparams) -> dict[str, str]:
   """sha256 (16 hex digits) of every leaf: codes, scales, zeros, transforms."""
   out = {}
   flat = jax.tree_util.tree_flatten_with_path(
-      qparams, is_leaf=lambda x: isinstance(x, QuantizedLinear))[0]
+    qparams, is_leaf=lambda x: isinstance(x, QuantizedLinear)
+  )[0]
   for path, leaf in flat:
     if isinstance(leaf, QuantizedLinear):
       w = leaf.weight
@@ -51,12 +62,17 @@ def cases():
   for model in MODELS:
     cfg = PRESETS[model]
     params = init_params(cfg, jax.random.PRNGKey(1))
-    calib = np.asarray(jax.random.randint(jax.random.PRNGKey(7), (4, 12), 0, cfg.vocab_size),
-                       np.int32)
+    calib = np.asarray(
+      jax.random.randint(jax.random.PRNGKey(7), (4, 12), 0, cfg.vocab_size), np.int32
+    )
     for spec in SPECS:
       for name in recipes.names():
-        recipe = recipes.get(name, spec=recipes.quantizer.QuantSpec(**spec), strict=False,
-                             **{k.replace('.', '__'): v for k, v in SMALL.items()})
+        recipe = recipes.get(
+          name,
+          spec=recipes.quantizer.QuantSpec(**spec),
+          strict=False,
+          **{k.replace('.', '__'): v for k, v in SMALL.items()},
+        )
         tokens = calib if isinstance(recipe.statistics, recipes.Calibration) else None
         yield f'{model}/{recipe.spec.name}/{name}', cfg, params, recipe, tokens
 

@@ -24,8 +24,9 @@ import signal
 import sys
 
 if len(sys.argv) > 1 and sys.argv[1] == 'mesh':
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             ' --xla_force_host_platform_device_count=8')
+  os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+  )
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -38,10 +39,17 @@ from cafeq_jax import recipes  # pylint: disable=g-import-not-at-top,wrong-impor
 # The cafeq-single preset (learned single transforms) with Hadamard init (per-unit
 # keys) and column subsets (keep-best evaluation folded into the step) of gate and
 # up: one stack of 4 units (2 layers x 2 matrices) of 64x128 (one shape: one compile).
-RECIPE = recipes.get('cafeq-single', spec=quantizer.QuantSpec(bits=3, group_size=32),
-                     matrices=('gate', 'up'), transform__block_size=32, transform__steps=6,
-                     transform__init='hadamard', transform__columns_per_step=32,
-                     transform__eval_every=2, transform__learning_rate=1e-2)
+RECIPE = recipes.get(
+  'cafeq-single',
+  spec=quantizer.QuantSpec(bits=3, group_size=32),
+  matrices=('gate', 'up'),
+  transform__block_size=32,
+  transform__steps=6,
+  transform__init='hadamard',
+  transform__columns_per_step=32,
+  transform__eval_every=2,
+  transform__learning_rate=1e-2,
+)
 CHECKPOINT_EVERY = 2
 
 
@@ -50,15 +58,16 @@ def tiny_model(name: str = 'tiny_llama', seed: int = 0):
   cfg = models.get_config(name)
   shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.PRNGKey(0)))
   rng = np.random.default_rng(seed)
-  params = jax.tree.map(
-      lambda s: (0.02 * rng.laplace(size=s.shape)).astype(np.float32), shapes)
+  params = jax.tree.map(lambda s: (0.02 * rng.laplace(size=s.shape)).astype(np.float32), shapes)
   return cfg, params
 
 
 def flatten(tree, prefix: str = '') -> dict[str, np.ndarray]:
   """``{keystr(path): numpy leaf}`` of a (quantized) param tree."""
-  return {prefix + jax.tree_util.keystr(p): np.asarray(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    prefix + jax.tree_util.keystr(p): np.asarray(x)
+    for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def assert_same_flat(got: dict, ref: dict, atol: float) -> None:
@@ -82,8 +91,10 @@ def _error(fn) -> str:
 
 
 def run_mesh(out: dict) -> None:
-  from cafeq_jax.distributed import make_mesh  # pylint: disable=g-import-not-at-top
   from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+
+  from cafeq_jax.distributed import make_mesh  # pylint: disable=g-import-not-at-top
+
   cfg, params = tiny_model()
   out['device_count'] = jax.device_count()
   ref, _ = methods.quantize(params, cfg, RECIPE)
@@ -92,23 +103,31 @@ def run_mesh(out: dict) -> None:
 
   def record(unit, step, state):
     if step == 1:
-      layouts.append(f'{unit}:{state.transform.skew.sharding.spec}:'
-                     f'{state.transform.skew.addressable_shards[0].data.shape[0]}')
+      layouts.append(
+        f'{unit}:{state.transform.skew.sharding.spec}:'
+        f'{state.transform.skew.addressable_shards[0].data.shape[0]}'
+      )
 
   mesh8 = make_mesh()
-  q8, _ = methods.quantize(params, cfg, RECIPE, mesh=mesh8,
-                           run_options=methods.RunOptions(callback=record))
+  q8, _ = methods.quantize(
+    params, cfg, RECIPE, mesh=mesh8, run_options=methods.RunOptions(callback=record)
+  )
   out.update(flatten(q8, 'mesh8'))
   out['layouts'] = np.array(layouts)
-  out['err_unpadded'] = _error(lambda: methods.quantize(
-      params, cfg, RECIPE, run_options=methods.RunOptions(mesh=mesh8, pad=False)))
-  out['err_axis'] = _error(lambda: methods.quantize(
-      params, cfg, RECIPE, mesh=Mesh(np.asarray(jax.devices()), ('data',))))
+  out['err_unpadded'] = _error(
+    lambda: methods.quantize(
+      params, cfg, RECIPE, run_options=methods.RunOptions(mesh=mesh8, pad=False)
+    )
+  )
+  out['err_axis'] = _error(
+    lambda: methods.quantize(params, cfg, RECIPE, mesh=Mesh(np.asarray(jax.devices()), ('data',)))
+  )
 
 
 def run_multihost(out: dict) -> None:
   from cafeq_jax.distributed import make_mesh  # pylint: disable=g-import-not-at-top
   from cafeq_jax.distributed import multihost  # pylint: disable=g-import-not-at-top
+
   info = multihost.initialize_from_env(initialization_timeout=120)
   out['process_count'], out['process_index'] = info.process_count, info.process_index
   cfg, params = tiny_model()
@@ -118,8 +137,7 @@ def run_multihost(out: dict) -> None:
     if step == 1:
       shares.append(f'{unit}:{state.transform.skew.shape[0]}')
 
-  split, _ = methods.quantize(params, cfg, RECIPE,
-                              run_options=methods.RunOptions(callback=record))
+  split, _ = methods.quantize(params, cfg, RECIPE, run_options=methods.RunOptions(callback=record))
   out.update(flatten(split, 'split'))
   out['shares'] = np.array(shares)
   glob, _ = methods.quantize(params, cfg, RECIPE, mesh=make_mesh())
@@ -141,9 +159,15 @@ def run_checkpoint(out: dict, ckpt_dir: str) -> None:
     if unit == kill_unit and step == kill_step:
       os.kill(os.getpid(), signal.SIGKILL)
 
-  q, _ = methods.quantize(params, cfg, RECIPE, checkpoint_dir=ckpt_dir,
-                          checkpoint_every=CHECKPOINT_EVERY, layers_per_chunk=1,
-                          run_options=methods.RunOptions(callback=maybe_die))
+  q, _ = methods.quantize(
+    params,
+    cfg,
+    RECIPE,
+    checkpoint_dir=ckpt_dir,
+    checkpoint_every=CHECKPOINT_EVERY,
+    layers_per_chunk=1,
+    run_options=methods.RunOptions(callback=maybe_die),
+  )
   out.update(flatten(q, 'resumed'))
   out['steps_seen'] = np.array(seen)
   ref, _ = methods.quantize(params, cfg, RECIPE, layers_per_chunk=1)

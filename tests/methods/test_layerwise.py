@@ -44,13 +44,16 @@ def _device_peak_mib():
   return max(peaks) / 2**20 if peaks else None
 
 
-@pytest.mark.parametrize('name, recipe, chunk, atol', [
+@pytest.mark.parametrize(
+  'name, recipe, chunk, atol',
+  [
     ('tiny_gemma2', recipes.get('rtn', spec=SPEC), 2, 0.0),
     ('tiny_llama', recipes.get('hadamard', spec=SPEC, transform__block_size=32), 1, 0.0),
     # Learned transforms (Hadamard init, column subsets): stacks of 2 instead of
     # 4 units fuse reductions differently, so transforms agree to rounding.
     ('tiny_llama', worker.RECIPE, 1, 1e-5),
-])
+  ],
+)
 def test_layer_by_layer_equals_all_at_once(name, recipe, chunk, atol):
   cfg, params = worker.tiny_model(name)  # host numpy weights
   host_before = _host_peak_mib()

@@ -16,12 +16,17 @@ from cafeq_jax.models import config as model_config_lib
 from cafeq_jax.models import decoder
 from cafeq_jax.models import linears
 
-
 SPEC = qz.QuantSpec(bits=3, group_size=32)
 ALL = recipes.LINEAR_NAMES
 # The stages of a pairs recipe, as methods.quantize hands them to methods.paired.
-RECIPE = recipes.get('cafeq-pairs-ar', spec=SPEC, pairs__loss='product', pairs__steps=20,
-                     pairs__learning_rate=1e-2, rounding__rounds=2)
+RECIPE = recipes.get(
+  'cafeq-pairs-ar',
+  spec=SPEC,
+  pairs__loss='product',
+  pairs__steps=20,
+  pairs__learning_rate=1e-2,
+  rounding__rounds=2,
+)
 PAIRS, ADAPTIVE = RECIPE.pairs, RECIPE.rounding
 
 
@@ -30,19 +35,24 @@ def _model(name):
   params = decoder.init_params(cfg, jax.random.PRNGKey(0))
   # Make the weights far from isotropic so transforms matter (and folds are not ~I).
   rng = np.random.default_rng(0)
-  mats = {n: np.asarray(w) * (1 + 3 * rng.random(size=(1, 1, w.shape[-1]))) for n, w in
-          linears.get_linears(params, cfg).items()}
-  return cfg, linears.set_linears(params, cfg, {n: jnp.asarray(w, jnp.float32)
-                                               for n, w in mats.items()})
+  mats = {
+    n: np.asarray(w) * (1 + 3 * rng.random(size=(1, 1, w.shape[-1])))
+    for n, w in linears.get_linears(params, cfg).items()
+  }
+  return cfg, linears.set_linears(
+    params, cfg, {n: jnp.asarray(w, jnp.float32) for n, w in mats.items()}
+  )
 
 
 def _random_transforms(cfg, rng):
   L, K, hd, F = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_dim
   return {
-      'vo': jnp.asarray(np.eye(hd) + 0.3 * rng.normal(size=(L, K, hd, hd)), jnp.float32),
-      'qk': (jnp.asarray(0.5 * rng.normal(size=(L, K, hd // 2)), jnp.float32),
-             jnp.asarray(rng.uniform(-3, 3, size=(L, K, hd // 2)), jnp.float32)),
-      'updown': jnp.asarray(0.5 * rng.normal(size=(L, F)), jnp.float32),
+    'vo': jnp.asarray(np.eye(hd) + 0.3 * rng.normal(size=(L, K, hd, hd)), jnp.float32),
+    'qk': (
+      jnp.asarray(0.5 * rng.normal(size=(L, K, hd // 2)), jnp.float32),
+      jnp.asarray(rng.uniform(-3, 3, size=(L, K, hd // 2)), jnp.float32),
+    ),
+    'updown': jnp.asarray(0.5 * rng.normal(size=(L, F)), jnp.float32),
   }
 
 
@@ -68,14 +78,16 @@ def test_apply_pair_transforms_is_exact_and_reduces_product_error():
   tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 10), 0, cfg.vocab_size)
   new, report = paired.apply_pair_transforms(params, cfg, PAIRS, SPEC, ALL)
   want, got = decoder.forward(params, cfg, tokens), decoder.forward(new, cfg, tokens)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want),
-                             atol=2e-4 * float(jnp.abs(want).max()))
+  np.testing.assert_allclose(
+    np.asarray(got), np.asarray(want), atol=2e-4 * float(jnp.abs(want).max())
+  )
   assert set(report) == {'vo', 'qk', 'updown'}
   for kind, r in report.items():
     assert len(r['before']) == cfg.num_layers
     assert all(a <= b for a, b in zip(r['after'], r['before'])), (kind, r)
   assert sum(r['total_after'] for r in report.values()) < 0.97 * sum(
-      r['total_before'] for r in report.values())
+    r['total_before'] for r in report.values()
+  )
 
 
 def test_apply_pair_transforms_skips_pairs_of_unquantized_matrices():
@@ -86,8 +98,9 @@ def test_apply_pair_transforms_skips_pairs_of_unquantized_matrices():
   # The attention matrices are left exactly as they were.
   for name, w in linears.get_linears(params, cfg).items():
     if name in ('q', 'k', 'v', 'o', 'gate'):
-      np.testing.assert_array_equal(np.asarray(linears.get_linears(new, cfg)[name]),
-                                    np.asarray(w), err_msg=name)
+      np.testing.assert_array_equal(
+        np.asarray(linears.get_linears(new, cfg)[name]), np.asarray(w), err_msg=name
+      )
   _, report = paired.apply_pair_transforms(params, cfg, PAIRS, SPEC, ('q', 'k', 'v'))
   assert set(report) == {'vo', 'qk'}  # a pair is transformed when either matrix is
 
@@ -102,11 +115,21 @@ def test_adaptive_round_pairs_beats_rtn_per_layer():
     v, o = mats['v'][l], mats['o'][l]
     assert out[(l, 'v')].codes.shape == v.shape and out[(l, 'o')].codes.shape == o.shape
     err = rounding.pair_product_error(
-        v, o, qz.dequantize(out[(l, 'v')]), qz.dequantize(out[(l, 'o')]),
-        n1=cfg.num_kv_heads, n2=cfg.num_heads)
+      v,
+      o,
+      qz.dequantize(out[(l, 'v')]),
+      qz.dequantize(out[(l, 'o')]),
+      n1=cfg.num_kv_heads,
+      n2=cfg.num_heads,
+    )
     rtn = rounding.pair_product_error(
-        v, o, qz.quant_dequant(v, SPEC), qz.quant_dequant(o, SPEC),
-        n1=cfg.num_kv_heads, n2=cfg.num_heads)
+      v,
+      o,
+      qz.quant_dequant(v, SPEC),
+      qz.quant_dequant(o, SPEC),
+      n1=cfg.num_kv_heads,
+      n2=cfg.num_heads,
+    )
     np.testing.assert_allclose(float(rtn), hist[l, 0], rtol=1e-4)
     np.testing.assert_allclose(float(err), hist[l].min(), rtol=1e-4)  # the best candidate
     assert float(err) < 0.95 * float(rtn)
@@ -116,5 +139,7 @@ def test_adaptive_round_pairs_needs_both_v_and_o():
   cfg, params = _model('tiny_llama')
   assert paired.adaptive_round_pairs(params, cfg, ADAPTIVE, SPEC, ('q',)) == {}
   assert paired.adaptive_round_pairs(params, cfg, ADAPTIVE, SPEC, ('v', 'k')) == {}
-  assert paired.adaptive_round_pairs(params, cfg, ADAPTIVE, SPEC, ('q',),
-                                     return_history=True) == ({}, None)
+  assert paired.adaptive_round_pairs(params, cfg, ADAPTIVE, SPEC, ('q',), return_history=True) == (
+    {},
+    None,
+  )

@@ -25,8 +25,10 @@ sys.path.insert(0, HERE)
 import preset_codes  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_PREFIX = 'tiny_llama/w3g32asym/'
-REGENERATE = ('python -m tests.methods.preset_codes tests/methods/data/preset_codes.json '
-              '(only on purpose: when a change of the codes is intended)')
+REGENERATE = (
+  'python -m tests.methods.preset_codes tests/methods/data/preset_codes.json '
+  '(only on purpose: when a change of the codes is intended)'
+)
 
 
 def _record() -> dict[str, dict[str, str]]:
@@ -57,9 +59,12 @@ def _params():
 
 def test_record_covers_every_case_the_generator_makes():
   record = _record()
-  names = [f'{model}/{quantizer.QuantSpec(**spec).name}/{name}'
-           for model in preset_codes.MODELS for spec in preset_codes.SPECS
-           for name in recipes.names()]
+  names = [
+    f'{model}/{quantizer.QuantSpec(**spec).name}/{name}'
+    for model in preset_codes.MODELS
+    for spec in preset_codes.SPECS
+    for name in recipes.names()
+  ]
   assert sorted(record) == sorted(names)
   assert sum(c.startswith(DEFAULT_PREFIX) for c in record) == len(recipes.PRESETS) == 11
 
@@ -90,8 +95,7 @@ def test_preset_codes_match_the_record(case):
 
 
 def test_mismatch_message_names_the_leaves_and_how_to_regenerate():
-  msg = _mismatch_message('m/s/p', {'a': '1', 'b': '2', 'c': '3'},
-                          {'a': '1', 'b': '9', 'd': '4'})
-  assert "1 leaves differ: b" in msg
+  msg = _mismatch_message('m/s/p', {'a': '1', 'b': '2', 'c': '3'}, {'a': '1', 'b': '9', 'd': '4'})
+  assert '1 leaves differ: b' in msg
   assert "['d']" in msg and "['c']" in msg
   assert 'python -m tests.methods.preset_codes' in msg

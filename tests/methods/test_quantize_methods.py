@@ -29,8 +29,13 @@ from cafeq_jax.models import qlinear
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from np_reference import assert_runs_as_its_effective_weights, np_block_apply, np_dequantize
-from np_reference import leaf as _leaf, np_effective, np_qkv_input
+from np_reference import assert_runs_as_its_effective_weights
+from np_reference import leaf as _leaf
+from np_reference import np_block_apply
+from np_reference import np_dequantize
+from np_reference import np_effective
+from np_reference import np_qkv_input
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 SPEC = quantizer.QuantSpec(bits=3, group_size=32)
@@ -53,8 +58,9 @@ def test_rtn_equals_the_quantizer_on_every_matrix(tiny):
   kv = _leaf(qp, 0, ('attn', 'kv_einsum', 'w'))
   assert isinstance(kv, qlinear.QuantizedLinear) and kv.transform_inv is None
   qarrays, tinvs = linears.quantized_matrices(qp, cfg)
-  assert sorted(qarrays) == sorted((l, n) for l in range(cfg.num_layers)
-                                   for n in linears.LINEAR_NAMES)
+  assert sorted(qarrays) == sorted(
+    (l, n) for l in range(cfg.num_layers) for n in linears.LINEAR_NAMES
+  )
   for (l, n), q in qarrays.items():
     ref = quantizer.quantize(mats[n][l], SPEC)
     np.testing.assert_array_equal(np.asarray(q.codes), np.asarray(ref.codes), err_msg=n)
@@ -79,12 +85,14 @@ def test_hadamard_stores_an_exact_online_inverse(tiny):
   t = np.asarray(leaf.transform_inv, np.float64)
   assert t.shape == (2, 2, 32, 32)  # gate and up: one transform each (share=False)
   # Each block is a signed Hadamard matrix / sqrt(k): orthogonal, entries ±1/sqrt(32).
-  np.testing.assert_allclose(np.abs(t), 32 ** -0.5, rtol=1e-6)
-  np.testing.assert_allclose(np.einsum('...ij,...kj->...ik', t, t),
-                             np.broadcast_to(np.eye(32), t.shape), atol=1e-6)
+  np.testing.assert_allclose(np.abs(t), 32**-0.5, rtol=1e-6)
+  np.testing.assert_allclose(
+    np.einsum('...ij,...kj->...ik', t, t), np.broadcast_to(np.eye(32), t.shape), atol=1e-6
+  )
   mats = linears.get_linears(params, cfg)
-  np.testing.assert_allclose(np_effective(leaf), np.stack([mats['gate'][1], mats['up'][1]]),
-                             atol=2e-3)
+  np.testing.assert_allclose(
+    np_effective(leaf), np.stack([mats['gate'][1], mats['up'][1]]), atol=2e-3
+  )
   ref = models.forward(params, cfg, tokens)
   out = models.forward(qp, cfg, tokens)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=5e-2)
@@ -96,15 +104,22 @@ def test_hadamard_stores_an_exact_online_inverse(tiny):
   assert report.extra['block_size'] == 32
   # The signs come from the key.
   other, _ = methods.quantize(params, cfg, recipe, jax.random.PRNGKey(4))
-  assert not np.array_equal(np.asarray(other['layer_1']['mlp']['gating_einsum'].transform_inv),
-                            np.asarray(leaf.transform_inv))
+  assert not np.array_equal(
+    np.asarray(other['layer_1']['mlp']['gating_einsum'].transform_inv),
+    np.asarray(leaf.transform_inv),
+  )
 
 
 def test_cafeq_single_transforms_lower_the_proxy_deterministically(tiny):
   cfg, params, tokens = tiny
-  recipe = recipes.get('cafeq-single', **SMALL, matrices=('gate', 'up'),
-                       transform__block_size=32, transform__steps=15,
-                       transform__learning_rate=1e-2)
+  recipe = recipes.get(
+    'cafeq-single',
+    **SMALL,
+    matrices=('gate', 'up'),
+    transform__block_size=32,
+    transform__steps=15,
+    transform__learning_rate=1e-2,
+  )
   qp1, rep = methods.quantize(params, cfg, recipe, jax.random.PRNGKey(5))
   qp2, _ = methods.quantize(params, cfg, recipe, jax.random.PRNGKey(5))
   for a, b in zip(jax.tree.leaves(qp1), jax.tree.leaves(qp2)):
@@ -127,16 +142,17 @@ def test_gptq_under_shared_learned_transforms_equals_rtn_of_the_transformed_matr
   """Without right scales ``M = D1 R``, so ``H = M⁻ᵀ M⁻¹ = D1⁻²`` is diagonal: the
   error feedback vanishes and Frobenius GPTQ-form rounding gives RTN's codes."""
   cfg, params, tokens = tiny
-  learned = recipes.Learned(config=optimize.TransformConfig(block_size=32, steps=5),
-                            share=True)
-  recipe = recipes.Recipe(spec=SPEC, matrices=('gate', 'up'), transform=learned,
-                          rounding=recipes.GPTQ())
+  learned = recipes.Learned(config=optimize.TransformConfig(block_size=32, steps=5), share=True)
+  recipe = recipes.Recipe(
+    spec=SPEC, matrices=('gate', 'up'), transform=learned, rounding=recipes.GPTQ()
+  )
   qp, rep = methods.quantize(params, cfg, recipe, jax.random.PRNGKey(0))
   leaf = _leaf(qp, 0, ('mlp', 'gating_einsum'))
   assert leaf.transform_inv.shape == (2, 32, 32)  # one transform for gate and up
   assert rep.total('final') < rep.total('rtn')
-  qp_rtn, _ = methods.quantize(params, cfg, recipe.replace(rounding=recipes.RTN()),
-                               jax.random.PRNGKey(0))
+  qp_rtn, _ = methods.quantize(
+    params, cfg, recipe.replace(rounding=recipes.RTN()), jax.random.PRNGKey(0)
+  )
   for a, b in zip(jax.tree.leaves(qp), jax.tree.leaves(qp_rtn)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert_runs_as_its_effective_weights(qp, params, cfg, tokens)
@@ -162,14 +178,26 @@ def test_round_matrices_gptq_rounds_mw_under_the_transform_gram(act_order):
   for l in range(2):
     v = np_block_apply(m[l], w[l])
     t = np.asarray(transforms.block_diag(m_inv[l]), np.float64)
-    want = rounding.gptq_round(jnp.asarray(v, jnp.float32), jnp.asarray(t.T @ t, jnp.float32),
-                               SPEC, damp=0.05, block=32, act_order=act_order)
+    want = rounding.gptq_round(
+      jnp.asarray(v, jnp.float32),
+      jnp.asarray(t.T @ t, jnp.float32),
+      SPEC,
+      damp=0.05,
+      block=32,
+      act_order=act_order,
+    )
     np.testing.assert_array_equal(np.asarray(qa[(l, 'down')].codes), np.asarray(want.codes))
     np.testing.assert_array_equal(np.asarray(tinvs[(l, 'down')]), np.asarray(m_inv[l]))
-  flipped, _ = single.round_matrices({'down': w}, {'down': [0, 1]}, blocks, SPEC,
-                                     recipes.GPTQ(damp=0.05, act_order=not act_order, block=32))
-  assert not np.array_equal(np.asarray(flipped[(0, 'down')].codes),
-                            np.asarray(qa[(0, 'down')].codes))
+  flipped, _ = single.round_matrices(
+    {'down': w},
+    {'down': [0, 1]},
+    blocks,
+    SPEC,
+    recipes.GPTQ(damp=0.05, act_order=not act_order, block=32),
+  )
+  assert not np.array_equal(
+    np.asarray(flipped[(0, 'down')].codes), np.asarray(qa[(0, 'down')].codes)
+  )
 
 
 def test_round_matrices_gptq_under_orthogonal_transforms_is_rtn():
@@ -183,8 +211,9 @@ def test_round_matrices_gptq_under_orthogonal_transforms_is_rtn():
       ref = quantizer.quantize(transforms.apply_left(m[l], w[l]), SPEC)
       np.testing.assert_array_equal(np.asarray(qa[(l, 'down')].codes), np.asarray(ref.codes))
   with pytest.raises(ValueError, match='needs methods.sequential.round_sequential'):
-    single.round_matrices({'down': w}, {'down': [0]}, {}, SPEC,
-                          recipes.GPTQ(statistics=recipes.SelfGenerated()))
+    single.round_matrices(
+      {'down': w}, {'down': [0]}, {}, SPEC, recipes.GPTQ(statistics=recipes.SelfGenerated())
+    )
 
 
 def test_quantize_arguments_are_checked(tiny):
@@ -196,8 +225,9 @@ def test_quantize_arguments_are_checked(tiny):
   with pytest.raises(TypeError, match=r'recipe must be a cafeq_jax.recipes.Recipe.*got dict'):
     methods.quantize(params, cfg, {'method': 'rtn'})
   with pytest.raises(ValueError, match='block_size=48 does not divide d_in=64'):
-    methods.quantize(params, cfg, recipes.get('cafeq-single', **SMALL, matrices=MLP,
-                                              transform__block_size=48))
+    methods.quantize(
+      params, cfg, recipes.get('cafeq-single', **SMALL, matrices=MLP, transform__block_size=48)
+    )
   with pytest.raises(ValueError, match='block_size=128 does not divide d_in=64'):
     methods.quantize(params, cfg, recipes.get('hadamard', **SMALL, transform__block_size=128))
 
@@ -207,8 +237,9 @@ def test_cafeq_sg_statistics_are_self_generated_deterministic_and_beat_rtn(tiny)
   under its Σ on them, layer by layer, behind shared Hadamard online transforms; same
   key -> same codes; layer 0's q loss is ||X(W - Ŵ)||² on exactly those tokens."""
   cfg, params, tokens = tiny
-  recipe = recipes.get('cafeq-sg', **SMALL, transform__block_size=32,
-                       statistics__num_seqs=4, statistics__seq_len=12)
+  recipe = recipes.get(
+    'cafeq-sg', **SMALL, transform__block_size=32, statistics__num_seqs=4, statistics__seq_len=12
+  )
   key = jax.random.PRNGKey(0)
   qp1, rep = methods.quantize(params, cfg, recipe, key)
   qp2, _ = methods.quantize(params, cfg, recipe, key)

@@ -22,7 +22,9 @@ R = recipes
 # Stage validation.
 
 
-@pytest.mark.parametrize('make, match', [
+@pytest.mark.parametrize(
+  'make, match',
+  [
     (lambda: R.Recipe(spec=dict(bits=5)), 'bits=5'),
     (lambda: R.Recipe(spec=dict(bits=3, group_size=100)), 'group_size=100'),
     (lambda: R.Recipe(matrices=('q', 'k')), r"\('k', 'v'\) share one param leaf"),
@@ -55,13 +57,16 @@ R = recipes
     (lambda: R.SelfGenerated(batch_size=0), 'batch_size=0'),
     (lambda: R.Calibration(num_seqs=0), 'num_seqs=0'),
     (lambda: R.Calibration(seq_len=1), 'seq_len=1'),
-])
+  ],
+)
 def test_bad_stage_values_raise_value_errors_naming_the_value(make, match):
   with pytest.raises(ValueError, match=match):
     make()
 
 
-@pytest.mark.parametrize('make, match', [
+@pytest.mark.parametrize(
+  'make, match',
+  [
     (lambda: R.Recipe(matrices='q'), 'not the string'),
     (lambda: R.Recipe(spec='w4g128'), 'spec must be a QuantSpec'),
     (lambda: R.Recipe(transform='random'), 'transform must be Hadamard | Learned | None'),
@@ -73,7 +78,8 @@ def test_bad_stage_values_raise_value_errors_naming_the_value(make, match):
     (lambda: R.GPTQ(statistics=R.RTN()), 'GPTQ.statistics must be'),
     (lambda: R.GPTQ(act_order=1), 'act_order=1 must be a bool'),
     (lambda: R.PairTransforms(kinds='vo'), 'sequence of pair kinds'),
-])
+  ],
+)
 def test_wrong_stage_types_raise_type_errors(make, match):
   with pytest.raises(TypeError, match=match):
     make()
@@ -106,30 +112,40 @@ def test_statistics_with_rtn_rounding_cannot_be_written():
 
 
 def test_strings_and_mappings_are_normalised_to_their_types():
-  r = R.Recipe(spec=dict(bits=3, group_size=64), matrices=['down', 'q'],
-               pairs=R.PairTransforms(kinds=['updown', 'vo']),
-               rounding=R.PairAdaptive(solver='rtn'))
+  r = R.Recipe(
+    spec=dict(bits=3, group_size=64),
+    matrices=['down', 'q'],
+    pairs=R.PairTransforms(kinds=['updown', 'vo']),
+    rounding=R.PairAdaptive(solver='rtn'),
+  )
   assert r.spec == quantizer.QuantSpec(bits=3, group_size=64)
   assert r.matrices == ('q', 'down')  # canonical order
   assert r.pairs.kinds == (R.PairKind.UPDOWN, R.PairKind.VO)
   assert all(type(k) is R.PairKind for k in r.pairs.kinds)
   assert r.rounding.solver is R.Solver.RTN
-  t = optimize.TransformConfig(schedule='constant', init='hadamard', optimizer='adamw',
-                               ste='full')
+  t = optimize.TransformConfig(schedule='constant', init='hadamard', optimizer='adamw', ste='full')
   assert t.schedule is optimize.Schedule.CONSTANT
   assert t.init is transforms.TransformInit.HADAMARD
   assert t.optimizer is optimize.Optimizer.ADAMW
   assert t.ste is proxy.Ste.FULL
   # A StrEnum member equals its string: configs from strings and members agree.
-  assert t == optimize.TransformConfig(schedule=optimize.Schedule.CONSTANT,
-                                       init=transforms.TransformInit.HADAMARD,
-                                       optimizer=optimize.Optimizer.ADAMW, ste=proxy.Ste.FULL)
+  assert t == optimize.TransformConfig(
+    schedule=optimize.Schedule.CONSTANT,
+    init=transforms.TransformInit.HADAMARD,
+    optimizer=optimize.Optimizer.ADAMW,
+    ste=proxy.Ste.FULL,
+  )
 
 
 def test_statistics_and_sequential_follow_the_rounding_stage():
-  expected = {'rtn': (None, False), 'cafeq-single': (None, False),
-              'cafeq-pairs-ar': (None, False), 'cafeq-sg': (R.SelfGenerated, True),
-              'gptq': (R.Calibration, True), 'gptq-selfgen': (R.SelfGenerated, True)}
+  expected = {
+    'rtn': (None, False),
+    'cafeq-single': (None, False),
+    'cafeq-pairs-ar': (None, False),
+    'cafeq-sg': (R.SelfGenerated, True),
+    'gptq': (R.Calibration, True),
+    'gptq-selfgen': (R.SelfGenerated, True),
+  }
   for name, (stats_type, sequential) in expected.items():
     r = R.PRESETS[name]
     assert (r.statistics is None) == (stats_type is None), name
@@ -145,19 +161,38 @@ def test_statistics_and_sequential_follow_the_rounding_stage():
 
 
 def test_get_sets_the_quantizer_and_overrides_reach_nested_core_configs():
-  r = R.get('cafeq-single', bits=2, group_size=None, symmetric=True,
-            transform__block_size=32, transform__steps=7, transform__learning_rate=1e-3,
-            transform__schedule='constant', transform__init='hadamard')
-  assert r.spec == quantizer.QuantSpec(bits=2, group_size=None, symmetric=True,
-                                       group_fallback=True)
+  r = R.get(
+    'cafeq-single',
+    bits=2,
+    group_size=None,
+    symmetric=True,
+    transform__block_size=32,
+    transform__steps=7,
+    transform__learning_rate=1e-3,
+    transform__schedule='constant',
+    transform__init='hadamard',
+  )
+  assert r.spec == quantizer.QuantSpec(bits=2, group_size=None, symmetric=True, group_fallback=True)
   t = r.transform.config
   assert (t.block_size, t.steps, t.learning_rate, t.schedule, t.init) == (
-      32, 7, 1e-3, 'constant', 'hadamard')
+    32,
+    7,
+    1e-3,
+    'constant',
+    'hadamard',
+  )
   assert t.schedule is optimize.Schedule.CONSTANT
   assert t.columns_per_step == 256  # the preset's own value is kept
   assert r.transform.block_size == 32
-  p = R.get('cafeq', pairs__steps=3, pairs__loss='product', pairs__kinds=('vo',),
-            statistics__num_seqs=5, rounding__damp=0.1, transform__share=False)
+  p = R.get(
+    'cafeq',
+    pairs__steps=3,
+    pairs__loss='product',
+    pairs__kinds=('vo',),
+    statistics__num_seqs=5,
+    rounding__damp=0.1,
+    transform__share=False,
+  )
   assert (p.pairs.opt.steps, p.pairs.opt.loss, p.pairs.kinds) == (3, 'product', ('vo',))
   assert p.statistics.num_seqs == 5 and p.statistics.seq_len == 256
   assert p.rounding.damp == 0.1 and p.rounding.act_order
@@ -168,14 +203,27 @@ def test_get_sets_the_quantizer_and_overrides_reach_nested_core_configs():
 
 def test_override_equals_get_and_is_validated_again():
   base = R.PRESETS['cafeq-sg']
-  a = R.override(base, {'transform.block_size': 32, 'statistics.seq_len': 16,
-                        'spec.bits': 2, 'matrices': ('gate', 'up', 'down')})
+  a = R.override(
+    base,
+    {
+      'transform.block_size': 32,
+      'statistics.seq_len': 16,
+      'spec.bits': 2,
+      'matrices': ('gate', 'up', 'down'),
+    },
+  )
   assert a.transform == R.Hadamard(block_size=32, share=True)
   assert a.statistics.seq_len == 16 and a.spec.bits == 2
   assert a.matrices == ('gate', 'up', 'down')
   assert base.transform.block_size == 64  # presets are not modified
-  b = R.get('cafeq-sg', spec=base.spec, transform__block_size=32, statistics__seq_len=16,
-            spec__bits=2, matrices=('gate', 'up', 'down'))
+  b = R.get(
+    'cafeq-sg',
+    spec=base.spec,
+    transform__block_size=32,
+    statistics__seq_len=16,
+    spec__bits=2,
+    matrices=('gate', 'up', 'down'),
+  )
   assert a == b
   with pytest.raises(ValueError, match='seq_len=1'):
     R.override(base, {'statistics.seq_len': 1})
@@ -187,23 +235,27 @@ def test_override_equals_get_and_is_validated_again():
 
 def test_overrides_of_one_stage_are_applied_together_whatever_their_order():
   base = R.get('cafeq-single', transform__init='hadamard', transform__block_size=32)
-  for order in ((('transform.block_size', 48), ('transform.init', 'identity')),
-                (('transform.init', 'identity'), ('transform.block_size', 48))):
+  for order in (
+    (('transform.block_size', 48), ('transform.init', 'identity')),
+    (('transform.init', 'identity'), ('transform.block_size', 48)),
+  ):
     r = R.override(base, dict(order))
     assert (r.transform.config.block_size, r.transform.config.init) == (48, 'identity')
   # Spec fields too, and a bad combination is still refused as a whole.
   r = R.override(base, {'spec.group_size': None, 'spec.symmetric': True, 'spec.bits': 2})
-  assert r.spec == quantizer.QuantSpec(bits=2, group_size=None, symmetric=True,
-                                       group_fallback=True)
+  assert r.spec == quantizer.QuantSpec(bits=2, group_size=None, symmetric=True, group_fallback=True)
   with pytest.raises(ValueError, match='power-of-two'):
     R.override(base, {'transform.block_size': 48})
   # A whole core config and one of its fields: the field applies to the new config.
-  r = R.override(base, {'transform.config': optimize.TransformConfig(block_size=16),
-                        'transform.steps': 5})
+  r = R.override(
+    base, {'transform.config': optimize.TransformConfig(block_size=16), 'transform.steps': 5}
+  )
   assert r.transform.config == optimize.TransformConfig(block_size=16, steps=5)
 
 
-@pytest.mark.parametrize('key, match', [
+@pytest.mark.parametrize(
+  'key, match',
+  [
     ('transform.stepz', r"no transform stage has a field 'stepz'; known: \[.*'steps'"),
     ('pairs.bogus', "no pairs stage has a field 'bogus'"),
     ('rounding.bogus', "no rounding stage has a field 'bogus'"),
@@ -211,21 +263,25 @@ def test_overrides_of_one_stage_are_applied_together_whatever_their_order():
     ('spec.bitz', "QuantSpec has no field 'bitz'"),
     ('foo.bar', 'expected <slot>.<field>'),
     ('transform', 'expected <slot>.<field>'),
-])
+  ],
+)
 def test_unknown_override_fields_are_errors_even_when_not_strict(key, match):
   for strict in (True, False):
     with pytest.raises(ValueError, match=match):
       R.override(R.PRESETS['cafeq'], {key: 1}, strict=strict)
 
 
-@pytest.mark.parametrize('name, key', [
+@pytest.mark.parametrize(
+  'name, key',
+  [
     ('hadamard', 'transform.steps'),  # a Learned field on a Hadamard transform
     ('rtn', 'transform.block_size'),  # no transform at all
     ('rtn', 'pairs.steps'),  # no pairs
     ('cafeq-sg', 'rounding.rounds'),  # a PairAdaptive field on GPTQ
     ('gptq', 'statistics.temperature'),  # a SelfGenerated field on Calibration
     ('cafeq-pairs-ar', 'statistics.num_seqs'),  # no statistics
-])
+  ],
+)
 def test_fields_of_another_stage_type_are_errors_only_when_strict(name, key):
   recipe = R.get(name)
   with pytest.raises(ValueError, match=f"override '{re.escape(key)}': the recipe '{name}'"):
@@ -271,24 +327,34 @@ def test_to_dict_names_each_stage_type_and_plain_values():
   d = R.PRESETS['cafeq'].to_dict()
   assert d['type'] == 'Recipe' and d['name'] == 'cafeq'
   assert d['pairs']['type'] == 'PairTransforms' and d['pairs']['kinds'] == ['vo', 'qk', 'updown']
-  assert d['pairs']['opt'] == {'type': 'PairOptConfig', 'loss': 'lse', 'steps': 200,
-                               'learning_rate': 5e-3, 'temperature': 0.05, 'eval_every': 5,
-                               'ste': 'round'}
+  assert d['pairs']['opt'] == {
+    'type': 'PairOptConfig',
+    'loss': 'lse',
+    'steps': 200,
+    'learning_rate': 5e-3,
+    'temperature': 0.05,
+    'eval_every': 5,
+    'ste': 'round',
+  }
   assert d['transform'] == {'type': 'Hadamard', 'block_size': 64, 'share': True}
   assert d['rounding']['statistics']['type'] == 'SelfGenerated'
   assert d['spec']['type'] == 'QuantSpec' and d['spec']['bits'] == 4
 
 
-@pytest.mark.parametrize('d, match', [
+@pytest.mark.parametrize(
+  'd, match',
+  [
     ({'type': 'Recipe', 'bitz': 3}, r"Recipe has no fields \['bitz'\]"),
-    ({'type': 'Recipe', 'transform': {'type': 'Hadamard', 'k': 3}},
-     r"Hadamard has no fields \['k'\]"),
+    (
+      {'type': 'Recipe', 'transform': {'type': 'Hadamard', 'k': 3}},
+      r"Hadamard has no fields \['k'\]",
+    ),
     ({'type': 'Recipe', 'transform': {'type': 'Rotation'}}, "unknown recipe component 'Rotation'"),
     ({'type': 'Hadamard', 'block_size': 64}, "expected a dict with type 'Recipe'.*'Hadamard'"),
     ({'name': 'rtn'}, "expected a dict with type 'Recipe'"),
-    ({'type': 'Recipe', 'transform': {'type': 'Hadamard', 'block_size': 48}},
-     'power-of-two'),
-])
+    ({'type': 'Recipe', 'transform': {'type': 'Hadamard', 'block_size': 48}}, 'power-of-two'),
+  ],
+)
 def test_from_dict_refuses_unknown_types_and_fields(d, match):
   with pytest.raises(ValueError, match=match):
     R.Recipe.from_dict(d)
@@ -296,7 +362,7 @@ def test_from_dict_refuses_unknown_types_and_fields(d, match):
 
 def _docstring_presets() -> dict[str, str]:
   doc = R.__doc__
-  section = doc[doc.index('Presets'):]
+  section = doc[doc.index('Presets') :]
   out = {}
   for line in section.splitlines()[1:]:
     m = re.match(r'^  (\S+)\s{2,}(\S.*)$', line)

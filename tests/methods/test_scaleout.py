@@ -45,9 +45,13 @@ def _env(**extra):
 
 
 def _start(mode, out, *args, **env):
-  return subprocess.Popen([sys.executable, WORKER, mode, str(out), *map(str, args)],
-                          env=_env(**env), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(
+    [sys.executable, WORKER, mode, str(out), *map(str, args)],
+    env=_env(**env),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def _finish(proc, timeout=400):
@@ -61,7 +65,7 @@ def _finish(proc, timeout=400):
 
 
 def _model_leaves(npz, prefix: str) -> dict[str, np.ndarray]:
-  return {k[len(prefix):]: npz[k] for k in npz.files if k.startswith(prefix + '[')}
+  return {k[len(prefix) :]: npz[k] for k in npz.files if k.startswith(prefix + '[')}
 
 
 def _assert_same_model(got: dict, ref: dict, atol: float = ATOL):
@@ -84,12 +88,17 @@ def test_quantize_over_a_mesh_matches_the_single_device_run(tmp_path):
   assert "expected an axis named 'stack'" in str(r['err_axis'])
 
 
-@pytest.mark.parametrize('change, match', [
-    ({'spec.group_size': 128}, r'd_in=64 of stack \(2, 64, 128\) is not '
-                               r'divisible by group_size=128'),
-    ({'transform.block_size': 48, 'transform.init': 'identity'},
-     'not divisible by block_size=48'),
-])
+@pytest.mark.parametrize(
+  'change, match',
+  [
+    (
+      {'spec.group_size': 128},
+      r'd_in=64 of stack \(2, 64, 128\) is not '
+      r'divisible by group_size=128',
+    ),
+    ({'transform.block_size': 48, 'transform.init': 'identity'}, 'not divisible by block_size=48'),
+  ],
+)
 def test_mesh_with_groups_or_blocks_not_dividing_d_in_fails_up_front(change, match):
   cfg, params = worker.tiny_model()
   recipe = recipes.override(worker.RECIPE, change)
@@ -114,11 +123,13 @@ def test_run_options_reject_bad_values_and_unsupported_combinations():
   with pytest.raises(ValueError, match='layers_per_chunk=0'):
     methods.quantize(params, cfg, worker.RECIPE, layers_per_chunk=0)
   with pytest.raises(ValueError, match=r"recipe 'gptq' \(calibration GPTQ\) takes no run options"):
-    methods.quantize(params, cfg, recipes.get('gptq'), mesh=make_mesh(),
-                     calib_tokens=np.zeros((1, 8), np.int32))
+    methods.quantize(
+      params, cfg, recipes.get('gptq'), mesh=make_mesh(), calib_tokens=np.zeros((1, 8), np.int32)
+    )
   with pytest.raises(ValueError, match='does not support pair transforms'):
-    methods.quantize(params, cfg, worker.RECIPE.replace(pairs=recipes.PairTransforms()),
-                     layers_per_chunk=1)
+    methods.quantize(
+      params, cfg, worker.RECIPE.replace(pairs=recipes.PairTransforms()), layers_per_chunk=1
+    )
   with pytest.raises(ValueError, match='does not support SelfGenerated statistics'):
     methods.quantize(params, cfg, recipes.get('cafeq-sg'), layers_per_chunk=1)
 
@@ -145,9 +156,16 @@ def _free_port() -> int:
 
 def test_two_processes_quantize_the_same_model_as_one(tmp_path):
   port = _free_port()
-  procs = [_start('multihost', tmp_path / f'p{pid}.npz',
-                  JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
-                  JAX_PROCESS_ID=str(pid)) for pid in range(2)]
+  procs = [
+    _start(
+      'multihost',
+      tmp_path / f'p{pid}.npz',
+      JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
+      JAX_NUM_PROCESSES='2',
+      JAX_PROCESS_ID=str(pid),
+    )
+    for pid in range(2)
+  ]
   try:
     cfg, params = worker.tiny_model()  # the single-process reference, meanwhile
     ref = worker.flatten(methods.quantize(params, cfg, worker.RECIPE)[0])

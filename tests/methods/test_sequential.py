@@ -26,7 +26,10 @@ from cafeq_jax.models import qlinear
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from np_reference import assert_runs_as_its_effective_weights, np_dequantize, np_qkv_input
+from np_reference import assert_runs_as_its_effective_weights
+from np_reference import np_dequantize
+from np_reference import np_qkv_input
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 SPEC = qz.QuantSpec(bits=3, group_size=32)
@@ -38,7 +41,9 @@ def _model(name):
   return cfg, decoder.init_params(cfg, jax.random.PRNGKey(0))
 
 
-@pytest.mark.parametrize('name', ['tiny_llama', pytest.param('tiny_gemma2', marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  'name', ['tiny_llama', pytest.param('tiny_gemma2', marks=pytest.mark.slow)]
+)
 def test_sublayer_methods_chain_to_the_logits_and_second_moments_are_their_sown_inputs(name):
   cfg, params = _model(name)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, cfg.vocab_size)
@@ -53,11 +58,13 @@ def test_sublayer_methods_chain_to_the_logits_and_second_moments_are_their_sown_
     sown = st['intermediates']['attn']
     np.testing.assert_array_equal(np.asarray(sown['qkv_input'][0]), np.asarray(xn))
     # Attention output == sown o input @ o.
-    attn, _ = decoder.Attention(cfg, attn_type).apply({'params': v['params']['attn']}, xn, pos,
-                                                      None, None, None)
+    attn, _ = decoder.Attention(cfg, attn_type).apply(
+      {'params': v['params']['attn']}, xn, pos, None, None, None
+    )
     o_in = sown['o_input'][0]
-    np.testing.assert_allclose(np.asarray(o_in @ mats['o'][l]), np.asarray(attn),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(o_in @ mats['o'][l]), np.asarray(attn), rtol=1e-4, atol=1e-5
+    )
     fn = block.apply(v, x_mid, method=Block.mlp_input)
     x, st = block.apply(v, x_mid, method=Block.feed_forward, mutable=['intermediates'])
     sown_mlp = st['intermediates']['mlp']
@@ -65,17 +72,22 @@ def test_sublayer_methods_chain_to_the_logits_and_second_moments_are_their_sown_
     # MLP output == sown down input @ down.
     mlp = decoder.MLP(cfg).apply({'params': v['params']['mlp']}, fn)
     down_in = sown_mlp['down_input'][0]
-    np.testing.assert_allclose(np.asarray(down_in @ mats['down'][l]), np.asarray(mlp),
-                               rtol=1e-4, atol=1e-5)
-    for names, a in ((('q', 'k', 'v'), xn), (('o',), o_in), (('gate', 'up'), fn),
-                     (('down',), down_in)):
+    np.testing.assert_allclose(
+      np.asarray(down_in @ mats['down'][l]), np.asarray(mlp), rtol=1e-4, atol=1e-5
+    )
+    for names, a in (
+      (('q', 'k', 'v'), xn),
+      (('o',), o_in),
+      (('gate', 'up'), fn),
+      (('down',), down_in),
+    ):
       a = np.asarray(a, np.float64).reshape(-1, a.shape[-1])
       for n in names:
         grams[n].append(a.T @ a / a.shape[0])
   x = decoder.RMSNorm(cfg.norm_scale_plus_one, cfg.norm_eps).apply(
-      {'params': params['final_norm']}, x)
-  w_out = params['embedder']['input_embedding'].T if cfg.tie_embeddings else params[
-      'unembed']['w']
+    {'params': params['final_norm']}, x
+  )
+  w_out = params['embedder']['input_embedding'].T if cfg.tie_embeddings else params['unembed']['w']
   logits = x @ w_out
   if cfg.final_logit_softcap:
     logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
@@ -84,8 +96,9 @@ def test_sublayer_methods_chain_to_the_logits_and_second_moments_are_their_sown_
   # The engine's second moments (one batch per sequence) are those of the sown inputs.
   hs = sequential.input_second_moments(params, cfg, tokens, batch_size=1)
   for n in linears.LINEAR_NAMES:
-    np.testing.assert_allclose(np.asarray(hs[n]), np.stack(grams[n]), rtol=1e-4, atol=1e-6,
-                               err_msg=n)
+    np.testing.assert_allclose(
+      np.asarray(hs[n]), np.stack(grams[n]), rtol=1e-4, atol=1e-6, err_msg=n
+    )
 
 
 def test_calibration_gptq_beats_rtn_and_its_report_measures_the_stored_weights():
@@ -114,9 +127,15 @@ def test_calibration_gptq_beats_rtn_and_its_report_measures_the_stored_weights()
     assert report['rtn_layer_loss'][n][0] == pytest.approx(rtn, rel=1e-3), n
     assert got < rtn, n
   # quantize() is the engine: the same codes from round_sequential directly.
-  direct, _ = sequential.round_sequential(params, cfg, tokens, spec=recipe.spec,
-                                          matrices=recipe.matrices,
-                                          rounding_stage=recipe.rounding, batch_size=2)
+  direct, _ = sequential.round_sequential(
+    params,
+    cfg,
+    tokens,
+    spec=recipe.spec,
+    matrices=recipe.matrices,
+    rounding_stage=recipe.rounding,
+    batch_size=2,
+  )
   for k, q in direct.items():
     np.testing.assert_array_equal(np.asarray(q.codes), np.asarray(qarrays[k].codes), err_msg=k)
   assert_runs_as_its_effective_weights(qparams, params, cfg, tokens[:1, :8])
@@ -125,8 +144,7 @@ def test_calibration_gptq_beats_rtn_and_its_report_measures_the_stored_weights()
 def test_round_sequential_is_deterministic_and_respects_matrices():
   cfg, params = _model('tiny_llama')
   tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 8), 0, cfg.vocab_size)
-  kw = dict(spec=SPEC, matrices=('gate', 'up', 'down'), rounding_stage=recipes.GPTQ(),
-            batch_size=2)
+  kw = dict(spec=SPEC, matrices=('gate', 'up', 'down'), rounding_stage=recipes.GPTQ(), batch_size=2)
   q1, rep = sequential.round_sequential(params, cfg, tokens, **kw)
   q2, _ = sequential.round_sequential(params, cfg, tokens, **kw)
   assert set(n for _, n in q1) == {'gate', 'up', 'down'}
@@ -142,7 +160,9 @@ def test_round_sequential_is_deterministic_and_respects_matrices():
 def test_bad_tokens_are_refused_naming_the_problem():
   cfg, params = _model('tiny_llama')
   recipe = recipes.get('gptq', bits=3, group_size=32)
-  with pytest.raises(ValueError, match=r'tokens must be \(num_seqs, seq_len\) ints; got shape \(8,\)'):
+  with pytest.raises(
+    ValueError, match=r'tokens must be \(num_seqs, seq_len\) ints; got shape \(8,\)'
+  ):
     methods.quantize(params, cfg, recipe, calib_tokens=jnp.zeros((8,), jnp.int32))
   with pytest.raises(ValueError, match=r'token ids must lie in \[0, 128\); got \[10000, 10000\]'):
     methods.quantize(params, cfg, recipe, calib_tokens=jnp.full((1, 4), 10_000, jnp.int32))
@@ -150,8 +170,9 @@ def test_bad_tokens_are_refused_naming_the_problem():
     sequential.check_tokens(np.zeros((1, 4), np.float32), cfg)
   with pytest.raises(ValueError, match='got shape'):
     sequential.check_tokens(np.zeros((0, 4), np.int32), cfg)
-  np.testing.assert_array_equal(sequential.check_tokens(np.ones((2, 3), np.int64), cfg),
-                                np.ones((2, 3), np.int32))
+  np.testing.assert_array_equal(
+    sequential.check_tokens(np.ones((2, 3), np.int64), cfg), np.ones((2, 3), np.int32)
+  )
 
 
 def test_sequential_rounding_under_online_transforms_minimises_the_transformed_loss():
@@ -168,21 +189,31 @@ def test_sequential_rounding_under_online_transforms_minimises_the_transformed_l
       m = transforms.random_hadamard_blocks(jax.random.PRNGKey(l), w.shape[-2] // 16, 16)
       blocks[(l, n)] = (m, jnp.swapaxes(m, -1, -2))
   qa, report = sequential.round_sequential(
-      params, cfg, tokens, spec=SPEC, matrices=linears.LINEAR_NAMES,
-      rounding_stage=recipes.GPTQ(), batch_size=2, blocks=blocks)
+    params,
+    cfg,
+    tokens,
+    spec=SPEC,
+    matrices=linears.LINEAR_NAMES,
+    rounding_stage=recipes.GPTQ(),
+    batch_size=2,
+    blocks=blocks,
+  )
   x = np_qkv_input(params, cfg, tokens)
   for n in ('q', 'k', 'v'):
     m, m_inv = blocks[(0, n)]
     w = np.asarray(mats[n][0], np.float64)
     w_hat = np.asarray(transforms.apply_left(m_inv, qz.dequantize(qa[(0, n)])), np.float64)
-    w_rtn = np.asarray(transforms.apply_left(m_inv, qz.quant_dequant(
-        transforms.apply_left(m, mats[n][0]), SPEC)), np.float64)
+    w_rtn = np.asarray(
+      transforms.apply_left(m_inv, qz.quant_dequant(transforms.apply_left(m, mats[n][0]), SPEC)),
+      np.float64,
+    )
     loss = lambda v: float(np.sum((x @ (w - v)) ** 2))
     assert loss(w_hat) < loss(w_rtn), n
     np.testing.assert_allclose(loss(w_hat), report['layer_loss'][n][0], rtol=1e-3)
   tinvs = {k: blocks[k][1] for k in qa}
   qparams = linears.quantized_params(params, cfg, qa, tinvs)
   np.testing.assert_array_equal(
-      np.asarray(qparams['layer_0']['attn']['q_einsum']['w'].transform_inv),
-      np.asarray(blocks[(0, 'q')][1]))
+    np.asarray(qparams['layer_0']['attn']['q_einsum']['w'].transform_inv),
+    np.asarray(blocks[(0, 'q')][1]),
+  )
   assert_runs_as_its_effective_weights(qparams, params, cfg, tokens[:1, :8])

@@ -45,43 +45,76 @@ def _pairs(**kw):
 
 
 _HADAMARD = R.Recipe(spec=SPEC, matrices=('gate', 'up'), transform=R.Hadamard())
-_LEARNED = R.Recipe(spec=SPEC, matrices=('down',), transform=_learned(),
-                    rounding=R.GPTQ())
+_LEARNED = R.Recipe(spec=SPEC, matrices=('down',), transform=_learned(), rounding=R.GPTQ())
 _SELFGEN = R.Recipe(spec=SPEC, matrices=ATTENTION, rounding=R.GPTQ(statistics=_selfgen()))
 _PAIRS = R.Recipe(spec=SPEC, matrices=('k', 'v', 'o', 'gate', 'up', 'down'), pairs=_pairs())
 _VO = _PAIRS.replace(pairs=_pairs(kinds=('vo',)))
-_ADAPTIVE = R.Recipe(spec=SPEC, matrices=('k', 'v', 'o'), pairs=_pairs(kinds=('vo',)),
-                     rounding=R.PairAdaptive())
+_ADAPTIVE = R.Recipe(
+  spec=SPEC, matrices=('k', 'v', 'o'), pairs=_pairs(kinds=('vo',)), rounding=R.PairAdaptive()
+)
 
 # (field, base, changed recipe, matrices allowed to change (None: any)).
 CASES = [
-    ('Hadamard.block_size', _HADAMARD, _HADAMARD.replace(transform=R.Hadamard(block_size=32)),
-     None),
-    ('Hadamard.share', _HADAMARD, _HADAMARD.replace(transform=R.Hadamard(share=True)),
-     {'gate', 'up'}),
-    ('Learned.config.steps', _LEARNED, _LEARNED.replace(transform=_learned(steps=6)), None),
-    ('Learned.config.learning_rate', _LEARNED,
-     _LEARNED.replace(transform=_learned(learning_rate=3e-2)), None),
-    ('GPTQ.damp/Frobenius', _LEARNED, _LEARNED.replace(rounding=R.GPTQ(damp=0.5)), None),
-    ('GPTQ.act_order/Frobenius', _LEARNED, _LEARNED.replace(rounding=R.GPTQ(act_order=True)),
-     None),
-    ('GPTQ.damp/SelfGenerated', _SELFGEN,
-     _SELFGEN.replace(rounding=R.GPTQ(statistics=_selfgen(), damp=0.5)), None),
-    ('GPTQ.act_order/SelfGenerated', _SELFGEN,
-     _SELFGEN.replace(rounding=R.GPTQ(statistics=_selfgen(), act_order=True)), None),
-    ('SelfGenerated.num_seqs', _SELFGEN,
-     _SELFGEN.replace(rounding=R.GPTQ(statistics=_selfgen(num_seqs=3))), None),
-    ('SelfGenerated.seq_len', _SELFGEN,
-     _SELFGEN.replace(rounding=R.GPTQ(statistics=_selfgen(seq_len=10))), None),
-    ('SelfGenerated.temperature', _SELFGEN,
-     _SELFGEN.replace(rounding=R.GPTQ(statistics=_selfgen(temperature=0.5))), None),
-    ('PairTransforms.kinds', _PAIRS, _VO, None),
-    ('PairTransforms.opt.steps', _VO, _VO.replace(pairs=_pairs(kinds=('vo',), steps=8)),
-     {'v', 'o'}),
-    ('PairAdaptive.rounds', _ADAPTIVE, _ADAPTIVE.replace(rounding=R.PairAdaptive(rounds=1)),
-     {'v', 'o'}),
-    ('PairAdaptive.solver', _ADAPTIVE,
-     _ADAPTIVE.replace(rounding=R.PairAdaptive(solver='rtn')), {'v', 'o'}),
+  ('Hadamard.block_size', _HADAMARD, _HADAMARD.replace(transform=R.Hadamard(block_size=32)), None),
+  (
+    'Hadamard.share',
+    _HADAMARD,
+    _HADAMARD.replace(transform=R.Hadamard(share=True)),
+    {'gate', 'up'},
+  ),
+  ('Learned.config.steps', _LEARNED, _LEARNED.replace(transform=_learned(steps=6)), None),
+  (
+    'Learned.config.learning_rate',
+    _LEARNED,
+    _LEARNED.replace(transform=_learned(learning_rate=3e-2)),
+    None,
+  ),
+  ('GPTQ.damp/Frobenius', _LEARNED, _LEARNED.replace(rounding=R.GPTQ(damp=0.5)), None),
+  ('GPTQ.act_order/Frobenius', _LEARNED, _LEARNED.replace(rounding=R.GPTQ(act_order=True)), None),
+  (
+    'GPTQ.damp/SelfGenerated',
+    _SELFGEN,
+    _SELFGEN.replace(rounding=R.GPTQ(statistics=_selfgen(), damp=0.5)),
+    None,
+  ),
+  (
+    'GPTQ.act_order/SelfGenerated',
+    _SELFGEN,
+    _SELFGEN.replace(rounding=R.GPTQ(statistics=_selfgen(), act_order=True)),
+    None,
+  ),
+  (
+    'SelfGenerated.num_seqs',
+    _SELFGEN,
+    _SELFGEN.replace(rounding=R.GPTQ(statistics=_selfgen(num_seqs=3))),
+    None,
+  ),
+  (
+    'SelfGenerated.seq_len',
+    _SELFGEN,
+    _SELFGEN.replace(rounding=R.GPTQ(statistics=_selfgen(seq_len=10))),
+    None,
+  ),
+  (
+    'SelfGenerated.temperature',
+    _SELFGEN,
+    _SELFGEN.replace(rounding=R.GPTQ(statistics=_selfgen(temperature=0.5))),
+    None,
+  ),
+  ('PairTransforms.kinds', _PAIRS, _VO, None),
+  ('PairTransforms.opt.steps', _VO, _VO.replace(pairs=_pairs(kinds=('vo',), steps=8)), {'v', 'o'}),
+  (
+    'PairAdaptive.rounds',
+    _ADAPTIVE,
+    _ADAPTIVE.replace(rounding=R.PairAdaptive(rounds=1)),
+    {'v', 'o'},
+  ),
+  (
+    'PairAdaptive.solver',
+    _ADAPTIVE,
+    _ADAPTIVE.replace(rounding=R.PairAdaptive(solver='rtn')),
+    {'v', 'o'},
+  ),
 ]
 
 
@@ -102,11 +135,19 @@ def _codes(recipe: R.Recipe) -> dict[tuple[int, str], np.ndarray]:
 def test_the_cases_change_one_field_of_one_stage_each():
   for field, base, changed, _ in CASES:
     stage = field.split('.')[0]
-    slot = {'Hadamard': 'transform', 'Learned': 'transform', 'GPTQ': 'rounding',
-            'SelfGenerated': 'rounding', 'PairTransforms': 'pairs',
-            'PairAdaptive': 'rounding'}[stage]
-    diff = [f.name for f in dataclasses.fields(R.Recipe)
-            if getattr(base, f.name) != getattr(changed, f.name)]
+    slot = {
+      'Hadamard': 'transform',
+      'Learned': 'transform',
+      'GPTQ': 'rounding',
+      'SelfGenerated': 'rounding',
+      'PairTransforms': 'pairs',
+      'PairAdaptive': 'rounding',
+    }[stage]
+    diff = [
+      f.name
+      for f in dataclasses.fields(R.Recipe)
+      if getattr(base, f.name) != getattr(changed, f.name)
+    ]
     assert diff == [slot], field
   assert _HADAMARD.transform == R.Hadamard(block_size=64, share=False)  # the defaults
   assert _PAIRS.pairs.kinds == R.PairTransforms().kinds

@@ -11,7 +11,9 @@ import pytest
 
 from cafeq_jax import quantizer
 from cafeq_jax.models import config as config_lib
-from cafeq_jax.models import decoder, linears, qlinear
+from cafeq_jax.models import decoder
+from cafeq_jax.models import linears
+from cafeq_jax.models import qlinear
 
 NAMES = ('tiny_gemma2', 'tiny_llama')
 
@@ -23,8 +25,13 @@ def _setup_cached(name, seed):
   # Norm scales away from their init so (1 + w) vs w matters.
   rng = np.random.default_rng(7)
   params = jax.tree_util.tree_map_with_path(
-      lambda p, a: np.asarray(a) + 0.2 * rng.standard_normal(a.shape).astype(np.float32)
-      if 'scale' in jax.tree_util.keystr(p) else np.asarray(a), params)
+    lambda p, a: (
+      np.asarray(a) + 0.2 * rng.standard_normal(a.shape).astype(np.float32)
+      if 'scale' in jax.tree_util.keystr(p)
+      else np.asarray(a)
+    ),
+    params,
+  )
   return cfg, params
 
 
@@ -43,11 +50,17 @@ def test_param_tree_has_gemma_layout():
   H, K, hd, D, F = 4, 2, 16, 64, 128
   assert shapes['embedder'] == {'input_embedding': (128, D)}
   assert shapes['layer_2'] == {
-      'pre_attention_norm': {'scale': (D,)}, 'post_attention_norm': {'scale': (D,)},
-      'pre_ffw_norm': {'scale': (D,)}, 'post_ffw_norm': {'scale': (D,)},
-      'attn': {'q_einsum': {'w': (H, D, hd)}, 'kv_einsum': {'w': (2, K, D, hd)},
-               'attn_vec_einsum': {'w': (H, hd, D)}},
-      'mlp': {'gating_einsum': (2, F, D), 'linear': (F, D)}}
+    'pre_attention_norm': {'scale': (D,)},
+    'post_attention_norm': {'scale': (D,)},
+    'pre_ffw_norm': {'scale': (D,)},
+    'post_ffw_norm': {'scale': (D,)},
+    'attn': {
+      'q_einsum': {'w': (H, D, hd)},
+      'kv_einsum': {'w': (2, K, D, hd)},
+      'attn_vec_einsum': {'w': (H, hd, D)},
+    },
+    'mlp': {'gating_einsum': (2, F, D), 'linear': (F, D)},
+  }
   assert set(params) == {'embedder', 'layer_0', 'layer_1', 'layer_2', 'final_norm'}
   llama_cfg, llama = _setup('tiny_llama')
   assert set(llama) == {'embedder', 'layer_0', 'layer_1', 'final_norm', 'unembed'}
@@ -69,7 +82,7 @@ def _numpy_layer(lp, cfg, kind, x):
     inv = 1.0 / cfg.rope_base ** (np.arange(0, hd, 2) / hd)
     ang = np.arange(L)[:, None] * inv  # (L, hd/2)
     c, s = np.cos(ang)[None, :, None], np.sin(ang)[None, :, None]
-    a, b = x[..., :hd // 2], x[..., hd // 2:]
+    a, b = x[..., : hd // 2], x[..., hd // 2 :]
     return np.concatenate([a * c - b * s, b * c + a * s], -1)
 
   cap = lambda x, c: x if c is None else c * np.tanh(x / c)
@@ -142,13 +155,18 @@ def test_block_sub_layers_sow_the_inputs_of_every_linear(name):
   for i, kind in enumerate(cfg.attention_types):
     ref = _numpy_layer(p[f'layer_{i}'], cfg, kind, x_np)
     block, v = decoder.Block(cfg, kind), {'params': params[f'layer_{i}']}
-    (mid, _), st = block.apply(v, x, pos, method=decoder.Block.attend,
-                               mutable=['intermediates'])
-    out, st2 = block.apply(v, mid, method=decoder.Block.feed_forward,
-                           mutable=['intermediates'])
+    (mid, _), st = block.apply(v, x, pos, method=decoder.Block.attend, mutable=['intermediates'])
+    out, st2 = block.apply(v, mid, method=decoder.Block.feed_forward, mutable=['intermediates'])
     sown = {**st['intermediates'], **st2['intermediates']}
-    want = {'q': ref['qkv'], 'k': ref['qkv'], 'v': ref['qkv'], 'o': ref['o'],
-            'gate': ref['gating'], 'up': ref['gating'], 'down': ref['down']}
+    want = {
+      'q': ref['qkv'],
+      'k': ref['qkv'],
+      'v': ref['qkv'],
+      'o': ref['o'],
+      'gate': ref['gating'],
+      'up': ref['gating'],
+      'down': ref['down'],
+    }
     assert set(decoder.LINEAR_INPUTS) == set(linears.LINEAR_NAMES)
     for n, (module, field) in decoder.LINEAR_INPUTS.items():
       (got,) = sown[module][field]
@@ -156,14 +174,17 @@ def test_block_sub_layers_sow_the_inputs_of_every_linear(name):
     np.testing.assert_allclose(mid, ref['mid'], atol=2e-5, rtol=1e-4)
     np.testing.assert_allclose(out, ref['out'], atol=5e-5, rtol=1e-4)
     # The norm methods give the first inputs of each sub-layer.
-    np.testing.assert_allclose(block.apply(v, x, method=decoder.Block.attention_input),
-                               ref['qkv'], atol=2e-5, rtol=1e-4)
-    np.testing.assert_allclose(block.apply(v, mid, method=decoder.Block.mlp_input),
-                               ref['gating'], atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(
+      block.apply(v, x, method=decoder.Block.attention_input), ref['qkv'], atol=2e-5, rtol=1e-4
+    )
+    np.testing.assert_allclose(
+      block.apply(v, mid, method=decoder.Block.mlp_input), ref['gating'], atol=2e-5, rtol=1e-4
+    )
     x, x_np = out, ref['out']
   # The whole model sows the same per layer; its logits are the plain forward's.
-  (logits, _), state = decoder.Transformer(cfg).apply({'params': params}, tokens,
-                                                      mutable=['intermediates'])
+  (logits, _), state = decoder.Transformer(cfg).apply(
+    {'params': params}, tokens, mutable=['intermediates']
+  )
   np.testing.assert_allclose(logits, decoder.forward(params, cfg, tokens), atol=1e-5, rtol=1e-5)
   last = state['intermediates'][f'layer_{cfg.num_layers - 1}']
   np.testing.assert_allclose(last['mlp']['down_input'][0], ref['down'], atol=2e-5, rtol=1e-4)
@@ -173,9 +194,12 @@ def test_block_sub_layers_sow_the_inputs_of_every_linear(name):
 def test_forward_matches_float64_numpy_reference(name):
   cfg, params = _setup(name)
   tokens = _tokens(cfg, 2, 11)
-  np.testing.assert_allclose(decoder.forward(params, cfg, tokens),
-                             _numpy_reference(params, cfg, np.asarray(tokens)),
-                             atol=2e-4, rtol=1e-4)
+  np.testing.assert_allclose(
+    decoder.forward(params, cfg, tokens),
+    _numpy_reference(params, cfg, np.asarray(tokens)),
+    atol=2e-4,
+    rtol=1e-4,
+  )
 
 
 @pytest.mark.parametrize('name', NAMES)
@@ -189,7 +213,7 @@ def test_cached_decoding_matches_full_forward(name):
   logits, cache = apply(params, tokens[:, :5], cache)
   steps = [logits]
   for t in range(5, 12):
-    logits, cache = apply(params, tokens[:, t:t + 1], cache)
+    logits, cache = apply(params, tokens[:, t : t + 1], cache)
     steps.append(logits)
   assert int(cache['end_index']) == 12
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
@@ -231,8 +255,9 @@ def _quantize_all(params, cfg, spec, key, with_transform):
         key, sub = jax.random.split(key)
         d_in, k = m.shape[-2], 16
         t = jnp.eye(k) + 0.2 * jax.random.normal(sub, (d_in // k, k, k))
-      ql = qlinear.QuantizedLinear(weight=quantizer.quantize(m, spec), transform_inv=t,
-                                   shape=tuple(leaf.shape))
+      ql = qlinear.QuantizedLinear(
+        weight=quantizer.quantize(m, spec), transform_inv=t, shape=tuple(leaf.shape)
+      )
       layer = linears._set_path(layer, path, ql)
     out[f'layer_{i}'] = layer
   return out
@@ -255,30 +280,37 @@ def test_quantized_forward_equals_fp_forward_on_effective_weights(name, with_tra
       ql = linears._get_path(layer, path)
       q = ql.weight
       g = spec.group_size
-      w = (np.asarray(q.codes, np.float64) - np.repeat(np.asarray(q.zero), g, axis=-2)) * \
-          np.repeat(np.asarray(q.scale), g, axis=-2)
+      w = (np.asarray(q.codes, np.float64) - np.repeat(np.asarray(q.zero), g, axis=-2)) * np.repeat(
+        np.asarray(q.scale), g, axis=-2
+      )
       if ql.transform_inv is not None:
         t = np.asarray(ql.transform_inv, np.float64)
         bd = np.zeros((w.shape[-2],) * 2)
         for b in range(t.shape[0]):
-          bd[16 * b:16 * b + 16, 16 * b:16 * b + 16] = t[b]
+          bd[16 * b : 16 * b + 16, 16 * b : 16 * b + 16] = t[b]
         w = bd @ w
-      layer = linears._set_path(layer, path, linears.matrix_to_leaf(kind, jnp.asarray(
-          w, jnp.float32), cfg))
+      layer = linears._set_path(
+        layer, path, linears.matrix_to_leaf(kind, jnp.asarray(w, jnp.float32), cfg)
+      )
     ref_params[f'layer_{i}'] = layer
   ref = decoder.forward(ref_params, cfg, tokens)
   np.testing.assert_allclose(out_q, ref, atol=2e-4, rtol=1e-4)
   np.testing.assert_allclose(
-      out_q, decoder.forward(linears.dequantize_params(qparams, cfg), cfg, tokens),
-      atol=2e-4, rtol=1e-4)
+    out_q,
+    decoder.forward(linears.dequantize_params(qparams, cfg), cfg, tokens),
+    atol=2e-4,
+    rtol=1e-4,
+  )
   assert float(jnp.abs(out_q - decoder.forward(params, cfg, tokens)).max()) > 1e-3
 
 
 def test_pallas_backend_without_kernel_raises_clear_error(monkeypatch):
   import sys
+
   cfg, params = _setup('tiny_llama')
-  qparams = _quantize_all(params, cfg, quantizer.QuantSpec(bits=4, group_size=32),
-                          jax.random.key(0), False)
+  qparams = _quantize_all(
+    params, cfg, quantizer.QuantSpec(bits=4, group_size=32), jax.random.key(0), False
+  )
   monkeypatch.setitem(sys.modules, 'kernels_pallas', None)
   with pytest.raises(ImportError, match="backend='xla'"):
     decoder.forward(qparams, cfg, _tokens(cfg, 1, 3), backend='pallas')
@@ -288,8 +320,14 @@ def test_quantized_embedding_is_rejected():
   cfg, params = _setup('tiny_llama')
   spec = quantizer.QuantSpec(bits=4, group_size=32)
   emb = params['embedder']['input_embedding']
-  bad = {**params, 'embedder': {'input_embedding': qlinear.QuantizedLinear(
-      weight=quantizer.quantize(emb, spec), transform_inv=None, shape=emb.shape)}}
+  bad = {
+    **params,
+    'embedder': {
+      'input_embedding': qlinear.QuantizedLinear(
+        weight=quantizer.quantize(emb, spec), transform_inv=None, shape=emb.shape
+      )
+    },
+  }
   with pytest.raises(TypeError, match='embedding'):
     decoder.forward(bad, cfg, _tokens(cfg, 1, 3))
 
@@ -302,7 +340,7 @@ def test_presets_have_public_shapes():
   assert 27.0e9 < config_lib.get_config('gemma2_27b').num_params < 27.4e9  # 27.2B
   smol = config_lib.get_config('smollm2_135m')
   assert 134e6 < smol.num_params < 135e6  # 134.5M
-  assert smol.query_scale == 64 ** -0.5
+  assert smol.query_scale == 64**-0.5
 
 
 def test_get_config_unknown_name_lists_presets():
@@ -310,7 +348,9 @@ def test_get_config_unknown_name_lists_presets():
     config_lib.get_config('gemma3')
 
 
-@pytest.mark.parametrize('override, match', [
+@pytest.mark.parametrize(
+  'override, match',
+  [
     (dict(num_kv_heads=3), 'num_heads=4 is not a multiple of num_kv_heads=3'),
     (dict(head_dim=15), 'head_dim=15 must be even'),
     (dict(family='gpt2'), "family='gpt2'"),
@@ -319,7 +359,8 @@ def test_get_config_unknown_name_lists_presets():
     (dict(sliding_window_size=None), 'sliding_window_size=None'),
     (dict(embed_dim=0), 'embed_dim=0'),
     (dict(final_logit_softcap=-1.0), 'final_logit_softcap=-1.0'),
-])
+  ],
+)
 def test_config_validation_names_bad_value(override, match):
   with pytest.raises(ValueError, match=match):
     config_lib.get_config('tiny_gemma2').replace(**override)
@@ -327,26 +368,33 @@ def test_config_validation_names_bad_value(override, match):
 
 def _pack_leaves(qparams):
   from cafeq_jax import packing
+
   is_ql = lambda x: isinstance(x, qlinear.QuantizedLinear)
-  return jax.tree.map(lambda x: x.replace(weight=packing.pack(x.weight)) if is_ql(x) else x,
-                      qparams, is_leaf=is_ql)
+  return jax.tree.map(
+    lambda x: x.replace(weight=packing.pack(x.weight)) if is_ql(x) else x, qparams, is_leaf=is_ql
+  )
 
 
 @pytest.mark.parametrize('bits', [4, pytest.param(3, marks=pytest.mark.slow)])
 def test_packed_leaves_give_same_logits_as_qarray_leaves_on_both_backends(bits):
   cfg, params = _setup('tiny_llama')
-  qparams = _quantize_all(params, cfg, quantizer.QuantSpec(bits=bits, group_size=32),
-                          jax.random.key(3), True)
+  qparams = _quantize_all(
+    params, cfg, quantizer.QuantSpec(bits=bits, group_size=32), jax.random.key(3), True
+  )
   packed = _pack_leaves(qparams)
   tokens = _tokens(cfg, 1, 5)
   ref = decoder.forward(qparams, cfg, tokens)
   np.testing.assert_allclose(decoder.forward(packed, cfg, tokens), ref, atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(decoder.forward(packed, cfg, tokens, backend='pallas'), ref,
-                             atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(
+    decoder.forward(packed, cfg, tokens, backend='pallas'), ref, atol=1e-4, rtol=1e-4
+  )
 
 
 def test_params_that_do_not_match_the_config_raise_naming_the_param():
   cfg, params = _setup('tiny_llama')
-  with pytest.raises(ValueError, match=r"'layer_0/attn/q_einsum/w' has shape \(4, 64, 16\).*"
-                     r"expects \(8, 64, 16\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"'layer_0/attn/q_einsum/w' has shape \(4, 64, 16\).*"
+    r'expects \(8, 64, 16\)',
+  ):
     decoder.forward(params, cfg.replace(num_heads=8), _tokens(cfg, 1, 3))

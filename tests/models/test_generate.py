@@ -9,7 +9,8 @@ import pytest
 
 from cafeq_jax.models import config as config_lib
 from cafeq_jax.models import decoder
-from cafeq_jax.models.generate import generate, sample_logits
+from cafeq_jax.models.generate import generate
+from cafeq_jax.models.generate import sample_logits
 
 
 @pytest.fixture(scope='module')
@@ -70,16 +71,19 @@ def test_eos_stops_row_and_pads(model):
   eos = int(free[2])
   first = int(np.argmax(free == eos))
   out = np.asarray(generate(params, cfg, prompt, max_new_tokens=6, eos_id=eos, pad_id=-1))[0]
-  np.testing.assert_array_equal(out[:first + 1], free[:first + 1])
-  assert (out[first + 1:] == -1).all()
+  np.testing.assert_array_equal(out[: first + 1], free[: first + 1])
+  assert (out[first + 1 :] == -1).all()
 
 
-@pytest.mark.parametrize('kwargs, match', [
+@pytest.mark.parametrize(
+  'kwargs, match',
+  [
     (dict(max_new_tokens=0), 'max_new_tokens=0'),
     (dict(max_new_tokens=2, temperature=0.7), 'needs a PRNG key'),
     (dict(max_new_tokens=2, cache_len=3), 'cache_len=3'),
     (dict(max_new_tokens=2, top_k=0, temperature=1.0, key=jax.random.key(0)), 'top_k=0'),
-])
+  ],
+)
 def test_generate_rejects_bad_arguments(model, kwargs, match):
   cfg, params = model
   with pytest.raises(ValueError, match=match):

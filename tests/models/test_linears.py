@@ -9,7 +9,9 @@ import pytest
 
 from cafeq_jax import quantizer
 from cafeq_jax.models import config as config_lib
-from cafeq_jax.models import decoder, linears, qlinear
+from cafeq_jax.models import decoder
+from cafeq_jax.models import linears
+from cafeq_jax.models import qlinear
 
 
 @pytest.fixture(scope='module')
@@ -36,12 +38,16 @@ def test_matrix_view_computes_the_same_projection_as_the_leaf(model):
   np.testing.assert_allclose(x @ mats['q'][1], q_heads.reshape(3, -1), rtol=1e-5, atol=1e-5)
   v_heads = np.einsum('nd,hdk->nhk', x, layer['attn']['kv_einsum']['w'][1])
   np.testing.assert_allclose(x @ mats['v'][1], v_heads.reshape(3, -1), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(x @ mats['gate'][1], x @ layer['mlp']['gating_einsum'][0].T,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    x @ mats['gate'][1], x @ layer['mlp']['gating_einsum'][0].T, rtol=1e-5, atol=1e-5
+  )
   o_in = jax.random.normal(jax.random.key(2), (3, cfg.num_heads, cfg.head_dim))
-  np.testing.assert_allclose(o_in.reshape(3, -1) @ mats['o'][1],
-                             np.einsum('nhk,hkd->nd', o_in, layer['attn']['attn_vec_einsum']['w']),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    o_in.reshape(3, -1) @ mats['o'][1],
+    np.einsum('nhk,hkd->nd', o_in, layer['attn']['attn_vec_einsum']['w']),
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
 def test_set_linears_inverts_get_linears_exactly(model):
@@ -74,10 +80,13 @@ def test_get_linears_uses_effective_weight_of_quantized_leaves(model):
   cfg, params = model
   spec = quantizer.QuantSpec(bits=3, group_size=32)
   leaf = params['layer_0']['mlp']['linear']
-  ql = qlinear.QuantizedLinear(weight=quantizer.quantize(leaf, spec), transform_inv=None,
-                               shape=leaf.shape)
-  qparams = {**params, 'layer_0': {**params['layer_0'],
-                                   'mlp': {**params['layer_0']['mlp'], 'linear': ql}}}
+  ql = qlinear.QuantizedLinear(
+    weight=quantizer.quantize(leaf, spec), transform_inv=None, shape=leaf.shape
+  )
+  qparams = {
+    **params,
+    'layer_0': {**params['layer_0'], 'mlp': {**params['layer_0']['mlp'], 'linear': ql}},
+  }
   mats = linears.get_linears(qparams, cfg)
   np.testing.assert_array_equal(mats['down'][0], quantizer.quant_dequant(leaf, spec))
   np.testing.assert_array_equal(mats['down'][1], params['layer_1']['mlp']['linear'])

@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cafeq_jax import packing, quantizer
+from cafeq_jax import packing
+from cafeq_jax import quantizer
 from cafeq_jax.models import qlinear
+
 
 def _ql(lead=(), d_in=64, d_out=48, bits=4, transform=False, seed=0):
   kw, kt = jax.random.split(jax.random.PRNGKey(seed))
@@ -28,8 +30,12 @@ def test_pack_params_packs_every_quantized_leaf_and_keeps_the_rest():
   already = already.replace(weight=packing.pack(already.weight))
   host = _ql(bits=3, seed=3)
   host = host.replace(weight=jax.tree.map(np.asarray, host.weight))
-  tree = {'a': {'w': _ql(lead=(2,), transform=True)}, 'b': already, 'c': host,
-          'norm': {'scale': norm}}
+  tree = {
+    'a': {'w': _ql(lead=(2,), transform=True)},
+    'b': already,
+    'c': host,
+    'norm': {'scale': norm},
+  }
   out = qlinear.pack_params(tree)
   assert out['norm']['scale'] is norm and out['b'] is already
   for name, ql in (('a', out['a']['w']), ('c', out['c'])):
@@ -56,12 +62,18 @@ def test_packed_leaf_gives_the_same_outputs_on_both_backends(lead, transform):
   packed = qlinear.pack_params(ql)
   x = jax.random.normal(jax.random.PRNGKey(5), (3, 64), jnp.float32)
   ref = np.asarray(qlinear.matmul(x, ql, backend='xla'))
-  np.testing.assert_allclose(np.asarray(qlinear.matmul(x, packed, backend='xla')), ref,
-                             rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(qlinear.matmul(x, packed, backend='pallas')), ref,
-                             rtol=1e-5, atol=1e-5 * np.abs(ref).max())
-  np.testing.assert_allclose(ref, np.asarray(x @ qlinear.effective_weight(ql)),
-                             rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+  np.testing.assert_allclose(
+    np.asarray(qlinear.matmul(x, packed, backend='xla')), ref, rtol=1e-6, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    np.asarray(qlinear.matmul(x, packed, backend='pallas')),
+    ref,
+    rtol=1e-5,
+    atol=1e-5 * np.abs(ref).max(),
+  )
+  np.testing.assert_allclose(
+    ref, np.asarray(x @ qlinear.effective_weight(ql)), rtol=1e-4, atol=1e-4 * np.abs(ref).max()
+  )
 
 
 def test_pallas_backend_warns_once_when_it_packs_a_qarray_per_call(caplog):
