@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import pytest
 
+from cafeq_jax import quantize
 from experiments import quantize_lib
 from experiments.configs import quantize as quantize_config
+from tests.experiments import reference_metrics
 
 _PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
@@ -47,8 +50,14 @@ def test_tiny_run_writes_results_table_and_plots_then_resumes(tmp_path, monkeypa
   assert set(on_disk['columns']) == {col}
   rows = on_disk['columns'][col]['methods']
   assert set(rows) == {'fp', 'rtn', 'hadamard'}
+  model = quantize_lib.load_model(config.model, config.seed)
+  tokens = reference_metrics.job_tokens(model, config)
   for m in ('rtn', 'hadamard'):
-    assert rows[m]['ppl'] > 1 and rows[m]['kld'] >= 0
+    recipe = quantize_lib.recipe_for(m, quantize_lib.parse_column(config.columns), config)
+    qparams, _ = quantize(model.params, model.config, recipe, jax.random.PRNGKey(config.seed))
+    reference_metrics.assert_row_matches(
+      rows[m], reference_metrics.metrics(model.config, model.params, qparams, tokens)
+    )
     assert 4 < rows[m]['bits_per_weight'] < 32
   assert rows['fp']['kld'] == 0.0
   assert results['columns'][col]['methods']['rtn']['ppl'] == rows['rtn']['ppl']
@@ -88,7 +97,14 @@ def test_tiny_run_with_data_free_selfgen_cafeq_saves_and_counts_storage(tmp_path
   config.save_models = 'cafeq-sg'
   results = quantize_lib.run(config)
   rows = results['columns']['w4g32asym']['methods']
-  assert rows['cafeq-sg']['ppl'] > 1 and rows['cafeq-sg']['kld'] >= 0
+  # The row's metrics: the same recipe and seed again (deterministic), scored with numpy.
+  model = quantize_lib.load_model(config.model, config.seed)
+  recipe = quantize_lib.recipe_for('cafeq-sg', quantize_lib.parse_column(config.columns), config)
+  qparams, _ = quantize(model.params, model.config, recipe, jax.random.PRNGKey(config.seed))
+  want = reference_metrics.metrics(
+    model.config, model.params, qparams, reference_metrics.job_tokens(model, config)
+  )
+  reference_metrics.assert_row_matches(rows['cafeq-sg'], want)
   # Hadamard transforms are stored as sign bits: a small overhead over RTN.
   assert (
     rows['rtn']['bits_per_weight']
@@ -316,4 +332,10 @@ def test_failing_export_keeps_the_metrics(tmp_path, monkeypatch):
   with pytest.raises(OSError, match='disk full'):
     quantize_lib.run(config)
   rows = json.loads((tmp_path / 'results.json').read_text())['columns'][_COL]['methods']
-  assert rows['rtn']['ppl'] > 1
+  model = quantize_lib.load_model(config.model, config.seed)
+  recipe = quantize_lib.recipe_for('rtn', quantize_lib.parse_column(config.columns), config)
+  qparams, _ = quantize(model.params, model.config, recipe, jax.random.PRNGKey(config.seed))
+  want = reference_metrics.metrics(
+    model.config, model.params, qparams, reference_metrics.job_tokens(model, config)
+  )
+  reference_metrics.assert_row_matches(rows['rtn'], want)

@@ -13,6 +13,7 @@ import pytest
 
 from experiments import sweep
 from experiments.configs import sweep as sweep_config
+from tests.experiments import reference_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,39 +35,15 @@ def _numpy_metrics(config, bits, group):
   """ppl / KLD / top-1 of the RTN point recomputed with numpy from the logits."""
   import jax
 
-  from cafeq_jax import eval as eval_lib
   from cafeq_jax import quantize
   from cafeq_jax import recipes
-  from cafeq_jax.models import decoder
-  from cafeq_jax.models import linears
   from experiments import quantize_lib
 
   model = quantize_lib.load_model(config.models, config.seed)
-  tokens = eval_lib.make_windows(
-    model.encode(eval_lib.load_text(None)), config.eval_num_seqs, config.eval_seq_len
-  )
   recipe = recipes.get('rtn', bits=bits, group_size=group, group_fallback=False)
   qparams, _ = quantize(model.params, model.config, recipe, jax.random.PRNGKey(config.seed))
-
-  def log_probs(params):
-    logits = np.asarray(decoder.forward(params, model.config, np.asarray(tokens)), np.float64)
-    logits = logits[:, :-1]
-    return (
-      logits
-      - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
-      - logits.max(-1, keepdims=True)
-    )
-
-  lp_fp = log_probs(model.params)
-  lp_q = log_probs(linears.dequantize_params(qparams, model.config))
-  target = np.asarray(tokens)[:, 1:, None]
-  nll = lambda lp: -np.take_along_axis(lp, target, -1).mean()
-  return {
-    'fp_ppl': np.exp(nll(lp_fp)),
-    'ppl': np.exp(nll(lp_q)),
-    'kld': (np.exp(lp_fp) * (lp_fp - lp_q)).sum(-1).mean(),
-    'top1': (lp_fp.argmax(-1) == lp_q.argmax(-1)).mean(),
-  }
+  tokens = reference_metrics.job_tokens(model, config)
+  return reference_metrics.metrics(model.config, model.params, qparams, tokens)
 
 
 def test_grid_is_the_cartesian_product_with_per_channel_as_zero():
