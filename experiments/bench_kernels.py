@@ -94,6 +94,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from cafeq_jax import packing
+from experiments import cli
 import kernels_pallas
 from kernels_pallas import matmul as matmul_lib
 
@@ -826,19 +827,6 @@ def decode_benchmark(
   return rows
 
 
-def _split(s: Any) -> list[str]:
-  if isinstance(s, (list, tuple)):
-    return [str(x).strip() for x in s if str(x).strip()]
-  return [x.strip() for x in str(s).split(',') if x.strip()]
-
-
-def _ints(s: Any, field: str) -> list[int]:
-  try:
-    return [int(x) for x in _split(s)]
-  except ValueError:
-    raise app.UsageError(f'--config.{field}={s!r} must be comma-separated integers.') from None
-
-
 def _write(result: dict[str, Any], output_dir: str) -> str:
   os.makedirs(output_dir, exist_ok=True)
   path = os.path.join(output_dir, 'bench_kernels.json')
@@ -871,19 +859,19 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
     )
     models, batches, iters, decode_model = ['tiny'], [1, 8], 2, 'tiny_llama'
   else:
-    models = _split(config.models)
-    batches = _ints(config.batches, 'batches')
+    models = cli.split_names(config.models)
+    batches = cli.split_ints(config.batches, 'batches')
     iters = config.iters
   unknown = [m for m in models if m not in SHAPES]
   if unknown:
     raise app.UsageError(f'--config.models={unknown} unknown; expected some of {sorted(SHAPES)}.')
-  schemes = _split(config.schemes)
+  schemes = cli.split_names(config.schemes)
   if not schemes or any(s not in SCHEMES for s in schemes):
     raise app.UsageError(
       f'--config.schemes={config.schemes!r}: expected a comma list of {SCHEMES}.'
     )
-  bits_list = _ints(config.bits, 'bits')
-  decode_batches = _ints(config.decode_batches, 'decode_batches')
+  bits_list = cli.split_ints(config.bits, 'bits')
+  decode_batches = cli.split_ints(config.decode_batches, 'decode_batches')
   from cafeq_jax.models import config as model_configs  # pylint: disable=g-import-not-at-top
 
   if decode_batches and decode_model not in model_configs.PRESETS:

@@ -13,6 +13,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from experiments import cli
 from experiments import quantize_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -31,8 +32,8 @@ def main(argv):
   )
   config = _CONFIG.value
   results = quantize_lib.run(config)
-  columns = [quantize_lib.parse_column(c).name for c in quantize_lib.split_names(config.columns)]
-  print(quantize_lib.format_table(results, quantize_lib.split_names(config.methods), columns))
+  columns = [quantize_lib.parse_column(c).name for c in cli.split_names(config.columns)]
+  print(quantize_lib.format_table(results, cli.split_names(config.methods), columns))
   print(f'\nwrote {config.output_dir}/results.json (this run: {results["total_seconds"]:.0f}s)')
 
 

@@ -45,6 +45,7 @@ from cafeq_jax.models import QuantizedLinear
 from cafeq_jax.models import init_params
 from cafeq_jax.models import qlinear
 from cafeq_jax.models.generate import generate
+from experiments import cli
 
 # Standard-library modules whose source is the off-domain calibration text (code,
 # where the evaluation text is English prose).
@@ -87,10 +88,6 @@ def parse_column(name: str, clip_search: bool = False) -> quantizer.QuantSpec:
 
 def column_name(spec: quantizer.QuantSpec) -> str:
   return spec.name
-
-
-def split_names(s: str) -> list[str]:
-  return [x.strip() for x in s.split(',') if x.strip()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,7 +373,7 @@ def _check_options(config) -> _Plan:
   Raises:
     ValueError: the first bad option, naming it, its value and what is expected.
   """
-  methods, columns = split_names(config.methods), split_names(config.columns)
+  methods, columns = cli.split_names(config.methods), cli.split_names(config.columns)
   if not methods or not columns:
     raise ValueError(
       f'config.methods={config.methods!r} and config.columns='
@@ -411,7 +408,7 @@ def _check_options(config) -> _Plan:
     raise ValueError(f'config.output_dir={config.output_dir!r} must be a directory path.')
   specs = [parse_column(c, config.clip_search) for c in columns]
   plan_recipes = {(column_name(s), m): recipe_for(m, s, config) for s in specs for m in methods}
-  save, export = split_names(config.save_models), split_names(config.export_hf)
+  save, export = cli.split_names(config.save_models), cli.split_names(config.export_hf)
   for what, names in (('save_models', save), ('export_hf', export)):
     unknown = [n for n in names if n not in methods]
     if unknown:

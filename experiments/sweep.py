@@ -34,6 +34,8 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+from experiments import cli
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'sweep.py')
 _CONFIG = None  # the --config flag, defined only when run as a program (see bottom)
 
@@ -70,24 +72,11 @@ class Point:
     return f'{os.path.basename(self.model)}/{self.method}/w{self.bits}{gran}'
 
 
-def _split(s: Any) -> list[str]:
-  if isinstance(s, (list, tuple)):
-    return [str(x).strip() for x in s if str(x).strip()]
-  return [x.strip() for x in str(s).split(',') if x.strip()]
-
-
-def _ints(s: Any, field: str) -> list[int]:
-  try:
-    return [int(x) for x in _split(s)]
-  except ValueError:
-    raise ValueError(f'config.{field}={s!r} must be comma-separated integers.') from None
-
-
 def grid(config: ml_collections.ConfigDict) -> list[Point]:
   """All points, models outermost (each process loads a model once)."""
-  models, methods = _split(config.models), _split(config.methods)
-  bits = _ints(config.bits, 'bits')
-  groups = [None if g == 0 else g for g in _ints(config.group_sizes, 'group_sizes')]
+  models, methods = cli.split_names(config.models), cli.split_names(config.methods)
+  bits = cli.split_ints(config.bits, 'bits')
+  groups = [None if g == 0 else g for g in cli.split_ints(config.group_sizes, 'group_sizes')]
   for name, axis in (
     ('models', models),
     ('methods', methods),
