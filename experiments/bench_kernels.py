@@ -1,4 +1,4 @@
-r"""Benchmark: packed int4/int3 Pallas matmul vs bf16 ``jnp.dot`` (issue #5).
+r"""Benchmark: packed int4/int3 Pallas matmul vs bf16 ``jnp.dot`` (issues #5, #16).
 
 The kernels: docs/method.md#kernels.
 
@@ -401,7 +401,7 @@ def decode_table(result: dict[str, Any]) -> list[str]:
 
 def target_summary(result: dict[str, Any]) -> list[str]:
   """Issue #5 targets (``TARGETS``): worst speedup over the shapes, met or missed."""
-  out = ['Targets (issue #5), worst case over the shapes:', '']
+  out = ['Targets (issues #5, #16), worst case over the shapes:', '']
   if not _has_accelerator(result) or result.get('interpret'):
     return out + [
       '- not evaluated: no accelerator.'
