@@ -93,6 +93,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from cafeq_jax import distributed
 from cafeq_jax import packing
 from experiments import cli
 import kernels_pallas
@@ -935,14 +936,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
-  logging.info(
-    'JAX process %d / %d, %d devices (%d local): %s',
-    jax.process_index(),
-    jax.process_count(),
-    jax.device_count(),
-    jax.local_device_count(),
-    jax.devices()[0].device_kind,
-  )
+  distributed.log_processes()
   run(_CONFIG.value)
 
 

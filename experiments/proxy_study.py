@@ -27,12 +27,13 @@ import os
 import time
 
 from absl import app
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
+
+from cafeq_jax import distributed
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'proxy_study.py')
 _CONFIG = None  # the --config flag, defined only when run as a program (see bottom)
@@ -288,12 +289,7 @@ def _dump(res, out):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
-  logging.info(
-    'JAX process %d / %d, local devices: %s',
-    jax.process_index(),
-    jax.process_count(),
-    jax.local_devices(),
-  )
+  distributed.log_processes()
   run(_CONFIG.value)
 
 

@@ -9,10 +9,10 @@ Results land in ``--config.output_dir`` (results.json, table.md, plots, models).
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 from ml_collections import config_flags
 
+from cafeq_jax import distributed
 from experiments import cli
 from experiments import quantize_lib
 
@@ -24,12 +24,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
-  logging.info(
-    'JAX process %d / %d, local devices: %s',
-    jax.process_index(),
-    jax.process_count(),
-    jax.local_devices(),
-  )
+  distributed.log_processes()
   config = _CONFIG.value
   results = quantize_lib.run(config)
   columns = [quantize_lib.parse_column(c).name for c in cli.split_names(config.columns)]

@@ -8,11 +8,13 @@ from cafeq_jax.distributed.mesh import validate_sharding
 from cafeq_jax.distributed.multihost import gather_stacks
 from cafeq_jax.distributed.multihost import initialize_from_env
 from cafeq_jax.distributed.multihost import local_share
+from cafeq_jax.distributed.multihost import log_processes
 from cafeq_jax.distributed.multihost import map_stack_shares
 from cafeq_jax.distributed.multihost import process_share
 from cafeq_jax.distributed.multihost import split_loop
 
 __all__ = [
+  'log_processes',
   'gather_stacks',
   'initialize_from_env',
   'local_share',

@@ -34,6 +34,7 @@ import logging
 import os
 from typing import Any
 
+from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -320,3 +321,15 @@ def map_named_stacks(
 def to_device(tree: PyTree) -> PyTree:
   """numpy results -> ``jax.Array``s on this process's default device."""
   return jax.tree.map(jnp.asarray, tree)
+
+
+def log_processes() -> None:
+  """Logs this process's index, the process count and the devices (a launcher's first line)."""
+  absl_logging.info(
+    'JAX process %d / %d, %d devices (%d local): %s',
+    jax.process_index(),
+    jax.process_count(),
+    jax.device_count(),
+    jax.local_device_count(),
+    jax.local_devices(),
+  )

@@ -18,11 +18,11 @@ import sys
 import time
 
 from absl import app
-from absl import logging
 import jax
 import ml_collections
 from ml_collections import config_flags
 
+from cafeq_jax import distributed
 from cafeq_jax.eval import data
 from cafeq_jax.eval.evaluate import evaluate
 from cafeq_jax.eval.evaluate import format_results
@@ -59,12 +59,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
-  logging.info(
-    'JAX process %d / %d, local devices: %s',
-    jax.process_index(),
-    jax.process_count(),
-    jax.local_devices(),
-  )
+  distributed.log_processes()
   try:
     run(_CONFIG.value)
   except (FileNotFoundError, ValueError) as e:
