@@ -38,6 +38,7 @@ import shutil
 import threading
 import time
 from typing import Any
+from typing import Callable
 from typing import Iterator
 
 from absl import logging
@@ -77,12 +78,10 @@ def _fsync_dir(directory: str) -> None:
     os.close(fd)
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-  """Writes ``data`` to ``path`` via a sibling temporary + ``os.replace``.
-
-  The file gets mode ``0o666 & ~umask``. On any exception (Ctrl-C included)
-  the temporary is removed and ``path`` is unchanged.
-  """
+def write_with(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+  """Like ``write_bytes`` for a writer that needs a path: ``write(tmp)`` creates the
+  sibling temporary ``tmp`` (e.g. a library's file writer), which then replaces
+  ``path``. On any exception the temporary is removed and ``path`` is unchanged."""
   path = os.path.abspath(os.fspath(path))
   directory = os.path.dirname(path)
   os.makedirs(directory, exist_ok=True)
@@ -90,10 +89,9 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     raise IsADirectoryError(f'{path!r} is a directory; refusing to replace it with a file.')
   tmp = _sibling(path, _TMP)
   try:
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-      f.flush()
+    write(tmp)
+    apply_umask(tmp)
+    with open(tmp, 'rb') as f:
       os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
@@ -102,6 +100,21 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     raise
   _fsync_dir(directory)
   clean_stale(path)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """Writes ``data`` to ``path`` via a sibling temporary + ``os.replace``.
+
+  The file gets mode ``0o666 & ~umask``. On any exception (Ctrl-C included)
+  the temporary is removed and ``path`` is unchanged.
+  """
+
+  def write(tmp: str) -> None:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+
+  write_with(path, write)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

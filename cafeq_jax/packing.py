@@ -187,6 +187,12 @@ def pack(q: quantizer.QArray, *, scale_dtype=jnp.float32) -> PackedArray:
     A ``PackedArray`` with the layout described in the module docstring.
   """
   spec = q.spec
+  if spec.ggml_type is not None:
+    raise ValueError(
+      f'{spec.name} weights use llama.cpp block formats (codes * scale - min), which '
+      'PackedArray and the Pallas kernels do not hold: write them with '
+      "cafeq_jax.loading.save_gguf, or run them with backend='xla'."
+    )
   _check_bits(spec.bits)
   qmin = spec.qmin
   xp = _xp(q.codes)

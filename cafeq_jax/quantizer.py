@@ -19,6 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cafeq_jax import enums
+from cafeq_jax.ggml import types as ggml_types
+
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_CLIP_GRID = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))  # 1.0 .. 0.5
@@ -42,6 +45,14 @@ class QuantSpec:
       largest supported group size that divides ``d_in`` (e.g. 64 for SmolLM2's
       ``d_in = 576`` under g128) instead of raising. The ``QArray`` records the
       group size actually used.
+    ggml_type: one of llama.cpp's block types (``ggml.types.GGMLType``): the
+      quantizer rounds onto that type's grid exactly (f16 scales, or the K-types'
+      integer sub-block scales and mins times an f16 per super-block of 256), so
+      the codes are what a GGUF file of that type stores. ``bits``,
+      ``group_size`` and ``symmetric`` must be the type's (build the spec with
+      ``cafeq_jax.ggml.spec('Q4_K')``); 5- and 6-bit codes and 16-row groups
+      exist only as GGML types. ``QArray.zero`` of such a spec holds the min in
+      weight units: ``dequant = codes * scale - zero`` (see ``QArray``).
   """
 
   bits: int = 4
@@ -50,8 +61,12 @@ class QuantSpec:
   clip_search: bool = False
   clip_grid: tuple[float, ...] = DEFAULT_CLIP_GRID
   group_fallback: bool = False
+  ggml_type: ggml_types.GGMLType | None = None
 
   def __post_init__(self):
+    if self.ggml_type is not None:
+      self._check_ggml()
+      return
     for name in ('symmetric', 'clip_search', 'group_fallback'):
       if not isinstance(getattr(self, name), (bool, np.bool_)):
         raise TypeError(f'{name}={getattr(self, name)!r} must be a bool (True / False).')
@@ -73,6 +88,26 @@ class QuantSpec:
       raise ValueError(f'clip_grid={self.clip_grid!r} must be non-empty with ratios in (0, 1].')
     object.__setattr__(self, 'clip_grid', tuple(float(r) for r in self.clip_grid))
 
+  def _check_ggml(self):
+    t = enums.coerce(ggml_types.GGMLType, self.ggml_type, 'ggml_type')
+    object.__setattr__(self, 'ggml_type', t)
+    ti = ggml_types.INFO[t]
+    got = (self.bits, self.group_size, self.symmetric)
+    if got != (ti.bits, ti.group_size, ti.symmetric) or self.group_fallback:
+      raise ValueError(
+        f'ggml_type={t.value} has bits={ti.bits}, group_size={ti.group_size}, '
+        f'symmetric={ti.symmetric} and no group fallback; got bits={self.bits}, '
+        f'group_size={self.group_size}, symmetric={self.symmetric}, '
+        f'group_fallback={self.group_fallback}. Build it with '
+        f"cafeq_jax.ggml.spec('{t.value}')."
+      )
+    if not isinstance(self.clip_search, (bool, np.bool_)):
+      raise TypeError(f'clip_search={self.clip_search!r} must be a bool (True / False).')
+    object.__setattr__(self, 'clip_search', bool(self.clip_search))
+    if not self.clip_grid or any(not 0.0 < r <= 1.0 for r in self.clip_grid):
+      raise ValueError(f'clip_grid={self.clip_grid!r} must be non-empty with ratios in (0, 1].')
+    object.__setattr__(self, 'clip_grid', tuple(float(r) for r in self.clip_grid))
+
   @property
   def qmin(self) -> int:
     return -(2 ** (self.bits - 1)) if self.symmetric else 0
@@ -89,6 +124,16 @@ class QuantSpec:
     """Rows per group for a matrix with ``d_in`` rows (see ``group_fallback``)."""
     if self.group_size is None:
       return d_in
+    if self.ggml_type is not None:
+      block = ggml_types.INFO[self.ggml_type].block_size
+      if d_in % block:
+        raise ValueError(
+          f'd_in={d_in} is not a multiple of the {block}-weight blocks of '
+          f'{self.ggml_type.value}; llama.cpp stores such rows as '
+          f'{ggml_types.type_for_rows(self.ggml_type, d_in).value} '
+          f'(cafeq_jax.ggml.types.type_for_rows).'
+        )
+      return self.group_size
     if d_in % self.group_size == 0:
       return self.group_size
     if self.group_fallback:
@@ -114,6 +159,8 @@ class QuantSpec:
 
   @property
   def name(self) -> str:
+    if self.ggml_type is not None:
+      return self.ggml_type.value
     gran = 'pc' if self.group_size is None else f'g{self.group_size}'
     return f'w{self.bits}{gran}{"sym" if self.symmetric else "asym"}'
 
@@ -124,7 +171,10 @@ class QArray:
 
   Invariant: ``dequantize(q) == scale[..., r // g, c] * (codes[..., r, c] -
   zero[..., r // g, c])`` (``zero = 0`` when symmetric), with ``g`` the group
-  size (``d_in`` per channel) and ``qmin <= codes <= qmax``.
+  size (``d_in`` per channel) and ``qmin <= codes <= qmax``. For a GGML spec
+  (``spec.ggml_type``) it is ``codes * scale - zero`` instead, ``zero`` being the
+  min in weight units (any float) and ``scale`` possibly negative: the expression
+  llama.cpp dequantizes with.
 
   Attributes:
     codes: ``(..., d_in, d_out)`` int8 (int16 for 8-bit asymmetric codes).
@@ -232,16 +282,37 @@ def _scale_zero_from_range(lo, hi, spec: QuantSpec):
   return scale, zero
 
 
-def _round_grouped(wg, scale, zero, spec: QuantSpec):
-  """Codes for grouped weights ``wg`` (..., G, g, N) with scales (..., G, N)."""
-  z = 0.0 if zero is None else zero[..., None, :]
-  q = jnp.round(wg / scale[..., None, :]) + z
+def round_codes(x, scale, zero, spec: QuantSpec):
+  """Nearest codes of ``x`` for scales/zeros broadcastable to it (zero None: 0).
+
+  Uniform specs: ``clip(round(x / scale) + zero)``; GGML specs:
+  ``clip(round((x + zero) / scale))`` with code 0 where the scale is 0.
+  """
+  z = 0.0 if zero is None else zero
+  if spec.ggml_type is None:
+    return jnp.clip(jnp.round(x / scale) + z, spec.qmin, spec.qmax)
+  dead = scale == 0
+  q = jnp.where(dead, 0.0, jnp.round((x + z) / jnp.where(dead, 1.0, scale)))
   return jnp.clip(q, spec.qmin, spec.qmax)
 
 
-def _dequant_grouped(q, scale, zero):
-  z = 0.0 if zero is None else zero[..., None, :]
-  return (q - z) * scale[..., None, :]
+def dequant_codes(q, scale, zero, spec: QuantSpec):
+  """Weights of codes ``q`` (the ``QArray`` invariant, elementwise, broadcasting)."""
+  z = 0.0 if zero is None else zero
+  if spec.ggml_type is None:
+    return (q - z) * scale
+  return q * scale - z
+
+
+def _round_grouped(wg, scale, zero, spec: QuantSpec):
+  """Codes for grouped weights ``wg`` (..., G, g, N) with scales (..., G, N)."""
+  z = None if zero is None else zero[..., None, :]
+  return round_codes(wg, scale[..., None, :], z, spec)
+
+
+def _dequant_grouped(q, scale, zero, spec: QuantSpec):
+  z = None if zero is None else zero[..., None, :]
+  return dequant_codes(q, scale[..., None, :], z, spec)
 
 
 def compute_scale_zero(w: jax.Array, spec: QuantSpec):
@@ -258,12 +329,19 @@ def compute_scale_zero(w: jax.Array, spec: QuantSpec):
   """
   wg = _grouped(jnp.asarray(w, jnp.float32), spec)
   lo, hi = wg.min(axis=-2), wg.max(axis=-2)
+  t = spec.ggml_type
+  from_range = (
+    _scale_zero_from_range
+    if t is None
+    else lambda lo, hi, spec: ggml_types.raw_scale_zero(lo, hi, spec.ggml_type)
+  )
   if not spec.clip_search:
-    return _scale_zero_from_range(lo, hi, spec)
+    s, z = from_range(lo, hi, spec)
+    return (s, z) if t is None else ggml_types.quantize_scales(s, z, t)
 
   def error(ratio):
-    s, z = _scale_zero_from_range(lo * ratio, hi * ratio, spec)
-    err = jnp.sum((_dequant_grouped(_round_grouped(wg, s, z, spec), s, z) - wg) ** 2, axis=-2)
+    s, z = from_range(lo * ratio, hi * ratio, spec)
+    err = jnp.sum((_dequant_grouped(_round_grouped(wg, s, z, spec), s, z, spec) - wg) ** 2, axis=-2)
     return err, s, z
 
   grid = jnp.asarray(spec.clip_grid, jnp.float32)
@@ -278,7 +356,9 @@ def compute_scale_zero(w: jax.Array, spec: QuantSpec):
     return (jnp.minimum(err, best_err), best_s, best_z), None
 
   (_, best_s, best_z), _ = jax.lax.scan(body, (best_err, best_s, best_z), grid[1:])
-  return best_s, best_z
+  # GGML grids: the search picks each group's range on raw scales, then the
+  # scales go onto the type's grid (its super-block scale depends on all groups).
+  return (best_s, best_z) if t is None else ggml_types.quantize_scales(best_s, best_z, t)
 
 
 def round_with_scale(
@@ -303,7 +383,7 @@ def dequantize(q: QArray, dtype=jnp.float32) -> jax.Array:
   """Inverse of ``quantize`` up to rounding: ``(..., d_in, d_out)`` of ``dtype``."""
   codes = q.codes.astype(jnp.float32)
   qg = _grouped(codes, q.spec)
-  return _dequant_grouped(qg, q.scale, q.zero).reshape(codes.shape).astype(dtype)
+  return _dequant_grouped(qg, q.scale, q.zero, q.spec).reshape(codes.shape).astype(dtype)
 
 
 def quant_dequant(w: jax.Array, spec: QuantSpec) -> jax.Array:
@@ -315,7 +395,7 @@ def quant_dequant(w: jax.Array, spec: QuantSpec) -> jax.Array:
   validate_weight(w, spec, check_finite=False)
   scale, zero = compute_scale_zero(w, spec)
   wg = _grouped(jnp.asarray(w, jnp.float32), spec)
-  w_hat = _dequant_grouped(_round_grouped(wg, scale, zero, spec), scale, zero)
+  w_hat = _dequant_grouped(_round_grouped(wg, scale, zero, spec), scale, zero, spec)
   return w_hat.reshape(w.shape).astype(w.dtype)
 
 
@@ -329,6 +409,11 @@ def fake_quant(w: jax.Array, spec: QuantSpec) -> jax.Array:
 
 
 def bits_per_weight(spec: QuantSpec, d_in: int, scale_bits: int = 16) -> float:
-  """Storage bits per weight: codes plus amortised scales (and zeros)."""
+  """Storage bits per weight: codes plus amortised scales (and zeros).
+
+  GGML specs: the type's block bytes per weight (``scale_bits`` is ignored).
+  """
+  if spec.ggml_type is not None:
+    return ggml_types.INFO[spec.ggml_type].bits_per_weight
   per_group = scale_bits * (1 if spec.symmetric else 2)
   return spec.bits + per_group / spec.effective_group_size(d_in)

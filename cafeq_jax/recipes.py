@@ -49,6 +49,7 @@ from typing import Union
 
 from cafeq_jax import enums
 from cafeq_jax import quantizer
+from cafeq_jax import specs
 from cafeq_jax.core import optimize
 from cafeq_jax.core import pairs as pairs_lib
 from cafeq_jax.models import linears
@@ -299,7 +300,9 @@ class Recipe:
 
   Attributes:
     name: a label (the preset's name) used in reports.
-    spec: the uniform quantizer (bits, group size, symmetric, clip search).
+    spec: the quantizer (bits, group size, symmetric, clip search, GGML type) of
+      every matrix, or a ``specs.SpecMap`` giving matrices their own (a GGUF
+      mix, ``cafeq_jax.ggml.mixes``).
     matrices: which per-layer linears (k/v and gate/up share a param leaf and
       go together).
     pairs: pair transforms folded first, or None.
@@ -308,7 +311,7 @@ class Recipe:
   """
 
   name: str = 'custom'
-  spec: quantizer.QuantSpec = quantizer.QuantSpec(bits=4, group_size=128)
+  spec: specs.Spec = quantizer.QuantSpec(bits=4, group_size=128)
   matrices: tuple[str, ...] = LINEAR_NAMES
   pairs: PairTransforms | None = None
   transform: OnlineTransform | None = None
@@ -317,8 +320,15 @@ class Recipe:
   def __post_init__(self):
     if isinstance(self.spec, Mapping):
       object.__setattr__(self, 'spec', quantizer.QuantSpec(**self.spec))
-    if not isinstance(self.spec, quantizer.QuantSpec):
-      raise TypeError(f'spec must be a QuantSpec; got {self.spec!r}.')
+    if not isinstance(self.spec, (quantizer.QuantSpec, specs.SpecMap)):
+      raise TypeError(f'spec must be a QuantSpec or a specs.SpecMap; got {self.spec!r}.')
+    if isinstance(self.spec, specs.SpecMap) and self.transform is not None:
+      raise ValueError(
+        f'recipe {self.name!r}: the online transform stage {type(self.transform).__name__} '
+        f'cannot be combined with the per-matrix spec map {self.spec.name!r} (maps are '
+        'for GGUF mixes, and llama.cpp has no online x M^-1); use a recipe without a '
+        "transform stage (e.g. 'rtn', 'gptq-selfgen', 'cafeq-pairs')."
+      )
     object.__setattr__(self, 'matrices', linears.check_matrices(self.matrices))
     _check_type(self.pairs, (PairTransforms, type(None)), 'pairs')
     _check_type(self.transform, (Hadamard, Learned, type(None)), 'transform')
@@ -373,6 +383,7 @@ _TYPES = {
     GPTQ,
     PairAdaptive,
     quantizer.QuantSpec,
+    specs.SpecMap,
     optimize.TransformConfig,
     pairs_lib.PairOptConfig,
   )
@@ -496,6 +507,10 @@ def override(recipe: Recipe, overrides: Mapping[str, Any], *, strict: bool = Tru
       changes['matrices'] = value  # validated (a string refused) by Recipe
       continue
     if slot == 'spec' and field:
+      if isinstance(recipe.spec, specs.SpecMap):
+        raise ValueError(
+          f'{key!r}: spec field overrides need a QuantSpec, not the map {recipe.spec.name!r}.'
+        )
       if field not in {f.name for f in dataclasses.fields(recipe.spec)}:
         raise ValueError(f'override {key!r}: QuantSpec has no field {field!r}.')
       spec_fields[field] = value
@@ -580,7 +595,7 @@ def get(
   symmetric: bool = False,
   clip_search: bool = False,
   group_fallback: bool = True,
-  spec: quantizer.QuantSpec | None = None,
+  spec: specs.Spec | None = None,
   strict: bool = True,
   **overrides,
 ) -> Recipe:
@@ -592,7 +607,7 @@ def get(
       (``group_size=None``: per output channel; ``group_fallback``: a matrix whose
       ``d_in`` the group size does not divide uses the largest supported one that
       does), unless ``spec`` is given.
-    spec: a full ``QuantSpec`` instead of the fields above.
+    spec: a full ``QuantSpec`` (or a ``specs.SpecMap``) instead of the fields above.
     strict: see ``override``.
     **overrides: stage fields as ``override`` keys with ``__`` for ``.``
       (``transform__steps=50``), or pass a dict to ``override`` directly.

@@ -38,6 +38,8 @@ from cafeq_jax import eval as eval_lib
 from cafeq_jax import packing
 from cafeq_jax import quantizer
 from cafeq_jax import recipes
+from cafeq_jax import specs as specs_lib
+from cafeq_jax.ggml import mixes
 from cafeq_jax.methods import quantize
 from cafeq_jax.models import PRESETS
 from cafeq_jax.models import ModelConfig
@@ -65,13 +67,35 @@ _CODE_MODULES = (
 _COLUMN = re.compile(r'^w(\d)(pc|g\d+)(sym|asym)?$')
 
 
-def parse_column(name: str, clip_search: bool = False) -> quantizer.QuantSpec:
-  """'w3g128' / 'w4pcsym' / 'w3g64asym' -> ``QuantSpec`` (asymmetric by default)."""
-  m = _COLUMN.match(name.strip())
+GGUF_PREFIX = 'gguf-'
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFColumn:
+  """A column quantized into llama.cpp's mix ``mix`` (its spec map needs the model)."""
+
+  mix: str
+  clip_search: bool = False
+
+  @property
+  def name(self) -> str:
+    return GGUF_PREFIX + self.mix
+
+  def spec_map(self, cfg: ModelConfig) -> specs_lib.SpecMap:
+    return mixes.spec_map(self.mix, cfg, clip_search=self.clip_search)
+
+
+def parse_column(name: str, clip_search: bool = False) -> quantizer.QuantSpec | GGUFColumn:
+  """'w3g128' / 'w4pcsym' / 'w3g64asym' -> ``QuantSpec`` (asymmetric by default);
+  'gguf-Q3_K_S' -> the llama.cpp mix ``GGUFColumn`` (cafeq_jax.ggml.mixes.MIXES)."""
+  name = name.strip()
+  if name.startswith(GGUF_PREFIX):
+    return GGUFColumn(mixes.check_mix(name[len(GGUF_PREFIX) :]), clip_search)
+  m = _COLUMN.match(name)
   if not m:
     raise ValueError(
       f'column {name!r} is not of the form w<bits><pc|g<size>>[sym|asym], '
-      f"e.g. 'w3g128' or 'w4pcsym'."
+      f"e.g. 'w3g128' or 'w4pcsym', or gguf-<mix> with a mix of {list(mixes.MIXES)}."
     )
   bits, gran, sym = m.groups()
   group = None if gran == 'pc' else int(gran[1:])
@@ -86,7 +110,7 @@ def parse_column(name: str, clip_search: bool = False) -> quantizer.QuantSpec:
   )
 
 
-def column_name(spec: quantizer.QuantSpec) -> str:
+def column_name(spec) -> str:
   return spec.name
 
 
@@ -183,7 +207,7 @@ def _flat(d: dict, prefix: str = '') -> dict[str, Any]:
   return out
 
 
-def recipe_for(name: str, spec: quantizer.QuantSpec, config) -> recipes.Recipe:
+def recipe_for(name: str, spec: specs_lib.Spec, config) -> recipes.Recipe:
   """The recipe of a table row: the preset ``name`` with the job's quantizer and options.
 
   ``config.cafeq`` (stage fields, e.g. ``transform.steps``) applies to every CafeQ
@@ -218,13 +242,18 @@ def storage(qparams) -> dict[str, float]:
   """Bytes on disk of the quantized linears (packed codes + bf16 scales) vs bf16."""
   packed = bf16 = n = 0
   for leaf in jax.tree.leaves(qparams, is_leaf=lambda x: isinstance(x, QuantizedLinear)):
-    if isinstance(leaf, QuantizedLinear):
-      p = qlinear.pack_weight(leaf.weight, scale_dtype=jnp.bfloat16)
-      packed += packing.nbytes(p)
-      if leaf.transform_inv is not None:
-        packed += transform_nbytes(leaf.transform_inv)
-      bf16 += packing.bf16_nbytes(p.shape)
-      n += int(np.prod(p.shape))
+    if not isinstance(leaf, QuantizedLinear):
+      continue
+    for q in qlinear.qarrays(leaf.weight):
+      size = int(np.prod(q.shape))
+      if q.spec.ggml_type is not None:  # the GGUF block bytes
+        packed += int(round(size * quantizer.bits_per_weight(q.spec, q.shape[-2]) / 8))
+      else:
+        packed += packing.nbytes(qlinear.pack_weight(q, scale_dtype=jnp.bfloat16))
+      bf16 += 2 * size
+      n += size
+    if leaf.transform_inv is not None:
+      packed += transform_nbytes(leaf.transform_inv)
   return {
     'linear_bytes': packed,
     'linear_bf16_bytes': bf16,
@@ -340,11 +369,13 @@ class _Plan:
   """The checked options of a run."""
 
   methods: list[str]
-  specs: list[quantizer.QuantSpec]
+  specs: list[quantizer.QuantSpec | GGUFColumn | specs_lib.SpecMap]
   cells: dict[tuple[str, str], recipes.Recipe]  # (column, method) -> recipe
   text: str
   save: set[str]
   export: set[str]
+  gguf: set[str] = dataclasses.field(default_factory=set)  # columns written as GGUF
+  ct: bool = False  # write every row of the uniform columns as compressed-tensors
 
 
 def _check_int(config, name: str, least: int) -> int:
@@ -406,8 +437,45 @@ def _check_options(config) -> _Plan:
     _check_int(config, 'max_new_tokens', 1)
   if not isinstance(config.output_dir, str) or not config.output_dir:
     raise ValueError(f'config.output_dir={config.output_dir!r} must be a directory path.')
+  formats = cli.split_names(config.export)
+  gguf_cols = []
+  for f in formats:
+    if f == 'ct':
+      continue
+    if not f.startswith('gguf:'):
+      raise ValueError(
+        f"config.export={config.export!r}: {f!r} is not a format; expected 'ct' "
+        f'(compressed-tensors) or gguf:<mix> with a mix of {list(mixes.MIXES)}.'
+      )
+    col = GGUF_PREFIX + mixes.check_mix(f[len('gguf:') :])
+    gguf_cols.append(col)
+    if col not in columns:
+      columns.append(col)
   specs = [parse_column(c, config.clip_search) for c in columns]
-  plan_recipes = {(column_name(s), m): recipe_for(m, s, config) for s in specs for m in methods}
+  for s in specs:  # a GGUF column's rows must be holdable in GGUF (checked on a probe spec)
+    if isinstance(s, GGUFColumn):
+      from cafeq_jax import ggml  # pylint: disable=g-import-not-at-top
+      from cafeq_jax.loading import gguf_writer  # pylint: disable=g-import-not-at-top
+
+      for m in methods:
+        try:
+          gguf_writer.check_recipe(recipe_for(m, ggml.spec('Q4_0'), config))
+        except ValueError as e:
+          raise ValueError(f'column {s.name}, row {m!r}: {e}') from None
+  plan_recipes = {
+    (column_name(s), m): recipe_for(m, s, config)
+    for s in specs
+    if not isinstance(s, GGUFColumn)
+    for m in methods
+  }
+  if 'ct' in formats:
+    from cafeq_jax.loading import compressed_tensors  # pylint: disable=g-import-not-at-top
+
+    for (col, m), r in plan_recipes.items():
+      try:
+        compressed_tensors.check_recipe(r)
+      except ValueError as e:
+        raise ValueError(f'config.export=ct, column {col}, row {m!r}: {e}') from None
   save, export = cli.split_names(config.save_models), cli.split_names(config.export_hf)
   for what, names in (('save_models', save), ('export_hf', export)):
     unknown = [n for n in names if n not in methods]
@@ -438,7 +506,23 @@ def _check_options(config) -> _Plan:
     for s in specs:
       for m in export:
         hf.check_export_dir(_export_path(config, column_name(s), m))
-  return _Plan(methods, specs, plan_recipes, text, set(save), set(export))
+  if gguf_cols:
+    _check_dir(os.path.join(out, 'gguf'), 'the GGUF export directory')
+  if 'ct' in formats:
+    _check_dir(os.path.join(out, 'ct'), 'the compressed-tensors export directory')
+  return _Plan(
+    methods, specs, plan_recipes, text, set(save), set(export), set(gguf_cols), 'ct' in formats
+  )
+
+
+def _resolve_gguf_columns(plan: _Plan, cfg: ModelConfig, config) -> None:
+  """GGUF columns get the model's spec map (llama.cpp's fallbacks depend on shapes)."""
+  for i, s in enumerate(plan.specs):
+    if isinstance(s, GGUFColumn):
+      smap = s.spec_map(cfg)
+      plan.specs[i] = smap
+      for m in plan.methods:
+        plan.cells[(s.name, m)] = recipe_for(m, smap, config)
 
 
 def _check_with_model(plan: _Plan, model: LoadedModel, config) -> None:
@@ -560,6 +644,35 @@ def _saved_hash(path: str) -> str | None:
   return meta.get('row_hash') if isinstance(meta, dict) else None
 
 
+def _writes_ct(plan: _Plan, col: str) -> bool:
+  return plan.ct and not col.startswith(GGUF_PREFIX)
+
+
+def _ct_path(config, col: str, method: str) -> str:
+  return os.path.join(config.output_dir, 'ct', f'{col}_{method}')
+
+
+def _gguf_path(config, col: str, method: str) -> str:
+  return os.path.join(config.output_dir, 'gguf', f'{col}_{method}.gguf')
+
+
+def gguf_source(model: str) -> str | None:
+  """The GGUF file whose metadata and tokenizer an export copies (None: HF / preset)."""
+  if model == 'smollm2_135m':
+    from cafeq_jax.loading import gguf  # pylint: disable=g-import-not-at-top
+
+    return gguf.smollm2_gguf_path()
+  return model if model.endswith('.gguf') else None
+
+
+def _gguf_hash(path: str) -> str | None:
+  """The row hash a GGUF export was written for (None: absent or unreadable)."""
+  from cafeq_jax.loading import gguf_writer  # pylint: disable=g-import-not-at-top
+
+  prov = gguf_writer.read_provenance(path)
+  return prov.get('row_hash') if isinstance(prov, dict) else None
+
+
 def _exported_hash(path: str) -> str | None:
   from cafeq_jax.loading import hf  # pylint: disable=g-import-not-at-top
 
@@ -594,6 +707,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   model = load_model(config.model, config.seed)
   logging.info('loaded %s in %.1fs', config.model, time.perf_counter() - t0)
+  _resolve_gguf_columns(plan, model.config, config)
   _check_with_model(plan, model, config)
   tokens = eval_lib.make_windows(model.encode(plan.text), config.eval_num_seqs, config.eval_seq_len)
   weights = weights_fingerprint(model.params, model.config)
@@ -630,6 +744,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
           need.append('save')
         if m in plan.export and _exported_hash(_export_path(config, col, m)) != h:
           need.append('export')
+        if col in plan.gguf and _gguf_hash(_gguf_path(config, col, m)) != h:
+          need.append('gguf')
+        if _writes_ct(plan, col) and _exported_hash(_ct_path(config, col, m)) != h:
+          need.append('ct')
         if config.prompt and prev.get('sample_for') != sample_for:
           need.append('sample')
         if need:
@@ -726,8 +844,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     logging.info('[%s] wrote %s', col, results_path)
     for m in candidates:
       h = (todo.get(m) or wants[m])[1]
-      need = ['save', 'export'] if m in todo else wants[m][2]
+      need = ['save', 'export', 'gguf', 'ct'] if m in todo else wants[m][2]
       recipe = (todo.get(m) or wants[m])[0]
+      provenance = {'row_hash': h, 'recipe': recipe.to_dict(), 'model': config.model}
       if m in plan.save and 'save' in need:
         with lock:
           _save_model(config, model, col, m, candidates[m], recipe.to_dict(), h)
@@ -740,9 +859,35 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
             candidates[m],
             model.config,
             path,
-            provenance={'row_hash': h, 'recipe': recipe.to_dict(), 'model': config.model},
+            provenance=provenance,
           )
         logging.info('exported %s', path)
+      if col in plan.gguf and 'gguf' in need:
+        from cafeq_jax.loading import gguf_writer  # pylint: disable=g-import-not-at-top
+
+        path = _gguf_path(config, col, m)
+        with lock:
+          gguf_writer.save_gguf(
+            candidates[m],
+            model.config,
+            path,
+            source=gguf_source(config.model),
+            mix=col[len(GGUF_PREFIX) :],
+            provenance=provenance,
+          )
+        logging.info('wrote %s (run it with llama.cpp: llama-cli -m %s)', path, path)
+      if _writes_ct(plan, col) and 'ct' in need:
+        from cafeq_jax.loading import compressed_tensors  # pylint: disable=g-import-not-at-top
+
+        path = _ct_path(config, col, m)
+        with lock:
+          compressed_tensors.save_compressed_tensors(
+            candidates[m],
+            model.config,
+            path,
+            provenance=provenance,
+          )
+        logging.info('exported %s (compressed-tensors: vLLM / transformers)', path)
     del candidates
 
   with lock:

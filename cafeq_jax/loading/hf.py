@@ -202,10 +202,10 @@ def check_exportable(cfg: ModelConfig) -> None:
     raise ValueError(
       f'model family {cfg.family!r} has no Hugging Face export; expected one of {sorted(_ARCHS)}.'
     )
-  _check_llama_like(cfg)
+  check_llama_like(cfg)
 
 
-def _check_llama_like(cfg: ModelConfig) -> None:
+def check_llama_like(cfg: ModelConfig) -> None:
   if cfg.family == 'llama' and (
     cfg.use_post_norms
     or cfg.norm_scale_plus_one
@@ -273,7 +273,7 @@ def params_from_hf(state_dict: dict[str, Any], cfg: ModelConfig) -> dict:
     ValueError: a tensor is missing, unexpected, or has the wrong shape (the message
       names the tensor and both shapes).
   """
-  _check_llama_like(cfg)
+  check_llama_like(cfg)
   expected = expected_hf_shapes(cfg)
   sd = dict(state_dict)
   if cfg.tie_embeddings:
@@ -335,7 +335,7 @@ def params_from_hf(state_dict: dict[str, Any], cfg: ModelConfig) -> dict:
 def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
   """HF state dict (float32 numpy, contiguous) from our params; inverse of
   ``params_from_hf``. ``QuantizedLinear`` leaves are exported as effective weights."""
-  _check_llama_like(cfg)
+  check_llama_like(cfg)
   fp = linears_lib.dequantize_params(params, cfg)
   f32 = lambda a: np.asarray(a, np.float32)
   H, K, hd, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
@@ -368,7 +368,7 @@ def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
   return {k: np.ascontiguousarray(v) for k, v in sd.items()}
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
   h = hashlib.sha256()
   with open(path, 'rb') as f:
     for chunk in iter(lambda: f.read(1 << 20), b''):
@@ -406,7 +406,7 @@ def verify_export(out_dir: str | os.PathLike) -> dict:
     path = os.path.join(out_dir, name)
     if not os.path.isfile(path):
       raise ValueError(f'export {out_dir!r} lacks {name!r}, which save_hf wrote.')
-    if _file_sha256(path) != digest:
+    if file_sha256(path) != digest:
       raise ValueError(f'{path!r} does not match the sha256 save_hf recorded: corrupt.')
   return marker
 
@@ -414,26 +414,30 @@ def verify_export(out_dir: str | os.PathLike) -> dict:
 _OWN_FILES = (WEIGHTS_FILE, CONFIG_FILE, EXPORT_MARKER)
 
 
-def _carried_files(out_dir: str) -> list[str]:
+def carried_files(out_dir: str, *, writer: str = 'save_hf', legacy: bool = True) -> list[str]:
   """Entries of an existing ``out_dir`` to keep in the new export (others' files).
+
+  Shared by the exporters that write this directory layout (``save_hf``,
+  ``compressed_tensors.save_compressed_tensors``: ``writer`` names the caller).
+  ``legacy``: a directory holding exactly our two files (an export of an earlier
+  version, without the record) may be replaced too.
 
   Raises:
     FileExistsError: ``out_dir`` is a file, or a non-empty directory that
-      ``save_hf`` did not write.
+      ``writer`` did not write.
   """
   if os.path.islink(out_dir) or not os.path.isdir(out_dir):
     raise FileExistsError(
-      f'{out_dir!r} exists and is not a directory; save_hf never '
+      f'{out_dir!r} exists and is not a directory; {writer} never '
       'replaces a file. Choose another output directory.'
     )
   names = sorted(os.listdir(out_dir))
   ours = read_export_marker(out_dir) is not None
-  # An export of an earlier version (no record) holds exactly our two files.
-  legacy = bool(names) and set(names) <= {WEIGHTS_FILE, CONFIG_FILE}
-  if names and not ours and not legacy:
+  old = legacy and bool(names) and set(names) <= {WEIGHTS_FILE, CONFIG_FILE}
+  if names and not ours and not old:
     raise FileExistsError(
       f'{out_dir!r} is not empty ({names[:8]}{" ..." if len(names) > 8 else ""}) and was '
-      f'not written by save_hf (no {EXPORT_MARKER}); refusing to replace it. Export '
+      f'not written by {writer} (no {EXPORT_MARKER}); refusing to replace it. Export '
       'to a new or empty directory.'
     )
   return [n for n in names if n not in _OWN_FILES and not atomic.is_temporary(n)]
@@ -443,10 +447,10 @@ def check_export_dir(out_dir: str | os.PathLike) -> None:
   """Raises FileExistsError unless ``save_hf`` may write ``out_dir`` (checks only)."""
   path = os.path.abspath(os.fspath(out_dir))
   if os.path.lexists(path):
-    _carried_files(path)
+    carried_files(path)
 
 
-def _carry(src: str, dst: str) -> None:
+def carry(src: str, dst: str) -> None:
   """Hard-links (else copies) ``src`` (a file or a directory tree) to ``dst``."""
   if os.path.isdir(src) and not os.path.islink(src):
     shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
@@ -501,7 +505,7 @@ def save_hf(
   out_dir = os.fspath(out_dir)
   path = os.path.abspath(out_dir)
   atomic.recover(path)
-  carried = _carried_files(path) if os.path.lexists(path) else []
+  carried = carried_files(path) if os.path.lexists(path) else []
   sd = params_to_hf(params, cfg)
   hf_config = json.dumps(config_to_hf(cfg, **config_extra), indent=2)
   record = json.dumps(provenance or {}, default=str)  # fail before writing anything
@@ -513,13 +517,13 @@ def save_hf(
       f.write(hf_config)
     marker = {
       'format': 'cafeq_jax.hf_export',
-      'files': {n: _file_sha256(os.path.join(tmp, n)) for n in (WEIGHTS_FILE, CONFIG_FILE)},
+      'files': {n: file_sha256(os.path.join(tmp, n)) for n in (WEIGHTS_FILE, CONFIG_FILE)},
       'provenance': json.loads(record),
     }
     with open(os.path.join(tmp, EXPORT_MARKER), 'w') as f:
       json.dump(marker, f, indent=2)
     for name in carried:
-      _carry(os.path.join(path, name), os.path.join(tmp, name))
+      carry(os.path.join(path, name), os.path.join(tmp, name))
     atomic.fsync_tree(tmp)
     atomic.replace_dir(tmp, path)
   except BaseException:

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from cafeq_jax import recipes
+from cafeq_jax import specs
 from cafeq_jax.distributed import memory
 from cafeq_jax.methods import layerwise
 from cafeq_jax.methods import paired
@@ -153,12 +154,13 @@ def _validate_run(run: RunOptions, model_config, recipe: recipes.Recipe) -> None
   shapes = {n: shapes[n] for n in recipe.matrices}
   num_layers = min(run.layers_per_chunk or model_config.num_layers, model_config.num_layers)
   # Group and block sizes against every matrix and the mesh's 'stack' axis.
-  run.validate(
-    [(num_layers, *shapes[n]) for n in shapes],
-    recipe.spec,
-    recipe.transform.block_size if learn else None,
-    pad=True,
-  )
+  for spec in specs.distinct(recipe.spec):
+    run.validate(
+      [(num_layers, *shapes[n]) for n in shapes],
+      spec,
+      recipe.transform.block_size if learn else None,
+      pad=True,
+    )
   if learn and recipe.pairs is None:  # the exact stacks (pairs may drop layers)
     layers = {n: list(range(num_layers)) for n in shapes}
     stacks = single.unit_stacks(shapes, layers, recipe.transform.share)
@@ -191,6 +193,8 @@ def run_recipe(
   run-option checks; ``layer_offset`` numbers a chunk's layers for keys and names)."""
   run = RunOptions() if run is None else run
   spec, chosen = recipe.spec, recipe.matrices
+  if isinstance(spec, specs.SpecMap):  # keyed by the model's layers, not the chunk's
+    spec = spec.shifted(layer_offset)
   report = QuantReport(method=recipe.name, spec=spec.name)
   mats0 = linears.selected_linears(params, model_config, chosen)
 
@@ -254,7 +258,7 @@ def run_recipe(
   report.timings['rounding'] = time.perf_counter() - t0 - report.timings.get('selfgen', 0.0)
   for k, q in ar_q.items():
     qarrays[k], tinvs[k] = q, None
-  _fill_report(report, mats0, mats, qarrays, tinvs, recipe)
+  _fill_report(report, mats0, mats, qarrays, tinvs, spec, recipe)
   for k, v in init_losses.items():
     report.per_matrix[k]['init'] = v
   for k in ar_q:
@@ -262,8 +266,8 @@ def run_recipe(
   return linears.quantized_params(params, model_config, qarrays, tinvs), report
 
 
-def _fill_report(report, mats0, mats, qarrays, tinvs, recipe: recipes.Recipe):
-  rtn = single.rtn_losses(mats0, recipe.spec)
+def _fill_report(report, mats0, mats, qarrays, tinvs, spec, recipe: recipes.Recipe):
+  rtn = single.rtn_losses(mats0, spec)
   final = single.proxy_losses(mats, qarrays, tinvs)
   for k in sorted(final):
     report.per_matrix[k] = {'rtn': rtn[k], 'final': final[k]}

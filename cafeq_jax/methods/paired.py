@@ -17,6 +17,7 @@ import numpy as np
 
 from cafeq_jax import quantizer as qz
 from cafeq_jax import recipes
+from cafeq_jax import specs
 from cafeq_jax.core import pairs as pairs_lib
 from cafeq_jax.core import rounding
 from cafeq_jax.models import linears
@@ -38,7 +39,7 @@ def apply_pair_transforms(
   params: dict,
   model_config,
   stage: recipes.PairTransforms,
-  spec: qz.QuantSpec,
+  spec: specs.Spec,
   matrices: tuple[str, ...],
 ) -> tuple[dict, dict[str, Any]]:
   """Learns and folds the pair transforms; the fp model's function is unchanged.
@@ -47,7 +48,8 @@ def apply_pair_transforms(
     params: fp model params (gemma Flax layout).
     model_config: ``cafeq_jax.models.ModelConfig``.
     stage: the pair kinds and their optimiser (identity init: deterministic).
-    spec: the quantizer of both matrices of every pair.
+    spec: the quantizer of both matrices of every pair (or one per matrix:
+      layers whose pair has other specs are optimised as their own stack).
     matrices: the quantized matrices (a pair is transformed when either is).
 
   Returns:
@@ -65,9 +67,25 @@ def apply_pair_transforms(
     if na not in matrices and nb not in matrices:
       continue
     t0 = time.perf_counter()
-    p, e0, e1, _ = pairs_lib.optimize_pair(kind, geom, mats[na], mats[nb], spec, spec, stage.opt)
-    mats[na], mats[nb] = pairs_lib.fold(kind, geom, mats[na], mats[nb], p)
-    e0, e1 = np.asarray(e0), np.asarray(e1)
+    num_layers = mats[na].shape[0]
+    groups: dict[tuple, list[int]] = {}
+    for l in range(num_layers):
+      key = (specs.resolve(spec, l, na), specs.resolve(spec, l, nb))
+      groups.setdefault(key, []).append(l)
+    e0, e1 = np.zeros(num_layers), np.zeros(num_layers)
+    for (spec_a, spec_b), ls in groups.items():
+      if len(groups) == 1:  # the whole stack
+        a, b = mats[na], mats[nb]
+      else:
+        a, b = mats[na][jnp.asarray(ls)], mats[nb][jnp.asarray(ls)]
+      p, g0, g1, _ = pairs_lib.optimize_pair(kind, geom, a, b, spec_a, spec_b, stage.opt)
+      a, b = pairs_lib.fold(kind, geom, a, b, p)
+      if len(groups) == 1:
+        mats[na], mats[nb] = a, b
+      else:
+        mats[na] = mats[na].at[jnp.asarray(ls)].set(a)
+        mats[nb] = mats[nb].at[jnp.asarray(ls)].set(b)
+      e0[ls], e1[ls] = np.asarray(g0), np.asarray(g1)
     report[kind.value] = {
       'before': e0.tolist(),
       'after': e1.tolist(),
@@ -82,7 +100,7 @@ def adaptive_round_pairs(
   params: dict,
   model_config,
   stage: recipes.PairAdaptive,
-  spec: qz.QuantSpec,
+  spec: specs.Spec,
   matrices: tuple[str, ...],
   *,
   return_history: bool = False,
@@ -103,13 +121,14 @@ def adaptive_round_pairs(
   mats = linears.get_linears(params, model_config)
   v = jnp.asarray(mats['v'], jnp.float32)
   o = jnp.asarray(mats['o'], jnp.float32)
-  for w in (v, o):
-    qz.validate_weight(w, spec)
-  fn = lambda a, b: rounding.adaptive_round_pair(
+  for l in range(model_config.num_layers):
+    qz.validate_weight(v[l], specs.resolve(spec, l, 'v'))
+    qz.validate_weight(o[l], specs.resolve(spec, l, 'o'))
+  fn = lambda a, b, l: rounding.adaptive_round_pair(
     a,
     b,
-    spec,
-    spec,
+    specs.resolve(spec, l, 'v'),
+    specs.resolve(spec, l, 'o'),
     rounds=stage.rounds,
     rounding=stage.solver.value,
     n1=model_config.num_kv_heads,
@@ -121,6 +140,6 @@ def adaptive_round_pairs(
   # thread pool on 2-core machines (see core.pairs.inv).
   out, hist = {}, []
   for l in range(model_config.num_layers):
-    out[(l, 'v')], out[(l, 'o')], h = fn(v[l], o[l])
+    out[(l, 'v')], out[(l, 'o')], h = fn(v[l], o[l], l)
     hist.append(np.asarray(h))  # waits for this layer before the next is dispatched
   return (out, np.stack(hist)) if return_history else out

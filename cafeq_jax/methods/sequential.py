@@ -30,6 +30,7 @@ import numpy as np
 
 from cafeq_jax import quantizer as qz
 from cafeq_jax import recipes
+from cafeq_jax import specs
 from cafeq_jax.core import rounding
 from cafeq_jax.core import stats
 from cafeq_jax.core import transforms
@@ -106,7 +107,7 @@ def round_sequential(
   cfg: ModelConfig,
   tokens,
   *,
-  spec: qz.QuantSpec,
+  spec: specs.Spec,
   matrices: tuple[str, ...],
   rounding_stage: recipes.GPTQ,
   batch_size: int = 8,
@@ -118,7 +119,7 @@ def round_sequential(
     params: fp model params (pair transforms possibly folded in).
     cfg: the ``ModelConfig``.
     tokens: ``(N, S)`` int token ids (calibration or self-generated).
-    spec: the quantizer.
+    spec: the quantizer (or one per matrix: ``specs.SpecMap``).
     matrices: names to quantize (``linears.check_matrices``).
     rounding_stage: damping, act order and block size of the rounding.
     batch_size: sequences per forward pass.
@@ -135,7 +136,6 @@ def round_sequential(
   chosen = linears.check_matrices(matrices)
   gptq = functools.partial(
     rounding.gptq_round,
-    spec=spec,
     damp=rounding_stage.damp,
     block=rounding_stage.block,
     act_order=rounding_stage.act_order,
@@ -163,18 +163,19 @@ def round_sequential(
           h = r if h is None else h + r
         for n in names:
           w = mats[n]
+          spec_n = specs.resolve(spec, l, n)
           if (l, n) in blocks:
             m, m_inv = blocks[(l, n)]
-            q = gptq(_apply_left(m, w), _transform_gram(h, m_inv))
+            q = gptq(_apply_left(m, w), _transform_gram(h, m_inv), spec_n)
             w_hat = _apply_left(m_inv, qz.dequantize(q))
           else:
-            q = gptq(w, h)
+            q = gptq(w, h, spec_n)
             w_hat = qz.dequantize(q)
           qarrays[(l, n)] = q
           mats[n] = w_hat
           report['layer_loss'][n].append(float(stats.weighted_loss(w, w_hat, h)))
           report['rtn_layer_loss'][n].append(
-            float(stats.weighted_loss(w, qz.quant_dequant(w, spec), h))
+            float(stats.weighted_loss(w, qz.quant_dequant(w, spec_n), h))
           )
         layer = linears.set_layer_matrices(layer, cfg, mats)
       xs = jnp.concatenate(

@@ -17,6 +17,7 @@ import numpy as np
 
 from cafeq_jax import quantizer
 from cafeq_jax import recipes
+from cafeq_jax import specs
 from cafeq_jax.core import optimize
 from cafeq_jax.core import proxy
 from cafeq_jax.core import rounding
@@ -188,7 +189,7 @@ def round_matrices(
   mats: Mapping[str, jax.Array],
   layers: Mapping[str, list[int]],
   blocks: Mapping[Key, tuple[jax.Array, jax.Array]],
-  spec: quantizer.QuantSpec,
+  spec: specs.Spec,
   stage: recipes.RTN | recipes.GPTQ,
 ) -> tuple[dict[Key, quantizer.QArray], dict[Key, jax.Array | None]]:
   """Quantizes ``V = M W`` (or ``W`` without transform) for each matrix.
@@ -207,38 +208,42 @@ def round_matrices(
       'needs methods.sequential.round_sequential.'
     )
   qarrays, tinvs = {}, {}
-  for name, ls in layers.items():
-    if not ls:
-      continue
-    w = mats[name][jnp.asarray(ls)]  # (B, d_in, d_out)
-    have = [(l, name) in blocks for l in ls]
-    if any(have) and not all(have):
-      raise ValueError(f'matrix {name!r}: transforms for only some layers.')
-    if all(have):
-      m = jnp.stack([blocks[(l, name)][0] for l in ls])
-      m_inv = jnp.stack([blocks[(l, name)][1] for l in ls])
-      v = _apply_left(m, w)
-    else:
-      m = m_inv = None
-      v = w
-    quantizer.validate_weight(v, spec)
-    if isinstance(stage, recipes.GPTQ):
-      if m_inv is None:
-        h = jnp.broadcast_to(
-          jnp.eye(v.shape[-2], dtype=jnp.float32), (v.shape[0],) + (v.shape[-2],) * 2
-        )
-      else:
-        hb = jnp.swapaxes(m_inv, -1, -2) @ m_inv  # (B, nb, k, k): (M⁻¹)ᵀ M⁻¹ per block
-        h = transforms.block_diag(hb)
-      q = rounding.gptq_round(
-        v, h, spec, damp=stage.damp, block=stage.block, act_order=stage.act_order
+  for name, ls_all in layers.items():
+    for spec_l, ls in specs.by_spec(spec, name, ls_all).items():
+      _round_stack(mats[name], name, ls, blocks, spec_l, stage, qarrays, tinvs)
+  return qarrays, tinvs
+
+
+def _round_stack(mat, name, ls, blocks, spec, stage, qarrays, tinvs):
+  """``round_matrices`` for layers ``ls`` of matrix ``name``, all under ``spec``."""
+  w = mat[jnp.asarray(ls)]  # (B, d_in, d_out)
+  have = [(l, name) in blocks for l in ls]
+  if any(have) and not all(have):
+    raise ValueError(f'matrix {name!r}: transforms for only some layers.')
+  if all(have):
+    m = jnp.stack([blocks[(l, name)][0] for l in ls])
+    m_inv = jnp.stack([blocks[(l, name)][1] for l in ls])
+    v = _apply_left(m, w)
+  else:
+    m = m_inv = None
+    v = w
+  quantizer.validate_weight(v, spec)
+  if isinstance(stage, recipes.GPTQ):
+    if m_inv is None:
+      h = jnp.broadcast_to(
+        jnp.eye(v.shape[-2], dtype=jnp.float32), (v.shape[0],) + (v.shape[-2],) * 2
       )
     else:
-      q = _rtn(v, spec)
-    for b, l in enumerate(ls):
-      qarrays[(l, name)] = q[b]
-      tinvs[(l, name)] = None if m_inv is None else m_inv[b]
-  return qarrays, tinvs
+      hb = jnp.swapaxes(m_inv, -1, -2) @ m_inv  # (B, nb, k, k): (M⁻¹)ᵀ M⁻¹ per block
+      h = transforms.block_diag(hb)
+    q = rounding.gptq_round(
+      v, h, spec, damp=stage.damp, block=stage.block, act_order=stage.act_order
+    )
+  else:
+    q = _rtn(v, spec)
+  for b, l in enumerate(ls):
+    qarrays[(l, name)] = q[b]
+    tinvs[(l, name)] = None if m_inv is None else m_inv[b]
 
 
 @jax.jit
@@ -259,23 +264,27 @@ def proxy_losses(
   names = sorted({n for _, n in qarrays})
   for n in names:
     ls = sorted(l for l, m in qarrays if m == n)
-    with_t = [l for l in ls if tinvs.get((l, n)) is not None]
-    for subset in (with_t, [l for l in ls if l not in with_t]):
-      if not subset:
-        continue
+    groups: dict[tuple, list[int]] = {}  # one stack per (spec, has transform)
+    for l in ls:
+      key = (qarrays[(l, n)].spec, tinvs.get((l, n)) is not None)
+      groups.setdefault(key, []).append(l)
+    for (_, with_t), subset in groups.items():
       q = quantizer.QArray.stack([qarrays[(l, n)] for l in subset])
-      t = jnp.stack([tinvs[(l, n)] for l in subset]) if subset is with_t else None
+      t = jnp.stack([tinvs[(l, n)] for l in subset]) if with_t else None
       losses = np.asarray(_effective_loss(ref[n][jnp.asarray(subset)], q, t))
       out.update({(l, n): float(x) for l, x in zip(subset, losses)})
   return out
 
 
-def rtn_losses(mats: Mapping[str, jax.Array], spec: quantizer.QuantSpec) -> dict[Key, float]:
-  """``||W - RTN(W)||²`` per matrix."""
+def rtn_losses(mats: Mapping[str, jax.Array], spec: specs.Spec) -> dict[Key, float]:
+  """``||W - RTN(W)||²`` per matrix (each under its own spec)."""
   out = {}
   for n, w in mats.items():
-    losses = np.asarray(_rtn_loss(w, spec))
-    out.update({(l, n): float(x) for l, x in enumerate(losses)})
+    groups = specs.by_spec(spec, n, range(w.shape[0]))
+    for spec_l, ls in groups.items():
+      sub = w if len(groups) == 1 else w[jnp.asarray(ls)]
+      losses = np.asarray(_rtn_loss(sub, spec_l))
+      out.update({(l, n): float(x) for l, x in zip(ls, losses)})
   return out
 
 

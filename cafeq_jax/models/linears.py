@@ -342,8 +342,14 @@ def quantized_params(
       node = _get_path(out[f'layer_{layer}'], leaf.path[:-1])
       fp = node[leaf.path[-1]]
       qs = [qarrays[(layer, n)] for n in leaf.names]
+      if len(qs) == 1:
+        weight = qs[0]
+      elif all(q.spec == qs[0].spec for q in qs):
+        weight = quantizer.QArray.stack(qs)
+      else:  # e.g. a GGUF mix with other types for key and value
+        weight = tuple(qs)
       node[leaf.path[-1]] = qlinear.QuantizedLinear(
-        weight=qs[0] if len(qs) == 1 else quantizer.QArray.stack(qs),
+        weight=weight,
         transform_inv=_leaf_transform([transform_invs.get((layer, n)) for n in leaf.names]),
         shape=tuple(fp.shape),
       )
@@ -364,8 +370,8 @@ def quantized_matrices(
       node = _get_path(qparams[f'layer_{l}'], leaf.path)
       if not isinstance(node, qlinear.QuantizedLinear):
         continue
-      q, t = qlinear.as_qarray(node.weight), node.transform_inv
+      qs, t = qlinear.qarrays(node.weight), node.transform_inv
       for i, n in enumerate(leaf.names):
-        qarrays[(l, n)] = q if len(leaf.names) == 1 else q[i]
+        qarrays[(l, n)] = qs[0] if len(leaf.names) == 1 else (qs[i] if len(qs) > 1 else qs[0][i])
         tinvs[(l, n)] = t if (t is None or t.ndim == 3) else t[i]
   return qarrays, tinvs

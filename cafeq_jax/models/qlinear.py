@@ -43,7 +43,9 @@ class QuantizedLinear:
   Attributes:
     weight: ``QArray`` or ``PackedArray`` of shape ``(*lead, d_in, d_out)`` (the
       matrix view of the leaf; ``lead`` is ``(2,)`` for ``kv_einsum`` and
-      ``gating_einsum``, empty otherwise).
+      ``gating_einsum``, empty otherwise), or a tuple of one per stacked matrix
+      when they have different specs (e.g. a GGUF mix giving key and value
+      different types).
     transform_inv: ``(d_in // k, k, k)`` float32 blocks of ``M^-1`` applied online to
       the input (shared by the stacked matrices), ``(*lead, d_in // k, k, k)`` for one
       transform per stacked matrix, or None.
@@ -65,6 +67,11 @@ def _is_packed(w) -> bool:
 
 
 def _matrix_shape(w) -> tuple[int, ...]:
+  if isinstance(w, tuple):
+    shapes = {_matrix_shape(x) for x in w}
+    if len(shapes) != 1:
+      raise ValueError(f'QuantizedLinear.weight tuple mixes shapes {sorted(shapes)}.')
+    return (len(w), *shapes.pop())
   if isinstance(w, quantizer.QArray):
     return tuple(w.codes.shape)
   if _is_packed(w):
@@ -85,8 +92,15 @@ def as_qarray(w) -> quantizer.QArray:
   )
 
 
+def qarrays(w) -> list[quantizer.QArray]:
+  """The weight as a list of ``QArray``: one, or one per matrix of a tuple weight."""
+  return [as_qarray(x) for x in w] if isinstance(w, tuple) else [as_qarray(w)]
+
+
 def dequantize_weight(ql: QuantizedLinear, dtype=jnp.float32) -> jax.Array:
   """``dequant(W)``: ``(*lead, d_in, d_out)`` of ``dtype`` (transform not folded)."""
+  if isinstance(ql.weight, tuple):
+    return jnp.stack([quantizer.dequantize(q, dtype) for q in qarrays(ql.weight)])
   return quantizer.dequantize(as_qarray(ql.weight), dtype)
 
 
@@ -109,7 +123,9 @@ def _transform_for(ql: QuantizedLinear, index):
 
 
 def _index(w, i: int):
-  """Matrix ``i`` of a stacked ``QArray`` / ``PackedArray`` (leading dim)."""
+  """Matrix ``i`` of a stacked ``QArray`` / ``PackedArray`` (leading dim) or a tuple."""
+  if isinstance(w, tuple):
+    return w[i]
   if isinstance(w, quantizer.QArray):
     return w[i]
   return w.replace(
@@ -163,6 +179,8 @@ def pack_weight(weight, *, scale_dtype=jnp.float32):
     ``PackedArray`` of the same shape. numpy fields are packed on the host (numpy
     out); jax arrays by one jitted ``packing.pack`` per distinct shape/spec.
   """
+  if isinstance(weight, tuple):
+    return tuple(pack_weight(w, scale_dtype=scale_dtype) for w in weight)
   if _is_packed(weight):
     return weight
   if not isinstance(weight, quantizer.QArray):
@@ -189,7 +207,11 @@ def pack_params(params: Any, *, scale_dtype=jnp.float32) -> Any:
   """
 
   def one(leaf):
-    if isinstance(leaf, QuantizedLinear) and not _is_packed(leaf.weight):
+    if (
+      isinstance(leaf, QuantizedLinear)
+      and not _is_packed(leaf.weight)
+      and not (isinstance(leaf.weight, tuple) and all(_is_packed(w) for w in leaf.weight))
+    ):
       return leaf.replace(weight=pack_weight(leaf.weight, scale_dtype=scale_dtype))
     return leaf
 

@@ -72,6 +72,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.output_dir = 'outputs/quantize'  # results.json, table.md, plots, models
   c.save_models = 'cafeq-sg'  # comma list of methods saved with Orbax ('' = none)
   c.export_hf = ''  # comma list of methods exported as HF safetensors
+  # Formats every row is written in: comma list of gguf:<mix> (llama.cpp's mixes,
+  # e.g. gguf:Q3_K_S; adds the column gguf-<mix>, rounded into those block types,
+  # and writes output_dir/gguf/gguf-<mix>_<method>.gguf) and ct (compressed-tensors
+  # pack-quantized for vLLM / transformers, every w4/w8 column: output_dir/ct/).
+  c.export = ''
   c.prompt = 'The Python programming language'  # generation sample per method ('' = none)
   c.max_new_tokens = 24
   c.progress = True  # progress bars

@@ -39,6 +39,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_shards = 0  # split points over this many runs; 0 = jax.process_count()
   c.shard_index = -1  # this run's share; -1 = jax.process_index()
   c.save_models = False  # save each quantized model with Orbax (single-process only)
+  # Formats: comma list of 'ct' (every w4/w8 point as compressed-tensors, workdir/ct/)
+  # and gguf:<mix> (adds one point per model x method rounded into llama.cpp's mix,
+  # written to workdir/gguf/<point>.gguf).
+  c.export = ''
   c.progress = False  # progress bars
   # Multi-process launch (jax.distributed); empty = from env / auto-detect / single process.
   c.coordinator_address = ''  # host:port of process 0 (JAX_COORDINATOR_ADDRESS)
