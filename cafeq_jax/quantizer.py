@@ -64,9 +64,6 @@ class QuantSpec:
   ggml_type: ggml_types.GGMLType | None = None
 
   def __post_init__(self):
-    if self.ggml_type is not None:
-      self._check_ggml()
-      return
     for name in ('symmetric', 'clip_search', 'group_fallback'):
       if not isinstance(getattr(self, name), (bool, np.bool_)):
         raise TypeError(f'{name}={getattr(self, name)!r} must be a bool (True / False).')
@@ -77,9 +74,11 @@ class QuantSpec:
         isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))
       ):
         raise TypeError(f'{name}={v!r} must be an int, not {type(v).__name__}.')
-    if self.bits not in SUPPORTED_BITS:
+    if self.ggml_type is not None:
+      self._check_ggml()  # the type fixes bits and group size (5/6 bits, 16 rows allowed)
+    elif self.bits not in SUPPORTED_BITS:
       raise ValueError(f'bits={self.bits!r} is not supported; expected one of {SUPPORTED_BITS}.')
-    if self.group_size is not None and self.group_size not in SUPPORTED_GROUP_SIZES:
+    elif self.group_size is not None and self.group_size not in SUPPORTED_GROUP_SIZES:
       raise ValueError(
         f'group_size={self.group_size!r} is not supported; expected None '
         f'(per output channel) or one of {SUPPORTED_GROUP_SIZES}.'
@@ -101,12 +100,6 @@ class QuantSpec:
         f'group_fallback={self.group_fallback}. Build it with '
         f"cafeq_jax.ggml.spec('{t.value}')."
       )
-    if not isinstance(self.clip_search, (bool, np.bool_)):
-      raise TypeError(f'clip_search={self.clip_search!r} must be a bool (True / False).')
-    object.__setattr__(self, 'clip_search', bool(self.clip_search))
-    if not self.clip_grid or any(not 0.0 < r <= 1.0 for r in self.clip_grid):
-      raise ValueError(f'clip_grid={self.clip_grid!r} must be non-empty with ratios in (0, 1].')
-    object.__setattr__(self, 'clip_grid', tuple(float(r) for r in self.clip_grid))
 
   @property
   def qmin(self) -> int:

@@ -10,6 +10,7 @@ batch matrices that resolve alike.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Mapping
 
 from cafeq_jax import quantizer
@@ -50,8 +51,12 @@ class SpecMap:
     default = max(counts, key=lambda s: (counts[s], s.name))
     return cls(name, default, tuple((k, s) for k, s in specs.items() if s != default))
 
+  @functools.cached_property
+  def _lookup(self) -> dict[Key, quantizer.QuantSpec]:
+    return dict(self.entries)
+
   def for_matrix(self, layer: int, name: str) -> quantizer.QuantSpec:
-    return dict(self.entries).get((layer, name), self.default)
+    return self._lookup.get((layer, name), self.default)
 
   def shifted(self, offset: int) -> SpecMap:
     """The map seen from a chunk of layers starting at ``offset`` (layer ``l`` of

@@ -31,6 +31,7 @@ from typing import Iterator
 import numpy as np
 
 from cafeq_jax import atomic
+from cafeq_jax.ggml import mixes
 
 LLAMA_CPP_PIP = 'pip install llama-cpp-python==0.3.36'
 
@@ -51,15 +52,7 @@ FTYPES = {
 }
 
 # The 7 linear weights of a Llama block, in the GGUF names ``blk.<i>.<kind>.weight``.
-LINEAR_KINDS = (
-  'attn_q',
-  'attn_k',
-  'attn_v',
-  'attn_output',
-  'ffn_gate',
-  'ffn_up',
-  'ffn_down',
-)
+LINEAR_KINDS = tuple(mixes.GGUF_NAMES.values())
 # KV cache types logits() accepts -> enum ggml_type (llama.cpp's default is F16).
 KV_TYPES = {'F32': 0, 'F16': 1}
 _LINEAR = re.compile(r'^blk\.(\d+)\.(' + '|'.join(LINEAR_KINDS) + r')\.weight$')

@@ -102,13 +102,6 @@ INFO: dict[GGMLType, TypeInfo] = {
 }
 
 
-def info(t) -> TypeInfo:
-  """The ``TypeInfo`` of a type name ('Q4_K') or member."""
-  from cafeq_jax import enums  # pylint: disable=g-import-not-at-top
-
-  return INFO[enums.coerce(GGMLType, t, 'ggml_type')]
-
-
 def type_for_rows(t, d_in: int) -> GGMLType:
   """``t``, or llama.cpp's fallback type when ``d_in`` is not a multiple of its block.
 

@@ -22,6 +22,7 @@ interrupted write leaves any earlier file intact.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 from typing import Mapping
@@ -201,8 +202,6 @@ def _check_source_config(reader, cfg: ModelConfig, source: str) -> None:
 
 def read_provenance(path: str | os.PathLike) -> dict | None:
   """The ``provenance`` record a ``save_gguf`` file holds (None: absent or unreadable)."""
-  import json  # pylint: disable=g-import-not-at-top
-
   try:
     field = gguf_lib.open_gguf(path).fields.get('cafeq.provenance')
     return json.loads(field.contents()) if field is not None else None
@@ -236,8 +235,6 @@ def save_gguf(
   Returns:
     ``path``.
   """
-  import json  # pylint: disable=g-import-not-at-top
-
   import gguf  # pylint: disable=g-import-not-at-top
   from gguf import quants  # pylint: disable=g-import-not-at-top
 
