@@ -56,6 +56,7 @@ from cafeq_jax import enums
 from cafeq_jax import quantizer as qz
 from cafeq_jax.core import proxy
 from cafeq_jax.core import rounding
+from cafeq_jax.core import transforms
 
 
 class PairKind(enum.StrEnum):
@@ -94,31 +95,9 @@ def vo_init(num_kv_heads: int, head_dim: int, batch_shape: tuple[int, ...] = ())
   return jnp.broadcast_to(eye, (*batch_shape, num_kv_heads, head_dim, head_dim))
 
 
-def inv(m: jax.Array) -> jax.Array:
-  """Inverse of ``m`` ``(..., n, n)`` by Gauss-Jordan elimination with partial pivoting.
-
-  Plain XLA ops on purpose: ``jnp.linalg.inv`` lowers to jaxlib's LAPACK ``getrf``
-  custom call, which splits a batch over the CPU intra-op thread pool and waits
-  for it; inside the optimisation's ``while``/``cond`` two such calls can run
-  concurrently and, with as many pool threads as calls (2-core machines), each
-  waits on work the other's thread should run: a deadlock (seen with jaxlib 0.10).
-  """
-  n = m.shape[-1]
-  a = jnp.concatenate(
-    [m, jnp.broadcast_to(jnp.eye(n, dtype=m.dtype), m.shape)], axis=-1
-  )  # (..., n, 2n)
-  idx = jnp.arange(n)
-
-  def body(j, a):
-    col = jnp.where(idx >= j, jnp.abs(a[..., :, j]), -1.0)
-    p = jnp.argmax(col, axis=-1)[..., None]  # (..., 1) pivot row
-    perm = jnp.where(idx == j, p, jnp.where(idx == p, j, idx))
-    a = jnp.take_along_axis(a, perm[..., None], axis=-2)
-    piv = a[..., j, :] / a[..., j, j][..., None]  # (..., 2n)
-    a = a - a[..., :, j][..., None] * piv[..., None, :]
-    return a.at[..., j, :].set(piv)
-
-  return jax.lax.fori_loop(0, n, body, a)[..., n:]
+# Gauss-Jordan, plain XLA ops: jnp.linalg.inv's LAPACK call deadlocks on 2-core
+# CPUs inside the optimisation (see transforms.gauss_jordan_inverse).
+inv = transforms.gauss_jordan_inverse
 
 
 def vo_fold(v: jax.Array, o: jax.Array, m: jax.Array, *, num_heads: int):

@@ -61,6 +61,17 @@ class TransformInit(enum.StrEnum):
 INITS = tuple(m.value for m in TransformInit)
 
 
+class Parameterization(enum.StrEnum):
+  """How a learned block ``M_b`` is parameterised (all start at ``R0``)."""
+
+  ROTATION = 'rotation'  # diag(e^α) R0 C(A) [diag(e^β)], bounded log-scales: cond <= e^4c
+  DENSE = 'dense'  # a free k x k block (the paper's relaxation): M_b = B, B0 = R0
+  LU = 'lu'  # M_b = L U R0, unit lower L, upper U with diagonal e^u: never singular
+
+
+PARAMETERIZATIONS = tuple(m.value for m in Parameterization)
+
+
 def _is_power_of_two(k: int) -> bool:
   return k >= 1 and (k & (k - 1)) == 0
 
@@ -213,6 +224,158 @@ class BlockTransform:
     return float(np.exp((4.0 if self.right_scales else 2.0) * self.log_scale_bound))
 
 
+def gauss_jordan_inverse(m: jax.Array) -> jax.Array:
+  """Inverse of ``m`` ``(..., n, n)`` by Gauss-Jordan elimination with partial pivoting.
+
+  Plain XLA ops on purpose: ``jnp.linalg.inv`` (and ``solve_triangular``) lower to
+  jaxlib's LAPACK custom calls, which split a batch over the CPU intra-op thread
+  pool and wait for it; inside a jitted optimisation two such calls can run
+  concurrently and, with as many pool threads as calls (2-core machines), each
+  waits on work the other's thread should run: a deadlock (seen with jaxlib 0.10
+  on 30-matrix stacks).
+  """
+  n = m.shape[-1]
+  a = jnp.concatenate([m, jnp.broadcast_to(jnp.eye(n, dtype=m.dtype), m.shape)], axis=-1)
+  idx = jnp.arange(n)
+
+  def body(j, a):
+    col = jnp.where(idx >= j, jnp.abs(a[..., :, j]), -1.0)
+    p = jnp.argmax(col, axis=-1)[..., None]  # (..., 1) pivot row
+    perm = jnp.where(idx == j, p, jnp.where(idx == p, j, idx))
+    a = jnp.take_along_axis(a, perm[..., None], axis=-2)
+    piv = a[..., j, :] / a[..., j, j][..., None]  # (..., 2n)
+    a = a - a[..., :, j][..., None] * piv[..., None, :]
+    return a.at[..., j, :].set(piv)
+
+  return jax.lax.fori_loop(0, n, body, a)[..., n:]
+
+
+@jax.custom_vjp
+def inverse_blocks(m: jax.Array) -> jax.Array:
+  """``M_b⁻¹`` of every block ``(..., k, k)`` (``gauss_jordan_inverse``), with the
+  closed-form gradient ``d(M⁻¹) = -M⁻¹ dM M⁻¹`` (matmuls, not the elimination's tape)."""
+  return gauss_jordan_inverse(m)
+
+
+def _inverse_fwd(m):
+  x = gauss_jordan_inverse(m)
+  return x, x
+
+
+def _inverse_bwd(x, g):
+  xt = jnp.swapaxes(x, -1, -2)
+  return (-(xt @ g @ xt),)
+
+
+inverse_blocks.defvjp(_inverse_fwd, _inverse_bwd)
+
+
+def condition_numbers(blocks: jax.Array) -> jax.Array:
+  """2-norm condition number of every block ``(..., nb, k, k)`` -> ``(..., nb)``."""
+  sv = jnp.linalg.svd(jnp.asarray(blocks, jnp.float32), compute_uv=False)
+  return sv[..., 0] / jnp.maximum(sv[..., -1], jnp.finfo(jnp.float32).tiny)
+
+
+@flax.struct.dataclass
+class DenseTransform:
+  """Free block-diagonal transform: ``M_b = B_b``, trained from ``B = R0``.
+
+  The paper's relaxation (no orthogonality, no scale bound): the largest set of
+  transforms, so the lowest reachable proxy. ``M⁻¹`` is a generic (batched LU)
+  inverse; nothing bounds the conditioning, so ``methods`` measure it
+  (``condition_numbers``) and the optimiser's keep-best only accepts iterates
+  within ``TransformConfig.max_condition``.
+
+  Attributes:
+    blocks: ``(..., nb, k, k)`` float32, the blocks of ``M``.
+  """
+
+  blocks: jax.Array
+
+  @property
+  def block_size(self) -> int:
+    return self.blocks.shape[-1]
+
+  @property
+  def num_blocks(self) -> int:
+    return self.blocks.shape[-3]
+
+  def trainable(self) -> dict[str, jax.Array]:
+    return {'blocks': self.blocks}
+
+  def with_trainable(self, p: dict[str, jax.Array]) -> DenseTransform:
+    return self.replace(blocks=p['blocks'])
+
+  def matrix(self) -> jax.Array:
+    return self.blocks
+
+  def inverse(self) -> jax.Array:
+    return inverse_blocks(self.blocks)
+
+  def matrix_and_inverse(self) -> tuple[jax.Array, jax.Array]:
+    return self.blocks, inverse_blocks(self.blocks)
+
+
+@flax.struct.dataclass
+class LUTransform:
+  """``M_b = L U R0``: ``L`` unit lower triangular, ``U`` upper triangular with
+  diagonal ``e^u`` (``det M_b = e^{Σu} ≠ 0``: invertible for every parameter).
+
+  As expressive as a dense block near ``R0`` (any matrix with nonzero leading
+  minors and positive pivots, times ``R0``), but never singular. Its inverse is
+  ``R0ᵀ (L U)⁻¹`` (``inverse_blocks``: LAPACK's batched triangular solves deadlock
+  on 2-core CPUs, see ``gauss_jordan_inverse``). All parameters zero is ``M = R0``.
+
+  Attributes:
+    lower: ``(..., nb, k, k)`` float32, strictly lower part of ``L`` (upper part ignored).
+    upper: ``(..., nb, k, k)`` float32, strictly upper part of ``U`` (lower part ignored).
+    log_diag: ``(..., nb, k)`` float32, ``u``.
+    base: ``(..., nb, k, k)`` fixed orthogonal ``R0`` (not trained).
+  """
+
+  lower: jax.Array
+  upper: jax.Array
+  log_diag: jax.Array
+  base: jax.Array
+
+  @property
+  def block_size(self) -> int:
+    return self.base.shape[-1]
+
+  @property
+  def num_blocks(self) -> int:
+    return self.base.shape[-3]
+
+  def trainable(self) -> dict[str, jax.Array]:
+    return {'lower': self.lower, 'upper': self.upper, 'log_diag': self.log_diag}
+
+  def with_trainable(self, p: dict[str, jax.Array]) -> LUTransform:
+    return self.replace(lower=p['lower'], upper=p['upper'], log_diag=p['log_diag'])
+
+  def _factors(self):
+    k = self.block_size
+    eye = jnp.eye(k, dtype=jnp.float32)
+    low = jnp.tril(self.lower, -1) + eye
+    up = jnp.triu(self.upper, 1) + jnp.exp(self.log_diag)[..., :, None] * eye
+    return low, up
+
+  def matrix(self) -> jax.Array:
+    low, up = self._factors()
+    return low @ up @ self.base
+
+  def inverse(self) -> jax.Array:
+    low, up = self._factors()
+    return jnp.swapaxes(self.base, -1, -2) @ inverse_blocks(low @ up)
+
+  def matrix_and_inverse(self) -> tuple[jax.Array, jax.Array]:
+    low, up = self._factors()
+    lu = low @ up
+    return lu @ self.base, jnp.swapaxes(self.base, -1, -2) @ inverse_blocks(lu)
+
+
+LearnedTransform = BlockTransform | DenseTransform | LUTransform
+
+
 def init_transform(
   key: jax.Array,
   d_in: int,
@@ -222,8 +385,9 @@ def init_transform(
   batch_shape: tuple[int, ...] = (),
   log_scale_bound: float = 0.5,
   right_scales: bool = True,
-) -> BlockTransform:
-  """A ``BlockTransform`` equal to ``R0`` (identity or randomised Hadamard).
+  parameterization: str = 'rotation',
+) -> LearnedTransform:
+  """A learnable transform equal to ``R0`` (identity or randomised Hadamard).
 
   Args:
     key: PRNG key (used for the Hadamard signs).
@@ -231,12 +395,20 @@ def init_transform(
     block_size: ``k``, must divide ``d_in`` (power of two for Hadamard).
     init: ``'identity'`` or ``'hadamard'``.
     batch_shape: leading dims (one independent transform per entry).
-    log_scale_bound: ``c`` (> 0), bound on each log-scale.
-    right_scales: learnable right diagonal ``diag(e^β)`` (see ``BlockTransform``).
+    log_scale_bound: ``c`` (> 0), bound on each log-scale (rotation only).
+    right_scales: learnable right diagonal ``diag(e^β)`` (rotation only; see
+      ``BlockTransform``).
+    parameterization: ``'rotation'`` (``BlockTransform``), ``'dense'``
+      (``DenseTransform``) or ``'lu'`` (``LUTransform``).
   """
   check_block_size(d_in, block_size)
   if init not in INITS:
     raise ValueError(f'init={init!r} is not supported; expected one of {INITS}.')
+  if parameterization not in PARAMETERIZATIONS:
+    raise ValueError(
+      f'parameterization={parameterization!r} is not supported; expected one of '
+      f'{PARAMETERIZATIONS}.'
+    )
   if not log_scale_bound > 0:
     raise ValueError(f'log_scale_bound={log_scale_bound!r} must be > 0.')
   nb, k = d_in // block_size, block_size
@@ -244,13 +416,18 @@ def init_transform(
     base = random_hadamard_blocks(key, nb, k, batch_shape)
   else:
     base = identity_blocks(nb, k, batch_shape)
+  base = jnp.asarray(base, jnp.float32)
   zeros_sq = jnp.zeros((*batch_shape, nb, k, k), jnp.float32)
   zeros_v = jnp.zeros((*batch_shape, nb, k), jnp.float32)
+  if parameterization == 'dense':
+    return DenseTransform(blocks=base)
+  if parameterization == 'lu':
+    return LUTransform(lower=zeros_sq, upper=zeros_sq, log_diag=zeros_v, base=base)
   return BlockTransform(
     skew=zeros_sq,
     log_row=zeros_v,
     log_col=zeros_v,
-    base=jnp.asarray(base, jnp.float32),
+    base=base,
     log_scale_bound=float(log_scale_bound),
     right_scales=bool(right_scales),
   )

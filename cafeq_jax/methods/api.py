@@ -207,8 +207,16 @@ def run_recipe(
     report.timings['pair_transforms'] = time.perf_counter() - t0
     if isinstance(recipe.rounding, recipes.PairAdaptive):
       t0 = time.perf_counter()
-      ar_q = paired.adaptive_round_pairs(params, model_config, recipe.rounding, spec, chosen)
+      ar_q, hist = paired.adaptive_round_pairs(
+        params, model_config, recipe.rounding, spec, chosen, return_history=True
+      )
       report.timings['pair_rounding'] = time.perf_counter() - t0
+      if hist is not None:  # per layer: RTN's product error and the kept candidate's
+        report.extra['pair_rounding'] = {
+          'rtn_error': hist[:, 0].tolist(),
+          'best_error': hist.min(axis=1).tolist(),
+          'candidates': hist.tolist(),
+        }
   mats = (
     linears.selected_linears(params, model_config, chosen) if recipe.pairs is not None else mats0
   )

@@ -20,9 +20,11 @@ def cafeq_options() -> ml_collections.ConfigDict:
   """Stage fields of the CafeQ recipes, at the presets' defaults."""
   return ml_collections.ConfigDict(
     {
-      # Online transform: block size k (Hadamard and learned); learned: init, steps, lr.
+      # Online transform: block size k (Hadamard and learned); learned:
+      # parameterisation ('dense', 'lu', 'rotation'), init, steps, lr, schedule.
       'transform': {
         'block_size': _LEARNED.block_size,
+        'parameterization': _LEARNED.parameterization.value,
         'init': _LEARNED.init.value,
         'steps': _LEARNED.steps,
         'learning_rate': _LEARNED.learning_rate,
@@ -57,7 +59,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0  # PRNG seed of every method (same seed, same codes)
   # Stage options of every CafeQ recipe (defaults from the presets).
   c.cafeq = cafeq_options()
-  c.cafeq.transform.steps = 50  # short enough for the 2-core quick start
   c.eval_text = ''  # evaluation text file; '' = Python's pydoc_data topics
   c.eval_num_seqs = 8  # evaluation windows
   c.eval_seq_len = 512  # tokens per window

@@ -120,3 +120,49 @@ def test_expm_skew_matches_scipy_and_is_orthogonal(scale):
   for x, rx in zip(a, r):
     if np.linalg.norm(x) <= 32:  # beyond, the generator is clipped (still orthogonal)
       np.testing.assert_allclose(rx, scipy.linalg.expm(x), atol=5e-5)
+
+
+def _random_free(param, key, d_in=48, k=16, batch=(2,), init='identity', scale=0.3):
+  """A dense or LU transform moved well away from its init by random parameters."""
+  t = transforms.init_transform(key, d_in, k, init=init, batch_shape=batch, parameterization=param)
+  leaves = t.trainable()
+  keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+  moved = {
+    n: v + scale * jax.random.normal(kk, v.shape) for kk, (n, v) in zip(keys, leaves.items())
+  }
+  return t.with_trainable(moved)
+
+
+@pytest.mark.parametrize('param', ['dense', 'lu'])
+@pytest.mark.parametrize('init', ['identity', 'hadamard'])
+def test_free_parameterisations_start_at_the_base_and_invert_exactly(param, init):
+  key = jax.random.PRNGKey(11)
+  t0 = transforms.init_transform(key, 48, 16, init=init, batch_shape=(2,), parameterization=param)
+  base = transforms.init_transform(key, 48, 16, init=init, batch_shape=(2,)).matrix()
+  np.testing.assert_allclose(np.asarray(t0.matrix()), np.asarray(base), atol=1e-6)
+  t = _random_free(param, key, init=init)
+  m, m_inv = (np.asarray(a, np.float64) for a in t.matrix_and_inverse())
+  np.testing.assert_allclose(m_inv, np.linalg.inv(m), rtol=1e-3, atol=1e-4)
+  assert not np.allclose(m, np.asarray(base), atol=0.05)  # really moved
+
+
+def test_lu_transform_is_invertible_for_extreme_parameters():
+  # det(M_b) = exp(sum u) whatever the parameters: never singular.
+  t = _random_free('lu', jax.random.PRNGKey(5), d_in=32, k=8, batch=(3,), scale=1.0)
+  m = np.asarray(t.matrix(), np.float64)
+  np.testing.assert_allclose(
+    np.linalg.slogdet(m)[1], np.asarray(t.log_diag, np.float64).sum(-1), rtol=1e-4, atol=1e-3
+  )
+  eye = np.broadcast_to(np.eye(8), m.shape)
+  np.testing.assert_allclose(m @ np.asarray(t.inverse(), np.float64), eye, atol=5e-3)
+
+
+def test_condition_numbers_match_numpy():
+  t = _random_free('dense', jax.random.PRNGKey(6), scale=0.5)
+  ref = np.linalg.cond(np.asarray(t.blocks, np.float64))
+  np.testing.assert_allclose(np.asarray(transforms.condition_numbers(t.blocks)), ref, rtol=1e-3)
+
+
+def test_unknown_parameterisation_is_refused():
+  with pytest.raises(ValueError, match="parameterization='qr' is not supported"):
+    transforms.init_transform(jax.random.PRNGKey(0), 32, 8, parameterization='qr')

@@ -53,6 +53,11 @@ RECIPE = recipes.get(
 CHECKPOINT_EVERY = 2
 
 
+def _leaf(state):
+  """The first trainable leaf of a transform optimisation state (any parameterisation)."""
+  return jax.tree.leaves(state.transform.trainable())[0]
+
+
 def tiny_model(name: str = 'tiny_llama', seed: int = 0):
   """A preset with Laplace(0.02) host numpy weights (no Flax init to compile)."""
   cfg = models.get_config(name)
@@ -104,8 +109,7 @@ def run_mesh(out: dict) -> None:
   def record(unit, step, state):
     if step == 1:
       layouts.append(
-        f'{unit}:{state.transform.skew.sharding.spec}:'
-        f'{state.transform.skew.addressable_shards[0].data.shape[0]}'
+        f'{unit}:{_leaf(state).sharding.spec}:{_leaf(state).addressable_shards[0].data.shape[0]}'
       )
 
   mesh8 = make_mesh()
@@ -135,7 +139,7 @@ def run_multihost(out: dict) -> None:
 
   def record(unit, step, state):
     if step == 1:
-      shares.append(f'{unit}:{state.transform.skew.shape[0]}')
+      shares.append(f'{unit}:{_leaf(state).shape[0]}')
 
   split, _ = methods.quantize(params, cfg, RECIPE, run_options=methods.RunOptions(callback=record))
   out.update(flatten(split, 'split'))

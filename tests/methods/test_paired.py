@@ -143,3 +143,27 @@ def test_adaptive_round_pairs_needs_both_v_and_o():
     {},
     None,
   )
+
+
+def test_quantize_reports_the_kept_product_error_of_every_pair():
+  from cafeq_jax import methods  # pylint: disable=g-import-not-at-top
+
+  cfg, params = _model('tiny_llama')
+  qparams, report = methods.quantize(params, cfg, RECIPE, jax.random.PRNGKey(0))
+  pr = report.extra['pair_rounding']
+  assert len(pr['rtn_error']) == len(pr['best_error']) == cfg.num_layers
+  assert all(b <= r for b, r in zip(pr['best_error'], pr['rtn_error']))  # never worse than RTN
+  # The stored v/o give the reported error (recomputed from the quantized leaves).
+  folded, _ = paired.apply_pair_transforms(params, cfg, PAIRS, SPEC, ALL)
+  mats = linears.get_linears(folded, cfg)
+  deq = linears.get_linears(linears.dequantize_params(qparams, cfg), cfg)
+  for l in range(cfg.num_layers):
+    err = rounding.pair_product_error(
+      mats['v'][l],
+      mats['o'][l],
+      deq['v'][l],
+      deq['o'][l],
+      n1=cfg.num_kv_heads,
+      n2=cfg.num_heads,
+    )
+    np.testing.assert_allclose(float(err), pr['best_error'][l], rtol=1e-4)

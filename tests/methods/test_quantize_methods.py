@@ -142,7 +142,8 @@ def test_gptq_under_shared_learned_transforms_equals_rtn_of_the_transformed_matr
   """Without right scales ``M = D1 R``, so ``H = M⁻ᵀ M⁻¹ = D1⁻²`` is diagonal: the
   error feedback vanishes and Frobenius GPTQ-form rounding gives RTN's codes."""
   cfg, params, tokens = tiny
-  learned = recipes.Learned(config=optimize.TransformConfig(block_size=32, steps=5), share=True)
+  config = optimize.TransformConfig(block_size=32, steps=5, parameterization='rotation')
+  learned = recipes.Learned(config=config, share=True)
   recipe = recipes.Recipe(
     spec=SPEC, matrices=('gate', 'up'), transform=learned, rounding=recipes.GPTQ()
   )

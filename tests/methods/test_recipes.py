@@ -142,6 +142,7 @@ def test_statistics_and_sequential_follow_the_rounding_stage():
     'rtn': (None, False),
     'cafeq-single': (None, False),
     'cafeq-pairs-ar': (None, False),
+    'cafeq-paper': (None, False),
     'cafeq-sg': (R.SelfGenerated, True),
     'gptq': (R.Calibration, True),
     'gptq-selfgen': (R.SelfGenerated, True),
@@ -393,6 +394,9 @@ def test_presets_have_the_stages_their_docstring_entries_name():
   assert p['cafeq-pairs'].pairs.kinds == ('vo', 'qk', 'updown')
   assert p['cafeq-pairs'].pairs.opt.loss == 'lse' and p['cafeq-pairs'].rounding == R.RTN()
   assert isinstance(p['cafeq-pairs-ar'].rounding, R.PairAdaptive)
+  paper = p['cafeq-paper']  # the paper's data-free recipe: nothing self-generated
+  assert paper.pairs.kinds == ('vo',) and isinstance(paper.rounding, R.PairAdaptive)
+  assert paper.transform == p['cafeq-single'].transform and paper.statistics is None
   for name in ('cafeq-sg', 'cafeq-sg-rounding', 'cafeq'):
     assert p[name].rounding == R.GPTQ(statistics=R.SelfGenerated(), act_order=True), name
   assert p['cafeq-sg'].transform == R.Hadamard(block_size=64, share=True)

@@ -31,7 +31,9 @@ ATTENTION = ('q', 'k', 'v')
 
 
 def _learned(**kw):
-  config = dict(block_size=32, steps=3, learning_rate=1e-2, right_scales=True)
+  config = dict(
+    block_size=32, steps=3, learning_rate=1e-2, parameterization='rotation', right_scales=True
+  )
   return R.Learned(config=optimize.TransformConfig(**{**config, **kw}))
 
 

@@ -1,0 +1,203 @@
+"""Ablation of the learned single-matrix transform on the paper's Frobenius proxy.
+
+For every row of ``--config.variants`` (``experiments/configs/transform_study.py``:
+parameterisation, steps, learning rate, column subsets, block size, STE), quantizes
+the model with ``cafeq-single`` under that transform and records
+
+  * the proxy ``||W - M⁻¹ Q(M W)||²`` after / RTN's, summed over layers, per matrix
+    type (``q k v o gate up down``) and in total: how far the optimiser got on its
+    own objective;
+  * the conditioning of the learned blocks (max and 99th percentile of
+    ``cond(M_b)``) and the bf16 error of the online ``x M⁻¹``: max over matrices of
+    ``||bf16(x) bf16(M⁻¹) - x M⁻¹|| / ||x M⁻¹||`` on Gaussian ``x``;
+  * the quantize wall time;
+  * perplexity / KLD against fp on every evaluation text.
+
+python -m experiments.transform_study  (writes output_dir/results.json and table.md)
+
+A finished row whose inputs (variant fields, quantizer, seed, texts, windows) are
+unchanged is kept, so an interrupted study resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+
+from absl import app
+from absl import logging
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+import cafeq_jax
+from cafeq_jax import atomic
+from cafeq_jax import eval as eval_lib
+from cafeq_jax import quantizer
+from cafeq_jax import recipes
+from cafeq_jax.core import transforms
+from cafeq_jax.distributed import log_processes
+from cafeq_jax.eval import data as eval_data
+from cafeq_jax.models import QuantizedLinear
+from experiments import cli
+from experiments import quantize_lib
+from experiments.configs import transform_study as study_config
+
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', os.path.join(os.path.dirname(__file__), 'configs', 'transform_study.py')
+)
+MATRICES = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+
+
+def recipe_for(variant: str, spec) -> recipes.Recipe:
+  """``rtn``, or ``cafeq-single`` with the variant's ``TransformConfig`` fields."""
+  if variant not in study_config.VARIANTS:
+    raise ValueError(
+      f'variant {variant!r} is unknown; expected one of {list(study_config.VARIANTS)}.'
+    )
+  fields = study_config.VARIANTS[variant]
+  if fields is None:
+    return recipes.get('rtn', spec=spec)
+  fields = dict(fields)
+  rounding = {'rtn': recipes.RTN(), 'gptq': recipes.GPTQ()}[fields.pop('rounding', 'rtn')]
+  preset = recipes.get('cafeq-single', spec=spec)
+  cfg = dataclasses.replace(preset.transform.config, **fields)
+  return preset.replace(name=variant, transform=recipes.Learned(config=cfg), rounding=rounding)
+
+
+def transform_health(qparams, key: jax.Array) -> dict[str, float]:
+  """Conditioning of the learned ``M⁻¹`` blocks and the bf16 error of ``x M⁻¹``."""
+  conds, errs = [], []
+  leaves = jax.tree.leaves(qparams, is_leaf=lambda x: isinstance(x, QuantizedLinear))
+  for i, leaf in enumerate(leaves):
+    if not isinstance(leaf, QuantizedLinear) or leaf.transform_inv is None:
+      continue
+    inv = jnp.asarray(leaf.transform_inv, jnp.float32)
+    inv = inv.reshape(-1, *inv.shape[-3:])  # (L, nb, k, k)
+    conds.append(np.asarray(transforms.condition_numbers(inv)).ravel())
+    d_in = inv.shape[-3] * inv.shape[-1]
+    x = jax.random.normal(jax.random.fold_in(key, i), (16, d_in), jnp.float32)
+    for m in inv:
+      ref = transforms.apply_to_activations(x, m)
+      low = transforms.apply_to_activations(x.astype(jnp.bfloat16), m.astype(jnp.bfloat16))
+      err = jnp.linalg.norm(low.astype(jnp.float32) - ref) / jnp.linalg.norm(ref)
+      errs.append(float(err))
+  if not conds:
+    return {}
+  c = np.concatenate(conds)
+  return {
+    'cond_max': float(c.max()),
+    'cond_p99': float(np.percentile(c, 99)),
+    'bf16_rel_err_max': float(max(errs)),
+  }
+
+
+def _hash(obj) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run(config) -> dict:
+  variants = cli.split_names(config.variants)
+  spec = quantize_lib.parse_column(config.column)
+  if not isinstance(spec, quantizer.QuantSpec):
+    raise ValueError(f'config.column={config.column!r}: the study takes a uniform column.')
+  for v in variants:  # every row checked before the model loads
+    recipe_for(v, spec)
+  texts = {t: eval_data.load_named_text(t) for t in cli.split_names(config.texts)}
+  out = config.output_dir
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, 'results.json')
+  results = {'rows': {}}
+  if os.path.exists(path):
+    with open(path) as f:
+      results = json.load(f)
+  model = quantize_lib.load_model(config.model, config.seed)
+  windows = {
+    t: eval_lib.make_windows(model.encode(x), config.eval_num_seqs, config.eval_seq_len)
+    for t, x in texts.items()
+  }
+  apply_fn = eval_lib.model_apply_fn(model.config)
+  inputs = {
+    'model': config.model,
+    'weights': quantize_lib.weights_fingerprint(model.params, model.config),
+    'column': config.column,
+    'seed': config.seed,
+    'windows': {t: quantize_lib.tokens_fingerprint(w) for t, w in windows.items()},
+  }
+  if 'fp' not in results or results['fp'].get('hash') != _hash(inputs):
+    fp = {}
+    for t, toks in windows.items():
+      m = eval_lib.evaluate(apply_fn, model.params, toks, {}, batch_size=config.eval_batch_size)
+      fp[f'ppl_{t}'] = m['fp']['ppl']
+    results['fp'] = {'hash': _hash(inputs), **fp}
+  for v in variants:
+    recipe = recipe_for(v, spec)
+    h = _hash({**inputs, 'recipe': recipe.to_dict()})
+    if results['rows'].get(v, {}).get('hash') == h:
+      logging.info('%s: kept (same inputs)', v)
+      continue
+    t0 = time.perf_counter()
+    qparams, report = cafeq_jax.quantize(
+      model.params, model.config, recipe, jax.random.PRNGKey(config.seed)
+    )
+    qparams = jax.block_until_ready(qparams)
+    seconds = time.perf_counter() - t0
+    logging.info('%s\n%s', v, report.summary())
+    by_name = report.by_name()
+    row = {
+      'hash': h,
+      'fields': study_config.VARIANTS[v],
+      'quantize_seconds': seconds,
+      'proxy_ratio': {n: by_name[n]['final'] / by_name[n]['rtn'] for n in MATRICES if n in by_name},
+      'proxy_ratio_total': report.total('final') / report.total('rtn'),
+      **transform_health(qparams, jax.random.PRNGKey(config.seed)),
+    }
+    for t, toks in windows.items():
+      m = eval_lib.evaluate(
+        apply_fn, model.params, toks, {v: qparams}, batch_size=config.eval_batch_size
+      )
+      row[f'ppl_{t}'], row[f'kld_{t}'] = m[v]['ppl'], m[v]['kld']
+    results['rows'][v] = row
+    atomic.write_json(path, results)
+    logging.info('%s: %s', v, row)
+  table = format_table(results, variants, list(texts))
+  atomic.write_text(os.path.join(out, 'table.md'), table)
+  print(table)
+  return results
+
+
+def format_table(results: dict, variants: list[str], texts: list[str]) -> str:
+  """Markdown: per row, proxy after / RTN per matrix type and in total, conditioning,
+  bf16 error of ``x M⁻¹``, quantize seconds, ppl on each text."""
+  head = ['variant'] + list(MATRICES) + ['total', 'cond max', 'bf16 err', 'quantize s']
+  head += [f'ppl {t}' for t in texts]
+  lines = ['| ' + ' | '.join(head) + ' |', '|---|' + '---:|' * (len(head) - 1)]
+  fp = results['fp']
+  lines.append(
+    '| fp |' + ' |' * (len(MATRICES) + 4) + ''.join(f' {fp[f"ppl_{t}"]:.2f} |' for t in texts)
+  )
+  for v in variants:
+    r = results['rows'].get(v)
+    if r is None:
+      continue
+    ratios = [f'{r["proxy_ratio"].get(n, float("nan")):.3f}' for n in MATRICES]
+    cells = [v, *ratios, f'{r["proxy_ratio_total"]:.3f}']
+    cells += [f'{r["cond_max"]:.1f}' if 'cond_max' in r else '-']
+    cells += [f'{r["bf16_rel_err_max"]:.4f}' if 'bf16_rel_err_max' in r else '-']
+    cells += [f'{r["quantize_seconds"]:.0f}'] + [f'{r[f"ppl_{t}"]:.2f}' for t in texts]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv):
+  del argv
+  log_processes()
+  run(_CONFIG.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
