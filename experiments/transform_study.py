@@ -128,6 +128,8 @@ def run(config) -> dict:
     'seed': config.seed,
     'windows': {t: quantize_lib.tokens_fingerprint(w) for t, w in windows.items()},
   }
+  if config.matrix:
+    return _proxy_only(config, model, spec, variants, results, path, inputs)
   if 'fp' not in results or results['fp'].get('hash') != _hash(inputs):
     fp = {}
     for t, toks in windows.items():
@@ -160,13 +162,42 @@ def run(config) -> dict:
       m = eval_lib.evaluate(
         apply_fn, model.params, toks, {v: qparams}, batch_size=config.eval_batch_size
       )
-      row[f'ppl_{t}'], row[f'kld_{t}'] = m[v]['ppl'], m[v]['kld']
+      row[f'ppl_{t}'], row[f'kld_{t}'], row[f'top1_{t}'] = (m[v][k] for k in ('ppl', 'kld', 'top1'))
     results['rows'][v] = row
     atomic.write_json(path, results)
     logging.info('%s: %s', v, row)
   table = format_table(results, variants, list(texts))
   atomic.write_text(os.path.join(out, 'table.md'), table)
   print(table)
+  return results
+
+
+def _proxy_only(config, model, spec, variants, results, path, inputs) -> dict:
+  """``--config.matrix``: each variant's transform optimised on that matrix of every
+  layer only (``core.optimize.run`` on the ``(L, d_in, d_out)`` stack); proxy and time."""
+  from cafeq_jax.core import optimize  # pylint: disable=g-import-not-at-top
+  from cafeq_jax.models import linears  # pylint: disable=g-import-not-at-top
+
+  if config.matrix not in MATRICES:
+    raise ValueError(f'config.matrix={config.matrix!r}; expected one of {MATRICES}.')
+  w = jnp.asarray(linears.get_linears(model.params, model.config)[config.matrix], jnp.float32)
+  rows = results.setdefault('proxy_only', {}).setdefault(config.matrix, {})
+  for v in variants:
+    recipe = recipe_for(v, spec)
+    if recipe.transform is None:
+      continue
+    h = _hash({**inputs, 'recipe': recipe.to_dict(), 'matrix': config.matrix})
+    if rows.get(v, {}).get('hash') == h:
+      continue
+    t0 = time.perf_counter()
+    _, state = optimize.run(w, spec, recipe.transform.config, jax.random.PRNGKey(config.seed))
+    ratio = float(state.best_loss.sum() / state.rtn_loss.sum())
+    rows[v] = {'hash': h, 'proxy_ratio': ratio, 'seconds': time.perf_counter() - t0}
+    atomic.write_json(path, results)
+    logging.info('%s %s: proxy / RTN %.4f', config.matrix, v, ratio)
+  lines = [f'| variant | {config.matrix}: proxy / RTN | seconds |', '|---|---:|---:|']
+  lines += [f'| {v} | {r["proxy_ratio"]:.3f} | {r["seconds"]:.0f} |' for v, r in rows.items()]
+  print('\n'.join(lines))
   return results
 
 

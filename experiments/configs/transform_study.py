@@ -24,6 +24,8 @@ VARIANTS = {
   # the main job ran it (50 steps).
   'rotation-lr2e-3-50': dict(parameterization='rotation', learning_rate=2e-3, steps=50),
   'dense-lr2e-3': dict(learning_rate=2e-3),
+  'dense-lr2e-3-constant': dict(learning_rate=2e-3, schedule='constant'),
+  'dense-lr5e-2': dict(learning_rate=5e-2),
   'rotation': dict(parameterization='rotation'),
   'lu': dict(parameterization='lu'),
   'dense-gptq': dict(rounding='gptq'),
@@ -47,5 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_seq_len = 512
   c.eval_batch_size = 2
   c.seed = 0
+  # A matrix name (q, k, v, o, gate, up, down): optimise only that matrix of every
+  # layer and record the proxy and time, no perplexity (quick optimiser studies).
+  c.matrix = ''
   c.output_dir = 'outputs/transform_study'  # results.json (resumable) and table.md
   return c

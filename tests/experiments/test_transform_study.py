@@ -47,3 +47,13 @@ def test_unknown_variant_is_refused_before_the_model_loads(tmp_path):
   c.variants = 'rtn,dense-9000'
   with pytest.raises(ValueError, match="variant 'dense-9000' is unknown"):
     transform_study.run(c)
+
+
+def test_proxy_only_mode_optimises_one_matrix_and_skips_rtn(tmp_path):
+  c = _config(tmp_path)
+  c.matrix = 'up'
+  results = transform_study.run(c)
+  rows = results['proxy_only']['up']
+  assert list(rows) == ['cafeq-single', 'lu']
+  assert all(0 < r['proxy_ratio'] < 1 for r in rows.values())
+  assert 'rows' not in results or not results['rows']  # no perplexity rows
