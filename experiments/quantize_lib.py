@@ -290,7 +290,8 @@ def tokens_fingerprint(tokens) -> str | None:
   return hashlib.sha256(f'{a.shape}'.encode() + a.tobytes()).hexdigest()
 
 
-def _sha(obj) -> str:
+def content_hash(obj) -> str:
+  """sha256 hex digest of ``obj`` as canonical JSON (sorted keys; str() for the rest)."""
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -308,7 +309,7 @@ def _row_inputs(
     'eval_tokens': eval_tokens[:16],
     'calib_tokens': None if calib_tokens is None else calib_tokens[:16],
     'seed': int(seed),
-    'recipe': _sha(recipe.to_dict())[:16],
+    'recipe': content_hash(recipe.to_dict())[:16],
   }
 
 
@@ -329,7 +330,7 @@ def _row_hash(
     eval_tokens: ``tokens_fingerprint`` of the evaluation windows.
     calib_tokens: ``tokens_fingerprint`` of the calibration windows (GPTQ rows).
   """
-  return _sha(
+  return content_hash(
     {
       'recipe': recipe.to_dict(),
       'seed': int(seed),
@@ -342,7 +343,7 @@ def _row_hash(
 
 def _fp_hash(weights: str, eval_tokens: str) -> str:
   """Identity of the fp row's inputs (its metrics depend on the model and tokens only)."""
-  return _sha({'weights': weights, 'eval_tokens': eval_tokens})[:16]
+  return content_hash({'weights': weights, 'eval_tokens': eval_tokens})[:16]
 
 
 def _why(prev, inputs: dict[str, Any]) -> str:

@@ -22,7 +22,6 @@ unchanged is kept, so an interrupted study resumes.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -96,10 +95,6 @@ def transform_health(qparams, key: jax.Array) -> dict[str, float]:
   }
 
 
-def _hash(obj) -> str:
-  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def run(config) -> dict:
   variants = cli.split_names(config.variants)
   spec = quantize_lib.parse_column(config.column)
@@ -130,15 +125,15 @@ def run(config) -> dict:
   }
   if config.matrix:
     return _proxy_only(config, model, spec, variants, results, path, inputs)
-  if 'fp' not in results or results['fp'].get('hash') != _hash(inputs):
+  if 'fp' not in results or results['fp'].get('hash') != quantize_lib.content_hash(inputs):
     fp = {}
     for t, toks in windows.items():
       m = eval_lib.evaluate(apply_fn, model.params, toks, {}, batch_size=config.eval_batch_size)
       fp[f'ppl_{t}'] = m['fp']['ppl']
-    results['fp'] = {'hash': _hash(inputs), **fp}
+    results['fp'] = {'hash': quantize_lib.content_hash(inputs), **fp}
   for v in variants:
     recipe = recipe_for(v, spec)
-    h = _hash({**inputs, 'recipe': recipe.to_dict()})
+    h = quantize_lib.content_hash({**inputs, 'recipe': recipe.to_dict()})
     if results['rows'].get(v, {}).get('hash') == h:
       logging.info('%s: kept (same inputs)', v)
       continue
@@ -186,7 +181,7 @@ def _proxy_only(config, model, spec, variants, results, path, inputs) -> dict:
     recipe = recipe_for(v, spec)
     if recipe.transform is None:
       continue
-    h = _hash({**inputs, 'recipe': recipe.to_dict(), 'matrix': config.matrix})
+    h = quantize_lib.content_hash({**inputs, 'recipe': recipe.to_dict(), 'matrix': config.matrix})
     if rows.get(v, {}).get('hash') == h:
       continue
     t0 = time.perf_counter()

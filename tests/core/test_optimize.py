@@ -25,6 +25,20 @@ def _outlier_stack(seed=0, b=2, d_in=64, d_out=32):
   return w.at[:, 5, :].mul(15.0).at[:, 40, :].mul(8.0)  # outlier input rows
 
 
+def _dense_loss_numpy(w, m, m_inv):
+  """Σ_b ||W_b - M_b⁻¹ Q(M_b W_b)||² with dense numpy block-diagonal matrices."""
+  out = []
+  for b in range(w.shape[0]):
+    dm = np.zeros((64, 64))
+    di = np.zeros((64, 64))
+    for i in range(2):
+      dm[32 * i : 32 * i + 32, 32 * i : 32 * i + 32] = m[b, i]
+      di[32 * i : 32 * i + 32, 32 * i : 32 * i + 32] = m_inv[b, i]
+    v_hat = quantizer.quant_dequant(jnp.asarray(dm @ np.asarray(w[b]), jnp.float32), SPEC)
+    out.append(((np.asarray(w[b]) - di @ np.asarray(v_hat, np.float64)) ** 2).sum())
+  return np.asarray(out)
+
+
 @pytest.fixture(scope='module')
 def identity_run():
   w = _outlier_stack()
@@ -43,14 +57,7 @@ def test_learned_transform_beats_rtn_on_matrix_with_outliers(identity_run):
 def test_best_loss_is_the_actual_quantized_loss_of_the_returned_transform(identity_run):
   w, best, state = identity_run
   m, m_inv = (np.asarray(a, np.float64) for a in best.matrix_and_inverse())
-  for b in range(w.shape[0]):
-    dense = np.zeros((64, 64))
-    dense_inv = np.zeros((64, 64))
-    for i in range(2):
-      dense[32 * i : 32 * i + 32, 32 * i : 32 * i + 32] = m[b, i]
-      dense_inv[32 * i : 32 * i + 32, 32 * i : 32 * i + 32] = m_inv[b, i]
-    v_hat = quantizer.quant_dequant(jnp.asarray(dense @ np.asarray(w[b]), jnp.float32), SPEC)
-    loss = ((np.asarray(w[b]) - dense_inv @ np.asarray(v_hat, np.float64)) ** 2).sum()
+  for b, loss in enumerate(_dense_loss_numpy(w, m, m_inv)):
     assert loss == pytest.approx(float(state.best_loss[b]), rel=1e-3)
   assert np.all(np.asarray(state.best_loss) <= np.asarray(state.init_loss))
   assert int(state.step) == CFG.steps
@@ -189,20 +196,6 @@ def test_unit_keys_make_the_hadamard_init_independent_of_the_stack():
   assert not np.array_equal(base[0], base[1])
   with pytest.raises(ValueError, match='unit_keys has 2 keys for a stack of 3'):
     optimize.init_state(w, SPEC, CFG_H, jax.random.PRNGKey(0), unit_keys=keys[:2])
-
-
-def _dense_loss_numpy(w, m, m_inv):
-  """Σ_b ||W_b - M_b⁻¹ Q(M_b W_b)||² with dense numpy block-diagonal matrices."""
-  out = []
-  for b in range(w.shape[0]):
-    dm = np.zeros((64, 64))
-    di = np.zeros((64, 64))
-    for i in range(2):
-      dm[32 * i : 32 * i + 32, 32 * i : 32 * i + 32] = m[b, i]
-      di[32 * i : 32 * i + 32, 32 * i : 32 * i + 32] = m_inv[b, i]
-    v_hat = quantizer.quant_dequant(jnp.asarray(dm @ np.asarray(w[b]), jnp.float32), SPEC)
-    out.append(((np.asarray(w[b]) - di @ np.asarray(v_hat, np.float64)) ** 2).sum())
-  return np.asarray(out)
 
 
 @pytest.mark.parametrize('param', ['dense', 'lu'])
