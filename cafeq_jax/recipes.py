@@ -16,9 +16,10 @@ core config it needs (docs/method.md has the math):
               output pair; the other matrices RTN).
 
 Impossible combinations cannot be written: statistics exist only inside
-``GPTQ``, so self-generated Σ with RTN rounding is not expressible; the one
-cross-stage rule left (``PairAdaptive`` needs ``pairs``) is checked on
-construction. ``cafeq_jax.quantize(params, model_config, recipe, key)`` runs a
+``GPTQ``, so self-generated Σ with RTN rounding is not expressible; the two
+cross-stage rules left (``PairAdaptive`` needs ``pairs``; a ``Learned``
+transform with ``loss='input'`` needs the rounding's self-generated or
+calibration statistics) are checked on construction. ``cafeq_jax.quantize(params, model_config, recipe, key)`` runs a
 recipe; ``get(name, bits=3, group_size=128, **overrides)`` returns a preset.
 
 Presets (one meaning per name):
@@ -34,7 +35,10 @@ Presets (one meaning per name):
   cafeq-sg           self-generated Σ: GPTQ-form rounding in act order behind a
                      shared Hadamard online transform (reads no data)
   cafeq-sg-rounding  cafeq-sg without the online transform (ablation)
-  cafeq              pair transforms folded first, then as cafeq-sg (reads no data)
+  cafeq-pairs-sg     pair transforms folded first, then as cafeq-sg (the cafeq of
+                     earlier releases; reads no data)
+  cafeq              the best data-free recipe: cafeq-single's learned transforms (one
+                     per param leaf) as the online stage of cafeq-sg's rounding
   gptq               GPTQ with in-domain calibration text (comparison only)
   gptq-offdomain     GPTQ with off-domain calibration text (code; comparison only)
   gptq-selfgen       GPTQ in natural order on self-generated text (reads no data)
@@ -136,22 +140,39 @@ class Hadamard:
       raise ValueError(f'Hadamard needs a power-of-two block_size; got {self.block_size}.')
 
 
+class TransformLoss(enum.StrEnum):
+  """What a learned online transform minimises (``E = W - M⁻¹ Q(M W)``)."""
+
+  # ||E||²: the paper's data-free proxy (Σ ∝ I).
+  FROBENIUS = 'frobenius'
+  # tr(Eᵀ Σ_bd E): Σ the second moment of the matrix's input on the rounding
+  # stage's tokens (self-generated or calibration; fp model), Σ_bd its k x k
+  # diagonal blocks (docs/method.md#input-weighted-learned-transforms).
+  INPUT = 'input'
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Learned:
-  """Block-diagonal online transform learned on the Frobenius proxy ``||W - M⁻¹Q(MW)||²``.
+  """Block-diagonal online transform ``M`` learned on ``||W - M⁻¹Q(MW)||²``, or
+  input-weighted under the rounding stage's statistics (``loss='input'``).
 
   Attributes:
     config: parameterisation and optimiser (``core.optimize.TransformConfig``).
     share: one transform per param leaf (see ``Hadamard.share``).
+    loss: ``'frobenius'`` (reads nothing) or ``'input'`` (needs ``GPTQ`` rounding
+      with ``SelfGenerated`` or ``Calibration`` statistics; Σ is measured on
+      their tokens through the fp model before the transforms are learned).
   """
 
   config: optimize.TransformConfig = optimize.TransformConfig()
   share: bool = False
+  loss: TransformLoss = TransformLoss.FROBENIUS
 
   def __post_init__(self):
     if not isinstance(self.config, optimize.TransformConfig):
       raise TypeError(f'Learned.config must be a TransformConfig; got {self.config!r}.')
     _check_bool(self.share, 'share')
+    object.__setattr__(self, 'loss', enums.coerce(TransformLoss, self.loss, 'transform.loss'))
 
   @property
   def block_size(self) -> int:
@@ -166,19 +187,30 @@ class Frobenius:
   """Σ ∝ I: the data-free proxy of the paper (``||W - Ŵ||²`` through the transform)."""
 
 
+class FirstToken(enum.StrEnum):
+  """How the first token of each self-generated sequence is chosen."""
+
+  START_ID = 'start-id'  # ``start_id`` for every sequence (a document start)
+  # Uniformly random ids of the vocabulary, one per sequence (LLM-QAT's recipe:
+  # many different starts diversify the sample).
+  UNIFORM = 'uniform'
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SelfGenerated:
   """Σ of every matrix's input measured on sequences the fp model samples itself.
 
   Reads no data: ``num_seqs`` sequences start at token ``start_id`` (SmolLM2's
-  ``<|endoftext|>`` is 0) and continue with ``seq_len - 1`` sampled tokens.
+  ``<|endoftext|>`` is 0), or at random ids (``first='uniform'``), and continue
+  with ``seq_len - 1`` sampled tokens.
 
   Attributes:
     num_seqs: sampled sequences.
     seq_len: tokens per sequence (the start token included).
     temperature: sampling temperature (> 0).
-    start_id: the first token of every sequence.
+    start_id: the first token of every sequence (``first='start-id'``).
     batch_size: sequences per forward pass while capturing inputs.
+    first: ``'start-id'`` or ``'uniform'`` (see ``FirstToken``).
   """
 
   num_seqs: int = 32
@@ -186,8 +218,10 @@ class SelfGenerated:
   temperature: float = 1.0
   start_id: int = 0
   batch_size: int = 8
+  first: FirstToken = FirstToken.START_ID
 
   def __post_init__(self):
+    object.__setattr__(self, 'first', enums.coerce(FirstToken, self.first, 'statistics.first'))
     _check_int(self.num_seqs, 'num_seqs', 1)
     _check_int(self.seq_len, 'seq_len', 2)
     _check_positive(self.temperature, 'temperature')
@@ -341,6 +375,14 @@ class Recipe:
         'rounding=PairAdaptive() rounds transformed value/output pairs and '
         'needs pairs=PairTransforms(...); for single matrices use GPTQ().'
       )
+    if isinstance(self.transform, Learned) and self.transform.loss == TransformLoss.INPUT:
+      if not self.sequential:
+        raise ValueError(
+          f"recipe {self.name!r}: Learned(loss='input') weights the transform's loss by "
+          'the input statistics of the rounding stage, which needs '
+          'rounding=GPTQ(statistics=SelfGenerated(...) or Calibration(...)); got '
+          f'rounding={self.rounding!r}.'
+        )
 
   @property
   def statistics(self) -> Statistics | None:
@@ -568,6 +610,11 @@ _SELFGEN = GPTQ(statistics=SelfGenerated(), act_order=True)
 # (experiments/transform_study.py: the ablation behind these choices).
 _LEARNED = Learned(config=optimize.TransformConfig(columns_per_step=256))
 _SHARED_HADAMARD = Hadamard(block_size=64, share=True)
+# cafeq's transform: cafeq-single's, one per param leaf (k/v and gate/up read one
+# input). On the Frobenius proxy: the input-weighted loss ended higher on the
+# self-generated layer loss; pair transforms folded first changed it by 2% at 170 s
+# more (experiments/configs/selfgen_study.py, README).
+_SHARED_LEARNED = Learned(config=_LEARNED.config, share=True)
 
 PRESETS: dict[str, Recipe] = {
   'rtn': Recipe(name='rtn'),
@@ -583,7 +630,10 @@ PRESETS: dict[str, Recipe] = {
   ),
   'cafeq-sg': Recipe(name='cafeq-sg', transform=_SHARED_HADAMARD, rounding=_SELFGEN),
   'cafeq-sg-rounding': Recipe(name='cafeq-sg-rounding', rounding=_SELFGEN),
-  'cafeq': Recipe(name='cafeq', pairs=_PAIRS, transform=_SHARED_HADAMARD, rounding=_SELFGEN),
+  'cafeq-pairs-sg': Recipe(
+    name='cafeq-pairs-sg', pairs=_PAIRS, transform=_SHARED_HADAMARD, rounding=_SELFGEN
+  ),
+  'cafeq': Recipe(name='cafeq', transform=_SHARED_LEARNED, rounding=_SELFGEN),
   'gptq': Recipe(name='gptq', rounding=GPTQ(statistics=Calibration(source='in-domain'))),
   'gptq-offdomain': Recipe(
     name='gptq-offdomain', rounding=GPTQ(statistics=Calibration(source='code'))
@@ -641,6 +691,7 @@ def get(
 
 __all__ = [
   'Calibration',
+  'FirstToken',
   'Frobenius',
   'GPTQ',
   'Hadamard',
@@ -653,6 +704,7 @@ __all__ = [
   'Recipe',
   'SelfGenerated',
   'Solver',
+  'TransformLoss',
   'get',
   'names',
   'override',

@@ -52,12 +52,23 @@ _CONFIG = config_flags.DEFINE_config_file(
 MATRICES = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 
 
+def split_row(row: str) -> tuple[str, int | None]:
+  """``'<variant>@<seed>'`` -> ``(variant, seed)``; a plain name -> ``(name, None)``."""
+  name, at, seed = row.partition('@')
+  if at and not seed.isdigit():
+    raise ValueError(f'row {row!r}: expected <variant>@<seed> with an int seed.')
+  return name, (int(seed) if at else None)
+
+
 def recipe_for(variant: str, spec) -> recipes.Recipe:
-  """``rtn``, or ``cafeq-single`` with the variant's ``TransformConfig`` fields."""
+  """``rtn``, ``cafeq-single`` with the variant's ``TransformConfig`` fields, or a
+  whole recipe of ``RECIPES``, under the quantizer ``spec``."""
+  variant, _ = split_row(variant)
+  if variant in study_config.RECIPES:
+    return study_config.RECIPES[variant].replace(name=variant, spec=spec)
   if variant not in study_config.VARIANTS:
-    raise ValueError(
-      f'variant {variant!r} is unknown; expected one of {list(study_config.VARIANTS)}.'
-    )
+    known = list(study_config.VARIANTS) + list(study_config.RECIPES)
+    raise ValueError(f'variant {variant!r} is unknown; expected one of {known}.')
   fields = study_config.VARIANTS[variant]
   if fields is None:
     return recipes.get('rtn', spec=spec)
@@ -95,8 +106,17 @@ def transform_health(qparams, key: jax.Array) -> dict[str, float]:
   }
 
 
-def run(config) -> dict:
+def rows_of(config) -> list[str]:
+  """The study's rows: every variant, then ``<variant>@<seed>`` for each extra seed."""
   variants = cli.split_names(config.variants)
+  seeds = [int(s) for s in cli.split_names(config.seeds)] if config.seeds else []
+  if config.seed in seeds:
+    raise ValueError(f'config.seeds={config.seeds!r} repeats config.seed={config.seed}.')
+  return variants + [f'{v}@{s}' for s in seeds for v in variants if v != 'rtn']
+
+
+def run(config) -> dict:
+  variants = rows_of(config)
   spec = quantize_lib.parse_column(config.column)
   if not isinstance(spec, quantizer.QuantSpec):
     raise ValueError(f'config.column={config.column!r}: the study takes a uniform column.')
@@ -133,13 +153,15 @@ def run(config) -> dict:
     results['fp'] = {'hash': quantize_lib.content_hash(inputs), **fp}
   for v in variants:
     recipe = recipe_for(v, spec)
-    h = quantize_lib.content_hash({**inputs, 'recipe': recipe.to_dict()})
+    seed = split_row(v)[1]
+    seed = config.seed if seed is None else seed
+    h = quantize_lib.content_hash({**inputs, 'seed': seed, 'recipe': recipe.to_dict()})
     if results['rows'].get(v, {}).get('hash') == h:
       logging.info('%s: kept (same inputs)', v)
       continue
     t0 = time.perf_counter()
     qparams, report = cafeq_jax.quantize(
-      model.params, model.config, recipe, jax.random.PRNGKey(config.seed)
+      model.params, model.config, recipe, jax.random.PRNGKey(seed)
     )
     qparams = jax.block_until_ready(qparams)
     seconds = time.perf_counter() - t0
@@ -147,12 +169,19 @@ def run(config) -> dict:
     by_name = report.by_name()
     row = {
       'hash': h,
-      'fields': study_config.VARIANTS[v],
+      'fields': study_config.VARIANTS.get(split_row(v)[0]),
+      'seed': seed,
       'quantize_seconds': seconds,
+      'timings': dict(report.timings),
       'proxy_ratio': {n: by_name[n]['final'] / by_name[n]['rtn'] for n in MATRICES if n in by_name},
       'proxy_ratio_total': report.total('final') / report.total('rtn'),
-      **transform_health(qparams, jax.random.PRNGKey(config.seed)),
+      **transform_health(qparams, jax.random.PRNGKey(seed)),
     }
+    if 'sequential' in report.extra:  # the objective of the self-generated recipes
+      seq = report.extra['sequential']
+      row['layer_loss_ratio'] = sum(map(sum, seq['layer_loss'].values())) / sum(
+        map(sum, seq['rtn_layer_loss'].values())
+      )
     for t, toks in windows.items():
       m = eval_lib.evaluate(
         apply_fn, model.params, toks, {v: qparams}, batch_size=config.eval_batch_size
@@ -196,25 +225,42 @@ def _proxy_only(config, model, spec, variants, results, path, inputs) -> dict:
   return results
 
 
+def _mean_std(xs: list[float], fmt: str) -> str:
+  if len(xs) == 1:
+    return format(xs[0], fmt)
+  return f'{format(np.mean(xs), fmt)} ± {format(np.std(xs, ddof=1), fmt)}'
+
+
 def format_table(results: dict, variants: list[str], texts: list[str]) -> str:
-  """Markdown: per row, proxy after / RTN per matrix type and in total, conditioning,
-  bf16 error of ``x M⁻¹``, quantize seconds, ppl on each text."""
-  head = ['variant'] + list(MATRICES) + ['total', 'cond max', 'bf16 err', 'quantize s']
-  head += [f'ppl {t}' for t in texts]
+  """Markdown: per variant, proxy after / RTN per matrix type and in total, the
+  self-generated layer loss over RTN's (sequential recipes), conditioning, bf16
+  error of ``x M⁻¹``, quantize seconds, ppl on each text. A variant run with
+  several seeds (``<variant>@<seed>`` rows) shows mean ± std (n-1) over them,
+  and ``n`` the number of seeds."""
+  head = ['variant', 'n'] + list(MATRICES) + ['total', 'sg loss', 'cond max', 'bf16 err']
+  head += ['quantize s'] + [f'ppl {t}' for t in texts]
   lines = ['| ' + ' | '.join(head) + ' |', '|---|' + '---:|' * (len(head) - 1)]
   fp = results['fp']
   lines.append(
-    '| fp |' + ' |' * (len(MATRICES) + 4) + ''.join(f' {fp[f"ppl_{t}"]:.2f} |' for t in texts)
+    '| fp |' + ' |' * (len(MATRICES) + 6) + ''.join(f' {fp[f"ppl_{t}"]:.2f} |' for t in texts)
   )
+  groups: dict[str, list[dict]] = {}
   for v in variants:
-    r = results['rows'].get(v)
-    if r is None:
-      continue
-    ratios = [f'{r["proxy_ratio"].get(n, float("nan")):.3f}' for n in MATRICES]
-    cells = [v, *ratios, f'{r["proxy_ratio_total"]:.3f}']
-    cells += [f'{r["cond_max"]:.1f}' if 'cond_max' in r else '-']
-    cells += [f'{r["bf16_rel_err_max"]:.4f}' if 'bf16_rel_err_max' in r else '-']
-    cells += [f'{r["quantize_seconds"]:.0f}'] + [f'{r[f"ppl_{t}"]:.2f}' for t in texts]
+    if v in results['rows']:
+      groups.setdefault(split_row(v)[0], []).append(results['rows'][v])
+  for v, rs in groups.items():
+    r = rs[0]
+    ratios = [
+      _mean_std([x['proxy_ratio'].get(n, float('nan')) for x in rs], '.3f') for n in MATRICES
+    ]
+    cells = [v, str(len(rs)), *ratios, _mean_std([x['proxy_ratio_total'] for x in rs], '.3f')]
+    cells += [
+      _mean_std([x['layer_loss_ratio'] for x in rs], '.3f') if 'layer_loss_ratio' in r else '-'
+    ]
+    cells += [f'{max(x["cond_max"] for x in rs):.1f}' if 'cond_max' in r else '-']
+    cells += [f'{max(x["bf16_rel_err_max"] for x in rs):.4f}' if 'bf16_rel_err_max' in r else '-']
+    cells += [_mean_std([x['quantize_seconds'] for x in rs], '.0f')]
+    cells += [_mean_std([x[f'ppl_{t}'] for x in rs], '.2f') for t in texts]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 

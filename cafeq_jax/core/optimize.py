@@ -3,7 +3,8 @@
 Minimises, independently for each matrix ``b`` of a stack, the single-matrix
 transformed proxy ``L_b(M_b) = Σ_t ||W_bt - M_b⁻¹ Q(M_b W_bt)||²``
 (docs/method.md#single-matrix-transforms) through the straight-through quantizer
-with an optax optimiser. The index ``t``
+with an optax optimiser, or, given input second moments ``Σ_b`` (``sigma``), the
+input-weighted loss ``Σ_t tr(E_btᵀ Σ_b E_bt)``, ``E = W - M⁻¹ Q(M W)``. The index ``t``
 runs over matrices that *share* one transform because they read the same input
 (e.g. key and value, gate and up); pass ``w`` as ``(B, T, d_in, d_out)`` for
 that, or ``(B, d_in, d_out)`` for one matrix per transform.
@@ -234,31 +235,48 @@ def _as_stack(w: jax.Array) -> jax.Array:
   )
 
 
+def _weighted_square(e: jax.Array, sigma: jax.Array | None) -> jax.Array:
+  """``Σ_t tr(e_tᵀ Σ e_t)`` per stack entry (``Σ = I`` for None): ``(B,)``.
+
+  Args:
+    e: ``(B, T, d_in, d_out)`` errors in the original basis.
+    sigma: ``(B, nb, k, k)`` diagonal blocks of each entry's input second moment
+      (``nb * k = d_in``), or None.
+  """
+  if sigma is None:
+    return jnp.sum(jnp.square(e), axis=(1, 2, 3))
+  return jnp.sum(e * transforms.apply_left(sigma[:, None], e), axis=(1, 2, 3))
+
+
 def stack_loss(
   transform: transforms.LearnedTransform,
   w: jax.Array,
   spec: quantizer.QuantSpec,
   *,
   ste: str | bool = 'round',
+  sigma: jax.Array | None = None,
 ) -> jax.Array:
   """Per-transform loss ``Σ_t ||W_bt - M_b⁻¹ Q(M_b W_bt)||²``: ``(B,)`` float32.
 
   For a dense or LU transform it is ``||M⁻¹ (Q(V) - V)||²``, ``V = M W``. For the
   rotation without right scales (``M = D1 R``, ``R`` orthogonal) it is evaluated as
   ``||D1⁻¹ (Q(V) - V)||²`` with ``V = M W``: same value and gradient (``M⁻¹ M W
-  = W`` identically), one block matmul instead of two.
+  = W`` identically), one block matmul instead of two. With ``sigma`` it is
+  ``Σ_t tr(Eᵀ Σ_b E)`` with ``E = M⁻¹ (Q(V) - V)`` (every parameterisation).
 
   Args:
     transform: batch ``(B,)``.
     w: ``(B, d_in, d_out)`` or ``(B, T, d_in, d_out)``.
+    sigma: optional ``(B, nb_s, k_s, k_s)`` diagonal blocks of the input second
+      moment of each entry (any block size dividing ``d_in``).
   """
   w4 = _as_stack(jnp.asarray(w, jnp.float32))
-  if not isinstance(transform, transforms.BlockTransform):
+  if sigma is not None or not isinstance(transform, transforms.BlockTransform):
     # ||M⁻¹ (Q(V) - V)||²: the residual form (no W - M⁻¹ M W cancellation).
     m, m_inv = transform.matrix_and_inverse()
     v = transforms.apply_left(m[:, None], w4)
     e = transforms.apply_left(m_inv[:, None], proxy.ste_quant(v, spec, ste) - v)
-    return jnp.sum(jnp.square(e), axis=(1, 2, 3))
+    return _weighted_square(e, sigma)
   if transform.right_scales:
     m, m_inv = transform.matrix_and_inverse()
     per = proxy.transformed_loss(w4, m[:, None], m_inv[:, None], spec, ste=ste)
@@ -270,8 +288,39 @@ def stack_loss(
   return jnp.sum(jnp.square(e * inv_row), axis=(1, 2, 3))
 
 
+def rtn_stack_loss(
+  w: jax.Array, spec: quantizer.QuantSpec, sigma: jax.Array | None = None
+) -> jax.Array:
+  """``Σ_t tr(E_tᵀ Σ E_t)`` of plain RTN (``E = W - Q(W)``, ``Σ = I`` for None): ``(B,)``."""
+  w4 = _as_stack(jnp.asarray(w, jnp.float32))
+  if sigma is None:
+    return proxy.rtn_loss(w4, spec).sum(axis=1)
+  return _weighted_square(quantizer.quant_dequant(w4, spec) - w4, sigma)
+
+
+def _check_sigma(sigma: jax.Array | None, w4: jax.Array) -> jax.Array | None:
+  if sigma is None:
+    return None
+  sigma = jnp.asarray(sigma, jnp.float32)
+  d_in = w4.shape[-2]
+  if (
+    sigma.ndim != 4
+    or sigma.shape[0] != w4.shape[0]
+    or sigma.shape[-1] != sigma.shape[-2]
+    or sigma.shape[-3] * sigma.shape[-1] != d_in
+  ):
+    raise ValueError(
+      f'sigma must be (B={w4.shape[0]}, nb, k, k) diagonal blocks with nb * k = '
+      f'd_in = {d_in}; got shape {tuple(sigma.shape)}.'
+    )
+  if not bool(jnp.all(jnp.isfinite(sigma))):
+    raise ValueError('sigma (input second moments) holds NaN or inf.')
+  return sigma
+
+
 _stack_loss_jit = jax.jit(stack_loss, static_argnames=('spec', 'ste'))
 _rtn_loss_jit = jax.jit(proxy.rtn_loss, static_argnames=('spec',))
+_rtn_stack_loss_jit = jax.jit(rtn_stack_loss, static_argnames=('spec',))
 
 
 def _check(w: jax.Array, spec: quantizer.QuantSpec, config: TransformConfig):
@@ -288,6 +337,7 @@ def init_state(
   key: jax.Array,
   *,
   unit_keys: jax.Array | None = None,
+  sigma: jax.Array | None = None,
 ) -> TransformOptState:
   """Initial state for the stack ``w`` (``(B, d_in, d_out)`` or ``(B, T, ...)``).
 
@@ -297,8 +347,11 @@ def init_state(
     unit_keys: optional ``(B,)`` stack of keys, one per matrix: the Hadamard
       init of matrix ``b`` then depends on ``unit_keys[b]`` only, so it is the
       same whatever other matrices share the stack (layer-by-layer runs).
+    sigma: optional ``(B, nb, k, k)`` input second-moment blocks: the losses (and
+      the RTN normaliser) are input-weighted (see ``stack_loss``).
   """
   w4 = _check(w, spec, config)
+  sigma = _check_sigma(sigma, w4)
   init = functools.partial(
     transforms.init_transform,
     d_in=w4.shape[-2],
@@ -317,8 +370,11 @@ def init_state(
       )
     transform = jax.vmap(lambda k: init(k, batch_shape=()))(unit_keys)
   opt_state = make_optimizer(config).init(transform.trainable())
-  init_loss = _stack_loss_jit(transform, w4, spec)
-  rtn = _rtn_loss_jit(w4, spec).sum(axis=1)
+  init_loss = _stack_loss_jit(transform, w4, spec, sigma=sigma)
+  if sigma is None:  # the Frobenius normaliser as first released (same bits)
+    rtn = _rtn_loss_jit(w4, spec).sum(axis=1)
+  else:
+    rtn = _rtn_stack_loss_jit(w4, spec, sigma)
   return TransformOptState(
     transform=transform,
     opt_state=opt_state,
@@ -346,20 +402,23 @@ def _keep_best(best, best_loss, cand, cand_loss):
 def make_step(
   spec: quantizer.QuantSpec, config: TransformConfig
 ) -> Callable[[TransformOptState, jax.Array], TransformOptState]:
-  """Jitted ``step(state, w) -> state``: one optimiser update of every transform.
+  """Jitted ``step(state, w, sigma=None) -> state``: one optimiser update of every
+  transform (``sigma``: input-weighted loss, see ``stack_loss``).
 
   The loss of the iterate *before* the update is recorded and kept if best
   (only when all columns are used; see ``TransformConfig.columns_per_step``).
   """
   opt = make_optimizer(config)
 
-  def objective(params, state, w4):
-    per = stack_loss(state.transform.with_trainable(params), w4, spec, ste=config.ste)
+  def objective(params, state, w4, sigma):
+    per = stack_loss(state.transform.with_trainable(params), w4, spec, ste=config.ste, sigma=sigma)
     scale = jnp.maximum(state.rtn_loss, jnp.finfo(jnp.float32).tiny)
     return jnp.sum(per / scale), per
 
   @jax.jit
-  def step(state: TransformOptState, w: jax.Array) -> TransformOptState:
+  def step(
+    state: TransformOptState, w: jax.Array, sigma: jax.Array | None = None
+  ) -> TransformOptState:
     w4 = _as_stack(jnp.asarray(w, jnp.float32))
     params = state.transform.trainable()
     key, sub = jax.random.split(state.key)
@@ -369,7 +428,7 @@ def make_step(
     if subsample:
       cols = jax.random.permutation(sub, d_out)[:c]
       w4 = jnp.take(w4, cols, axis=-1)
-    (_, per), grads = jax.value_and_grad(objective, has_aux=True)(params, state, w4)
+    (_, per), grads = jax.value_and_grad(objective, has_aux=True)(params, state, w4, sigma)
     if not config.learn_scales:  # rotation only (TransformConfig checks)
       grads = dict(
         grads, log_row=jnp.zeros_like(grads['log_row']), log_col=jnp.zeros_like(grads['log_col'])
@@ -397,13 +456,15 @@ def make_step(
 def make_finalize(
   spec: quantizer.QuantSpec,
 ) -> Callable[[TransformOptState, jax.Array], TransformOptState]:
-  """Jitted ``finalize(state, w)``: evaluates the current iterate with the real
-  ``quant_dequant`` (no STE) and keeps it if best."""
+  """Jitted ``finalize(state, w, sigma=None)``: evaluates the current iterate with
+  the real ``quant_dequant`` (no STE) and keeps it if best."""
 
   @jax.jit
-  def finalize(state: TransformOptState, w: jax.Array) -> TransformOptState:
+  def finalize(
+    state: TransformOptState, w: jax.Array, sigma: jax.Array | None = None
+  ) -> TransformOptState:
     params = state.transform.trainable()
-    per = stack_loss(state.transform, w, spec, ste=False)
+    per = stack_loss(state.transform, w, spec, ste=False, sigma=sigma)
     best, best_loss = _keep_best(state.best, state.best_loss, params, per)
     return state.replace(best=best, best_loss=best_loss, last_loss=per)
 
@@ -457,10 +518,12 @@ def make_run_step(
   every = config.eval_every
 
   @jax.jit
-  def step_with_eval(state: TransformOptState, w: jax.Array) -> TransformOptState:
+  def step_with_eval(
+    state: TransformOptState, w: jax.Array, sigma: jax.Array | None = None
+  ) -> TransformOptState:
     due = (state.step > 0) & (state.step % every == 0)
-    state = jax.lax.cond(due, lambda s: finalize(s, w), lambda s: s, state)
-    return step(state, w)
+    state = jax.lax.cond(due, lambda s: finalize(s, w, sigma), lambda s: s, state)
+    return step(state, w, sigma)
 
   return step_with_eval
 
@@ -487,6 +550,7 @@ def run(
   progress: bool = False,
   loop: Loop | None = None,
   unit_keys: jax.Array | None = None,
+  sigma: jax.Array | None = None,
 ) -> tuple[transforms.LearnedTransform, TransformOptState]:
   """Optimises one transform per matrix of the stack ``w``.
 
@@ -508,6 +572,9 @@ def run(
       built by ``methods.run_options.RunOptions`` do, and then give the same
       codes (transforms equal to float32 rounding) as the plain loop.
     unit_keys: optional ``(B,)`` per-matrix init keys (see ``init_state``).
+    sigma: optional ``(B, nb, k, k)`` diagonal blocks of each entry's input second
+      moment: minimise the input-weighted loss ``tr(Eᵀ Σ E)`` instead (a constant
+      operand of every step, like ``w``).
 
   Returns:
     ``(best_transform, final_state)``: the per-matrix best iterate (batch
@@ -515,8 +582,10 @@ def run(
     ``state.rtn_loss`` hold ``(B,)`` losses).
   """
   w4 = jnp.asarray(_check(w, spec, config), jnp.float32)
-  state = init_state(w4, spec, config, key, unit_keys=unit_keys)
+  sigma = _check_sigma(sigma, w4)
+  state = init_state(w4, spec, config, key, unit_keys=unit_keys, sigma=sigma)
   state = state.replace(key=_typed_key(state.key))
+  args = (w4,) if sigma is None else (w4, sigma)
   step = make_run_step(spec, config, w4.shape[-1])
   bar = None
   if progress:
@@ -536,12 +605,12 @@ def run(
       step,
       state,
       config.steps,
-      args=(w4,),
+      args=args,
       callback=on_step if (bar is not None or callback is not None) else None,
     )
   finally:
     if bar is not None:
       bar.close()
   if config.steps:
-    state = make_finalize(spec)(state, w4)
+    state = make_finalize(spec)(state, *args)
   return state.best_transform(), state

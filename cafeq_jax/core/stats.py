@@ -47,6 +47,24 @@ def normalize_trace(h: jax.Array) -> jax.Array:
   return jnp.where(tr > 0, h * h.shape[-1] / jnp.where(tr > 0, tr, 1.0), h)
 
 
+def diagonal_blocks(h: jax.Array, block_size: int, *, damp: float = 0.0) -> jax.Array:
+  """The ``k x k`` diagonal blocks of ``h`` ``(..., d, d)``: ``(..., d // k, k, k)`` f32.
+
+  Each matrix is first scaled to mean diagonal 1 (``normalize_trace``) and ``damp``
+  is added to its diagonal (the same relative damping as GPTQ's ``H``), so every
+  block is positive definite and the weighting is scale-free.
+  """
+  h = normalize_trace(h)
+  d, k = h.shape[-1], block_size
+  if k < 1 or d % k:
+    raise ValueError(f'block_size={block_size!r} must divide d={d}.')
+  nb = d // k
+  h = h + damp * jnp.eye(d, dtype=h.dtype)
+  blocks = h.reshape(*h.shape[:-2], nb, k, nb, k)
+  idx = jnp.arange(nb)
+  return blocks[..., idx, :, idx, :].transpose(*range(1, h.ndim - 1), 0, h.ndim - 1, h.ndim)
+
+
 def top_channel_mass(h: jax.Array, k: int) -> jax.Array:
   """Fraction of ``tr(h)`` on the ``k`` largest diagonal entries: ``(...)`` float32.
 

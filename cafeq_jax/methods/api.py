@@ -5,7 +5,9 @@
    then rounded adaptively.
 2. ``recipe.transform``: online single-matrix transforms ``(M, M⁻¹)`` for the
    other matrices (``methods.single.transforms_for``): fixed random Hadamard, or
-   learned on the Frobenius proxy.
+   learned on the Frobenius proxy, or (``Learned(loss='input')``) on the loss
+   weighted by the input second moments on the rounding stage's tokens (drawn
+   first; ``methods.sequential.input_moment_blocks``).
 3. ``recipe.rounding``: RTN or GPTQ-form rounding under the Frobenius proxy
    (``methods.single.round_matrices``); with self-generated or calibration
    statistics, sequential GPTQ-form rounding layer by layer
@@ -222,6 +224,28 @@ def run_recipe(
   )
 
   layers = {n: [l for l in range(model_config.num_layers) if (l, n) not in ar_q] for n in mats}
+  tokens = None
+  if recipe.sequential:
+    stats = recipe.statistics
+    if isinstance(stats, recipes.SelfGenerated):
+      t0 = time.perf_counter()
+      tokens = selfgen.sample_tokens(params, model_config, stats, jax.random.fold_in(key, 2))
+      report.timings['selfgen'] = time.perf_counter() - t0
+    else:
+      tokens = calib_tokens
+  sigma = None
+  if isinstance(recipe.transform, recipes.Learned) and recipe.transform.loss == 'input':
+    t0 = time.perf_counter()
+    sigma = sequential.input_moment_blocks(
+      params,
+      model_config,
+      tokens,
+      block_size=recipe.transform.block_size,
+      damp=recipe.rounding.damp,
+      matrices=tuple(mats),
+      batch_size=recipe.statistics.batch_size,
+    )
+    report.timings['input_statistics'] = time.perf_counter() - t0
   blocks, init_losses = {}, {}
   if recipe.transform is not None:
     t0 = time.perf_counter()
@@ -234,17 +258,12 @@ def run_recipe(
       run=run,
       layer_offset=layer_offset,
       progress=progress,
+      sigma=sigma,
     )
     report.timings['transforms'] = time.perf_counter() - t0
     report.extra['transform_seconds_by_shape'] = shape_t
   t0 = time.perf_counter()
   if recipe.sequential:
-    stats = recipe.statistics
-    if isinstance(stats, recipes.SelfGenerated):
-      tokens = selfgen.sample_tokens(params, model_config, stats, jax.random.fold_in(key, 2))
-      report.timings['selfgen'] = time.perf_counter() - t0
-    else:
-      tokens = calib_tokens
     qarrays, extra = sequential.round_sequential(
       params,
       model_config,
@@ -262,8 +281,7 @@ def run_recipe(
       recipes.RTN() if isinstance(recipe.rounding, recipes.PairAdaptive) else (recipe.rounding)
     )
     qarrays, tinvs = single.round_matrices(mats, layers, blocks, spec, rounding)
-  # The self-generation has its own entry ('selfgen'); rounding is what follows it.
-  report.timings['rounding'] = time.perf_counter() - t0 - report.timings.get('selfgen', 0.0)
+  report.timings['rounding'] = time.perf_counter() - t0
   for k, q in ar_q.items():
     qarrays[k], tinvs[k] = q, None
   _fill_report(report, mats0, mats, qarrays, tinvs, spec, recipe)

@@ -26,14 +26,19 @@ def sample_tokens(
 ) -> np.ndarray:
   """Sequences sampled from the model itself: ``(num_seqs, seq_len)`` int32.
 
-  Each row is ``stage.start_id`` followed by ``seq_len - 1`` tokens sampled at
+  Each row is ``stage.start_id`` (or, with ``first='uniform'``, an id drawn
+  uniformly from the vocabulary) followed by ``seq_len - 1`` tokens sampled at
   ``stage.temperature`` (deterministic given ``key``). For SmolLM2 ``start_id=0``
   is ``<|endoftext|>``, the document separator of its pretraining stream, so
   samples look like the start of a pretraining document. Nothing external is read.
   """
   if not stage.start_id < cfg.vocab_size:
     raise ValueError(f'start_id={stage.start_id}; expected an id in [0, {cfg.vocab_size}).')
-  prompt = jnp.full((stage.num_seqs, 1), stage.start_id, jnp.int32)
+  if stage.first == recipes.FirstToken.UNIFORM:
+    key, sub = jax.random.split(key)
+    prompt = jax.random.randint(sub, (stage.num_seqs, 1), 0, cfg.vocab_size, jnp.int32)
+  else:
+    prompt = jnp.full((stage.num_seqs, 1), stage.start_id, jnp.int32)
   gen = generate(
     params,
     cfg,

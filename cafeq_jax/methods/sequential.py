@@ -222,3 +222,30 @@ def input_second_moments(
     for n in chosen:
       out[n].append(acc[decoder.LINEAR_INPUTS[n]] / tokens.size)
   return {n: jnp.stack(v) for n, v in out.items()}
+
+
+def input_moment_blocks(
+  params: dict,
+  cfg: ModelConfig,
+  tokens,
+  *,
+  block_size: int,
+  damp: float,
+  matrices: tuple[str, ...] = linears.LINEAR_NAMES,
+  batch_size: int = 8,
+) -> dict[tuple[int, str], jax.Array]:
+  """Diagonal ``k x k`` blocks of every selected matrix's input second moment.
+
+  The weighting of ``Learned(loss='input')``: ``E[x xᵀ]`` on ``tokens`` through the
+  fp model (``input_second_moments``), scaled to mean diagonal 1 plus ``damp`` on
+  the diagonal (``core.stats.diagonal_blocks``).
+
+  Returns:
+    ``(layer, name) -> (d_in // block_size, block_size, block_size)`` float32.
+  """
+  moments = input_second_moments(params, cfg, tokens, batch_size=batch_size, matrices=matrices)
+  out = {}
+  for n, h in moments.items():
+    blocks = stats.diagonal_blocks(h, block_size, damp=damp)
+    out.update({(l, n): blocks[l] for l in range(blocks.shape[0])})
+  return out

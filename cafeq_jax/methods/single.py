@@ -75,10 +75,12 @@ def _unit_key(key: jax.Array, names: tuple[str, ...], layer: int) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(key, layer), linears.LINEAR_NAMES.index(names[0]))
 
 
-def _fingerprint(unit, w, spec, cfg, key, units) -> dict:
+def _fingerprint(unit, w, spec, cfg, key, units, sigma=None) -> dict:
   """What a checkpointed unit optimises (``RunOptions.loop``): refuse foreign resumes."""
   w = jnp.asarray(w, jnp.float32)
   sums = jax.device_get((jnp.sum(w), jnp.sum(jnp.abs(w))))
+  if sigma is not None:
+    sums += jax.device_get((jnp.sum(sigma), jnp.sum(jnp.abs(sigma))))
   key_data = key if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.key_data(key)
   return {
     'unit': unit,
@@ -101,6 +103,7 @@ def transforms_for(
   run: run_options.RunOptions | None = None,
   layer_offset: int = 0,
   progress: bool = False,
+  sigma: Mapping[Key, jax.Array] | None = None,
 ) -> tuple[dict[Key, tuple[jax.Array, jax.Array]], dict[Key, float], dict[str, float]]:
   """Block-diagonal transforms ``(M, M⁻¹)`` for the given matrices.
 
@@ -121,6 +124,9 @@ def transforms_for(
     layer_offset: model index of layer 0 of ``mats`` (a chunk of layers): keys
       and checkpoint names use model layer indices.
     progress: progress bars of the optimisation.
+    sigma: for ``Learned(loss='input')``, ``(layer, name) -> (nb, k, k)`` diagonal
+      blocks of the input second moment of every matrix (a shared unit uses its
+      first matrix's: they read one input).
 
   Returns:
     ``(blocks, init_losses, timings)``: ``(layer, name) -> (M, M⁻¹)`` blocks
@@ -129,6 +135,9 @@ def transforms_for(
   """
   run = run_options.RunOptions() if run is None else run
   learn = isinstance(stage, recipes.Learned)
+  weighted = learn and stage.loss == recipes.TransformLoss.INPUT
+  if weighted and sigma is None:
+    raise ValueError("Learned(loss='input') needs sigma (input second-moment blocks).")
   by_shape = unit_stacks({n: tuple(m.shape[-2:]) for n, m in mats.items()}, layers, stage.share)
   if learn:  # every stack checked against the mesh before any work
     run.validate([(len(e), *shape) for shape, e in by_shape.items()], spec, stage.block_size)
@@ -151,11 +160,19 @@ def transforms_for(
       k = _shape_key(key, shape)
       unit = 'single_' + 'x'.join(map(str, shape))
       glob = [(names, layer + layer_offset) for names, layer in entries]
+      s = jnp.stack([sigma[(layer, names[0])] for names, layer in entries]) if weighted else None
       fingerprint = (
-        _fingerprint(unit, w, spec, cfg, key, glob) if run.checkpoint_dir is not None else None
+        _fingerprint(unit, w, spec, cfg, key, glob, s) if run.checkpoint_dir is not None else None
       )
       best, state = optimize.run(
-        w, spec, cfg, k, progress=progress, loop=run.loop(unit, fingerprint), unit_keys=unit_keys
+        w,
+        spec,
+        cfg,
+        k,
+        progress=progress,
+        loop=run.loop(unit, fingerprint),
+        unit_keys=unit_keys,
+        sigma=s,
       )
       m, m_inv = jax.jit(lambda t: t.matrix_and_inverse())(best)
       init = np.asarray(state.init_loss)

@@ -6,10 +6,16 @@ python -m experiments.transform_study --config.variants=rtn,dense --config.texts
 ``VARIANTS`` names each row's changes to the ``cafeq-single`` preset's
 ``TransformConfig``; every row quantizes all linears of the model with
 ``cafeq-single`` (learned online transforms on the Frobenius proxy, RTN rounding;
-reads no data) under that transform, except ``rtn`` (no transform).
+reads no data) under that transform, except ``rtn`` (no transform). ``RECIPES``
+names whole recipes (the self-generated ones with a learned transform stage);
+``experiments/configs/selfgen_study.py`` runs those with three seeds.
 """
 
+import dataclasses
+
 import ml_collections
+
+from cafeq_jax import recipes
 
 # Rows of the ablation: name -> fields changed from the cafeq-single preset's
 # TransformConfig (dense blocks from the identity, Adam, peak lr 2e-2 with cosine
@@ -39,6 +45,39 @@ VARIANTS = {
 }
 
 
+# Whole recipes (the quantizer is the study's column): the learned transform as a
+# stage of the self-generated recipes (issue 13, item 4), against today's fixed
+# Hadamard. Names not in VARIANTS.
+_SG = recipes.PRESETS['cafeq-sg']
+_LEARNED_CFG = recipes.PRESETS['cafeq-single'].transform.config
+
+
+def _learned(loss: str, **fields) -> recipes.Learned:
+  return recipes.Learned(config=dataclasses.replace(_LEARNED_CFG, **fields), share=True, loss=loss)
+
+
+RECIPES = {
+  'cafeq-sg': _SG,
+  'cafeq': recipes.PRESETS['cafeq'],
+  # cafeq-sg with the Hadamard replaced by a transform learned on the Frobenius
+  # proxy (reads nothing more) ...
+  'sg-learned': _SG.replace(name='sg-learned', transform=_learned('frobenius')),
+  # ... or on the loss weighted by the self-generated Σ's diagonal blocks.
+  'sg-learned-input': _SG.replace(name='sg-learned-input', transform=_learned('input')),
+  'sg-learned-input-hadamard': _SG.replace(
+    name='sg-learned-input-hadamard', transform=_learned('input', init='hadamard')
+  ),
+  # A third of the steps (quantize time).
+  'sg-learned-50': _SG.replace(name='sg-learned-50', transform=_learned('frobenius', steps=50)),
+  # With the pair transforms folded first.
+  'cafeq-learned': recipes.PRESETS['cafeq'].replace(
+    name='cafeq-learned', pairs=recipes.PairTransforms()
+  ),
+  # The cafeq preset of earlier releases: pairs folded first, then as cafeq-sg.
+  'cafeq-pairs-sg': recipes.PRESETS['cafeq-pairs-sg'],
+}
+
+
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = 'smollm2_135m'
@@ -48,7 +87,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_num_seqs = 8
   c.eval_seq_len = 512
   c.eval_batch_size = 2
-  c.seed = 0
+  c.seed = 0  # the seed of rows named without '@'
+  c.seeds = ''  # more seeds: every row is also run as '<row>@<seed>' (mean ± std)
   # A matrix name (q, k, v, o, gate, up, down): optimise only that matrix of every
   # layer and record the proxy and time, no perplexity (quick optimiser studies).
   c.matrix = ''

@@ -25,8 +25,9 @@ def _outlier_stack(seed=0, b=2, d_in=64, d_out=32):
   return w.at[:, 5, :].mul(15.0).at[:, 40, :].mul(8.0)  # outlier input rows
 
 
-def _dense_loss_numpy(w, m, m_inv):
-  """Σ_b ||W_b - M_b⁻¹ Q(M_b W_b)||² with dense numpy block-diagonal matrices."""
+def _dense_loss_numpy(w, m, m_inv, sigma=None):
+  """Σ_b ||W_b - M_b⁻¹ Q(M_b W_b)||² (or tr(Eᵀ Σ_b E) with ``sigma`` ``(B, 64, 64)``)
+  with dense numpy block-diagonal matrices."""
   out = []
   for b in range(w.shape[0]):
     dm = np.zeros((64, 64))
@@ -35,7 +36,8 @@ def _dense_loss_numpy(w, m, m_inv):
       dm[32 * i : 32 * i + 32, 32 * i : 32 * i + 32] = m[b, i]
       di[32 * i : 32 * i + 32, 32 * i : 32 * i + 32] = m_inv[b, i]
     v_hat = quantizer.quant_dequant(jnp.asarray(dm @ np.asarray(w[b]), jnp.float32), SPEC)
-    out.append(((np.asarray(w[b]) - di @ np.asarray(v_hat, np.float64)) ** 2).sum())
+    e = np.asarray(w[b]) - di @ np.asarray(v_hat, np.float64)
+    out.append((e**2).sum() if sigma is None else np.trace(e.T @ sigma[b] @ e))
   return np.asarray(out)
 
 
@@ -219,3 +221,54 @@ def test_rotation_only_options_are_refused_for_free_blocks():
     optimize.TransformConfig(parameterization='dense', right_scales=True)
   with pytest.raises(ValueError, match='expected one of'):
     optimize.TransformConfig(parameterization='qr')
+
+
+def _anisotropic_sigma(seed, b=2, d=64, k=32):
+  """Block-diagonal SPD input second moments with a few dominant channels:
+  ``(blocks (b, d // k, k, k), dense (b, d, d))``."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(b, 256, d)) * np.where(np.arange(d) % 9 == 0, 10.0, 1.0)
+  full = np.einsum('bni,bnj->bij', x, x) / 256
+  blocks = np.stack(
+    [[full[i, j * k : (j + 1) * k, j * k : (j + 1) * k] for j in range(d // k)] for i in range(b)]
+  )
+  dense = np.zeros_like(full)
+  for j in range(d // k):
+    dense[:, j * k : (j + 1) * k, j * k : (j + 1) * k] = blocks[:, j]
+  return blocks, dense
+
+
+def test_input_weighted_loss_matches_numpy_and_its_optimum_beats_the_frobenius_one():
+  w = _outlier_stack(seed=3)
+  blocks, dense = _anisotropic_sigma(0)
+  cfg = dataclasses.replace(CFG, parameterization='dense')
+  best, state = optimize.run(w, SPEC, cfg, jax.random.PRNGKey(0), sigma=blocks)
+  m, m_inv = (np.asarray(a, np.float64) for a in best.matrix_and_inverse())
+  weighted = _dense_loss_numpy(w, m, m_inv, dense)  # independent of the loss code
+  np.testing.assert_allclose(weighted, np.asarray(state.best_loss), rtol=1e-3)
+  eye = np.broadcast_to(np.eye(32), (2, 2, 32, 32))
+  rtn = _dense_loss_numpy(w, eye, eye, dense)
+  np.testing.assert_allclose(np.asarray(state.rtn_loss), rtn, rtol=1e-4)
+  assert np.all(weighted < 0.8 * rtn)
+  # The Frobenius-trained transform is worse on the weighted objective it ignores.
+  frob, _ = optimize.run(w, SPEC, cfg, jax.random.PRNGKey(0))
+  fm, fm_inv = (np.asarray(a, np.float64) for a in frob.matrix_and_inverse())
+  assert np.all(weighted < _dense_loss_numpy(w, fm, fm_inv, dense))
+  again, _ = optimize.run(w, SPEC, cfg, jax.random.PRNGKey(0), sigma=blocks)
+  for x, y in zip(jax.tree.leaves(best), jax.tree.leaves(again)):  # deterministic
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_identity_sigma_is_the_frobenius_loss_and_bad_sigma_is_refused():
+  w = _outlier_stack(seed=4)
+  t = optimize.init_state(w, SPEC, CFG_H, jax.random.PRNGKey(0)).transform
+  eye = jnp.broadcast_to(jnp.eye(32), (2, 2, 32, 32))
+  np.testing.assert_allclose(
+    np.asarray(optimize.stack_loss(t, w, SPEC, ste=False, sigma=eye)),
+    np.asarray(optimize.stack_loss(t, w, SPEC, ste=False)),
+    rtol=1e-5,
+  )
+  with pytest.raises(ValueError, match=r'sigma must be \(B=2, nb, k, k\)'):
+    optimize.run(w, SPEC, CFG, jax.random.PRNGKey(0), sigma=eye[:, :, :16, :16])
+  with pytest.raises(ValueError, match='NaN or inf'):
+    optimize.run(w, SPEC, CFG, jax.random.PRNGKey(0), sigma=eye.at[0, 0, 0, 0].set(jnp.nan))

@@ -20,6 +20,20 @@ def test_second_moment_matches_numpy_mean_outer_product():
   np.testing.assert_allclose(stats.second_moment(x), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_diagonal_blocks_are_the_trace_normalised_damped_blocks():
+  x = _rng(3).normal(size=(2, 50, 12))
+  h = np.einsum('bni,bnj->bij', x, x)
+  out = np.asarray(stats.diagonal_blocks(jnp.asarray(h), 4, damp=0.1))
+  assert out.shape == (2, 3, 4, 4)
+  for b in range(2):
+    ref = h[b] * 12 / np.trace(h[b]) + 0.1 * np.eye(12)
+    for j in range(3):
+      np.testing.assert_allclose(out[b, j], ref[4 * j : 4 * j + 4, 4 * j : 4 * j + 4], rtol=1e-5)
+  assert np.asarray(stats.diagonal_blocks(jnp.asarray(h[0]), 6)).shape == (2, 6, 6)
+  with pytest.raises(ValueError, match='block_size=5 must divide d=12'):
+    stats.diagonal_blocks(jnp.asarray(h), 5)
+
+
 def test_second_moment_rejects_empty_input():
   with pytest.raises(ValueError, match='no samples'):
     stats.second_moment(np.zeros((0, 3), np.float32))

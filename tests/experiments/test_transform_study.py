@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
+from cafeq_jax import recipes
 from experiments import transform_study
 from experiments.configs import transform_study as study_config
 
@@ -57,3 +59,32 @@ def test_proxy_only_mode_optimises_one_matrix_and_skips_rtn(tmp_path):
   assert list(rows) == ['cafeq-single', 'lu']
   assert all(0 < r['proxy_ratio'] < 1 for r in rows.values())
   assert 'rows' not in results or not results['rows']  # no perplexity rows
+
+
+def test_whole_recipe_rows_run_with_extra_seeds_and_the_table_gives_mean_and_std(
+  tmp_path, monkeypatch
+):
+  small = study_config.RECIPES['sg-learned-input']
+  small = recipes.override(
+    small,
+    {'statistics.num_seqs': 4, 'statistics.seq_len': 16, 'transform.steps': 10},
+  )
+  monkeypatch.setitem(study_config.RECIPES, 'sg-learned-input', small)
+  c = _config(tmp_path)
+  c.variants = 'rtn,sg-learned-input'
+  c.seeds = '1'
+  results = transform_study.run(c)
+  rows = results['rows']
+  assert list(rows) == ['rtn', 'sg-learned-input', 'sg-learned-input@1']
+  assert [rows[v]['seed'] for v in rows] == [0, 0, 1]
+  assert rows['sg-learned-input']['ppl_pydoc'] != rows['sg-learned-input@1']['ppl_pydoc']
+  for v in ('sg-learned-input', 'sg-learned-input@1'):
+    assert 0 < rows[v]['layer_loss_ratio'] < 1  # GPTQ under the transform beats RTN
+    assert rows[v]['timings']['input_statistics'] > 0
+  table = open(os.path.join(tmp_path, 'table.md')).read()
+  line = next(x for x in table.splitlines() if x.startswith('| sg-learned-input |'))
+  ppl = [rows[v]['ppl_pydoc'] for v in ('sg-learned-input', 'sg-learned-input@1')]
+  assert '| 2 |' in line and f'{np.mean(ppl):.2f} ± {np.std(ppl, ddof=1):.2f}' in line
+  c.seeds = '0'
+  with pytest.raises(ValueError, match='repeats config.seed=0'):
+    transform_study.run(c)

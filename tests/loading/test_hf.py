@@ -239,3 +239,30 @@ def test_default_transformers_gemma2_config_is_our_gemma2_2b_preset():
 
   ours = hf.config_from_hf(transformers.Gemma2Config().to_dict())
   assert ours == config_lib.get_config('gemma2_2b')
+
+
+@pytest.mark.parametrize('preset', ['cafeq-single', 'cafeq-paper', 'cafeq-sg', 'cafeq'])
+def test_every_kind_of_preset_exports_to_transformers_with_its_quantized_logits(tmp_path, preset):
+  """``--config.export_hf`` of a preset carries its quality: transformers, reading the
+  exported effective weights, computes our quantized forward (online transforms, pair
+  transforms, adaptive and sequential rounding; cheap settings)."""
+  from cafeq_jax import methods  # pylint: disable=g-import-not-at-top
+  from cafeq_jax import recipes  # pylint: disable=g-import-not-at-top
+
+  model = tiny_llama()
+  params, cfg = _ours(model)
+  fields = {
+    'transform.block_size': 16,
+    'transform.steps': 5,
+    'pairs.steps': 5,
+    'statistics.num_seqs': 2,
+    'statistics.seq_len': 8,
+  }
+  recipe = recipes.override(recipes.get(preset, bits=3, group_size=32), fields, strict=False)
+  qparams, _ = methods.quantize(params, cfg, recipe, jax.random.PRNGKey(0))
+  out = hf.save_hf(qparams, cfg, tmp_path / preset)
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  tokens = _tokens(1, 10, cfg.vocab_size, seed=5)
+  ours_q = np.asarray(decoder.forward(qparams, cfg, jnp.asarray(tokens)))
+  np.testing.assert_allclose(_hf_logits(loaded, tokens), ours_q, atol=ATOL, rtol=0)
+  assert np.abs(ours_q - np.asarray(decoder.forward(params, cfg, jnp.asarray(tokens)))).max() > 1e-3

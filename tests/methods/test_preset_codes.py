@@ -66,7 +66,7 @@ def test_record_covers_every_case_the_generator_makes():
     for name in recipes.names()
   ]
   assert sorted(record) == sorted(names)
-  assert sum(c.startswith(DEFAULT_PREFIX) for c in record) == len(recipes.PRESETS) == 12
+  assert sum(c.startswith(DEFAULT_PREFIX) for c in record) == len(recipes.PRESETS) == 13
 
 
 def _mismatch_message(case, got, want) -> str:

@@ -261,3 +261,19 @@ def test_cafeq_sg_statistics_are_self_generated_deterministic_and_beat_rtn(tiny)
   want = np.sum((x @ (w - w_hat)) ** 2)
   assert extra['layer_loss']['q'][0] == pytest.approx(want, rel=1e-3)
   assert_runs_as_its_effective_weights(qp1, params, cfg, tokens)
+
+
+def test_uniform_first_tokens_start_each_sequence_at_a_random_id(tiny):
+  cfg, params, _ = tiny
+  stage = recipes.SelfGenerated(num_seqs=16, seq_len=5, first='uniform')
+  toks = selfgen.sample_tokens(params, cfg, stage, jax.random.PRNGKey(3))
+  again = selfgen.sample_tokens(params, cfg, stage, jax.random.PRNGKey(3))
+  np.testing.assert_array_equal(toks, again)
+  assert toks.shape == (16, 5) and len(set(toks[:, 0].tolist())) > 8
+  assert toks.min() >= 0 and toks.max() < cfg.vocab_size
+  fixed = selfgen.sample_tokens(
+    params, cfg, recipes.SelfGenerated(num_seqs=16, seq_len=5), jax.random.PRNGKey(3)
+  )
+  assert np.all(fixed[:, 0] == 0)
+  with pytest.raises(ValueError, match="statistics.first='random' is not supported"):
+    recipes.SelfGenerated(first='random')

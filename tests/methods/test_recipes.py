@@ -94,6 +94,20 @@ def test_pair_adaptive_rounding_without_pairs_is_refused():
   assert ok.statistics is None and not ok.sequential
 
 
+def test_input_weighted_transforms_need_the_roundings_token_statistics():
+  with pytest.raises(ValueError, match=r"Learned\(loss='input'\) weights .* needs rounding=GPTQ"):
+    R.Recipe(transform=R.Learned(loss='input'))
+  with pytest.raises(ValueError, match=r"Learned\(loss='input'\)"):
+    R.Recipe(transform=R.Learned(loss='input'), rounding=R.GPTQ())  # Frobenius: no tokens
+  with pytest.raises(ValueError, match="transform.loss='sigma' is not supported"):
+    R.Learned(loss='sigma')
+  sg = R.GPTQ(statistics=R.SelfGenerated())
+  r = R.Recipe(transform=R.Learned(loss='input', share=True), rounding=sg)
+  assert r.transform.loss is R.TransformLoss.INPUT and r.sequential
+  assert R.Recipe.from_dict(r.to_dict()) == r
+  assert R.Recipe(transform=R.Learned(), rounding=sg).transform.loss == 'frobenius'
+
+
 def test_hadamard_refuses_every_non_power_of_two_block_size():
   for k in (3, 6, 12, 24, 48, 96):
     with pytest.raises(ValueError, match=f'power-of-two block_size; got {k}'):
@@ -186,7 +200,7 @@ def test_get_sets_the_quantizer_and_overrides_reach_nested_core_configs():
   assert t.columns_per_step == 256  # the preset's own value is kept
   assert r.transform.block_size == 32
   p = R.get(
-    'cafeq',
+    'cafeq-pairs-sg',
     pairs__steps=3,
     pairs__loss='product',
     pairs__kinds=('vo',),
@@ -269,7 +283,7 @@ def test_overrides_of_one_stage_are_applied_together_whatever_their_order():
 def test_unknown_override_fields_are_errors_even_when_not_strict(key, match):
   for strict in (True, False):
     with pytest.raises(ValueError, match=match):
-      R.override(R.PRESETS['cafeq'], {key: 1}, strict=strict)
+      R.override(R.PRESETS['cafeq-pairs-sg'], {key: 1}, strict=strict)
 
 
 @pytest.mark.parametrize(
@@ -325,8 +339,8 @@ def test_every_preset_round_trips_through_json_dicts(name):
 
 
 def test_to_dict_names_each_stage_type_and_plain_values():
-  d = R.PRESETS['cafeq'].to_dict()
-  assert d['type'] == 'Recipe' and d['name'] == 'cafeq'
+  d = R.PRESETS['cafeq-pairs-sg'].to_dict()
+  assert d['type'] == 'Recipe' and d['name'] == 'cafeq-pairs-sg'
   assert d['pairs']['type'] == 'PairTransforms' and d['pairs']['kinds'] == ['vo', 'qk', 'updown']
   assert d['pairs']['opt'] == {
     'type': 'PairOptConfig',
@@ -397,11 +411,15 @@ def test_presets_have_the_stages_their_docstring_entries_name():
   paper = p['cafeq-paper']  # the paper's data-free recipe: nothing self-generated
   assert paper.pairs.kinds == ('vo',) and isinstance(paper.rounding, R.PairAdaptive)
   assert paper.transform == p['cafeq-single'].transform and paper.statistics is None
-  for name in ('cafeq-sg', 'cafeq-sg-rounding', 'cafeq'):
+  for name in ('cafeq-sg', 'cafeq-sg-rounding', 'cafeq-pairs-sg', 'cafeq'):
     assert p[name].rounding == R.GPTQ(statistics=R.SelfGenerated(), act_order=True), name
   assert p['cafeq-sg'].transform == R.Hadamard(block_size=64, share=True)
   assert p['cafeq-sg-rounding'].transform is None and p['cafeq-sg-rounding'].pairs is None
-  assert p['cafeq'].pairs == R.PairTransforms() and p['cafeq'].transform == p['cafeq-sg'].transform
+  old = p['cafeq-pairs-sg']  # the cafeq of earlier releases
+  assert old.pairs == R.PairTransforms() and old.transform == p['cafeq-sg'].transform
+  assert p['cafeq'].pairs is None  # the best data-free recipe
+  assert p['cafeq'].transform == R.Learned(config=p['cafeq-single'].transform.config, share=True)
+  assert p['cafeq'].transform.loss == 'frobenius'
   assert p['gptq'].statistics == R.Calibration(source='in-domain')
   assert p['gptq-offdomain'].statistics == R.Calibration(source='code')
   assert p['gptq-selfgen'].rounding == R.GPTQ(statistics=R.SelfGenerated())  # natural order
