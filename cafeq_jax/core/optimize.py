@@ -288,13 +288,10 @@ def stack_loss(
   return jnp.sum(jnp.square(e * inv_row), axis=(1, 2, 3))
 
 
-def rtn_stack_loss(
-  w: jax.Array, spec: quantizer.QuantSpec, sigma: jax.Array | None = None
-) -> jax.Array:
-  """``Σ_t tr(E_tᵀ Σ E_t)`` of plain RTN (``E = W - Q(W)``, ``Σ = I`` for None): ``(B,)``."""
+def weighted_rtn_loss(w: jax.Array, spec: quantizer.QuantSpec, sigma: jax.Array) -> jax.Array:
+  """``Σ_t tr(E_tᵀ Σ E_t)`` of plain RTN (``E = W - Q(W)``, ``sigma`` as in
+  ``stack_loss``): ``(B,)``. (The Frobenius normaliser is ``proxy.rtn_loss``.)"""
   w4 = _as_stack(jnp.asarray(w, jnp.float32))
-  if sigma is None:
-    return proxy.rtn_loss(w4, spec).sum(axis=1)
   return _weighted_square(quantizer.quant_dequant(w4, spec) - w4, sigma)
 
 
@@ -320,7 +317,7 @@ def _check_sigma(sigma: jax.Array | None, w4: jax.Array) -> jax.Array | None:
 
 _stack_loss_jit = jax.jit(stack_loss, static_argnames=('spec', 'ste'))
 _rtn_loss_jit = jax.jit(proxy.rtn_loss, static_argnames=('spec',))
-_rtn_stack_loss_jit = jax.jit(rtn_stack_loss, static_argnames=('spec',))
+_weighted_rtn_loss_jit = jax.jit(weighted_rtn_loss, static_argnames=('spec',))
 
 
 def _check(w: jax.Array, spec: quantizer.QuantSpec, config: TransformConfig):
@@ -371,10 +368,10 @@ def init_state(
     transform = jax.vmap(lambda k: init(k, batch_shape=()))(unit_keys)
   opt_state = make_optimizer(config).init(transform.trainable())
   init_loss = _stack_loss_jit(transform, w4, spec, sigma=sigma)
-  if sigma is None:  # the Frobenius normaliser as first released (same bits)
+  if sigma is None:  # summed outside the jit, as first released: same bits, same codes
     rtn = _rtn_loss_jit(w4, spec).sum(axis=1)
   else:
-    rtn = _rtn_stack_loss_jit(w4, spec, sigma)
+    rtn = _weighted_rtn_loss_jit(w4, spec, sigma)
   return TransformOptState(
     transform=transform,
     opt_state=opt_state,
@@ -582,7 +579,7 @@ def run(
     ``state.rtn_loss`` hold ``(B,)`` losses).
   """
   w4 = jnp.asarray(_check(w, spec, config), jnp.float32)
-  sigma = _check_sigma(sigma, w4)
+  sigma = None if sigma is None else jnp.asarray(sigma, jnp.float32)  # checked by init_state
   state = init_state(w4, spec, config, key, unit_keys=unit_keys, sigma=sigma)
   state = state.replace(key=_typed_key(state.key))
   args = (w4,) if sigma is None else (w4, sigma)

@@ -234,7 +234,10 @@ def run_recipe(
     else:
       tokens = calib_tokens
   sigma = None
-  if isinstance(recipe.transform, recipes.Learned) and recipe.transform.loss == 'input':
+  if (
+    isinstance(recipe.transform, recipes.Learned)
+    and recipe.transform.loss == recipes.TransformLoss.INPUT
+  ):
     t0 = time.perf_counter()
     sigma = sequential.input_moment_blocks(
       params,
