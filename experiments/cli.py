@@ -1,8 +1,14 @@
-"""Parsing of comma-separated config fields shared by the launchers."""
+"""What the launchers share: parsing of comma-separated config fields, the absl main."""
 
 from __future__ import annotations
 
 from typing import Any
+from typing import Callable
+
+from absl import app
+from ml_collections import config_flags
+
+from cafeq_jax.distributed import log_processes
 
 
 def split_names(s: Any) -> list[str]:
@@ -18,3 +24,20 @@ def split_ints(s: Any, field: str) -> list[int]:
     return [int(x) for x in split_names(s)]
   except ValueError:
     raise ValueError(f'config.{field}={s!r} must be comma-separated integers.') from None
+
+
+def launch(run: Callable[[Any], Any], default_config: str) -> None:
+  """Runs a launcher as a program: ``--config`` (default ``default_config``, a
+  config file), the JAX processes logged, then ``run(config)``.
+
+  The flag is defined here, when the launcher runs, not at import: tests,
+  notebooks and other launchers import launchers that each have a ``--config``.
+  """
+  flag = config_flags.DEFINE_config_file('config', default_config, 'path to config file.')
+
+  def main(argv: list[str]) -> None:
+    del argv
+    log_processes()
+    run(flag.value)
+
+  app.run(main)

@@ -16,15 +16,12 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app
 from absl import logging
 import jax
-from ml_collections import config_flags
 
 import cafeq_jax
 from cafeq_jax import atomic
 from cafeq_jax import eval as eval_lib
-from cafeq_jax.distributed import log_processes
 from cafeq_jax.eval import data as eval_data
 from cafeq_jax.ggml import mixes
 from cafeq_jax.loading import gguf as gguf_lib
@@ -34,9 +31,7 @@ from experiments import cli
 from experiments import quantize_lib
 from experiments.configs import quantize as quantize_config
 
-_CONFIG = config_flags.DEFINE_config_file(
-  'config', os.path.join(os.path.dirname(__file__), 'configs', 'gguf_table.py')
-)
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'gguf_table.py')
 
 
 def _ours(params, cfg, mix: str, method: str, path: str, seed: int) -> float:
@@ -136,11 +131,5 @@ def format_table(results: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def main(argv):
-  del argv
-  log_processes()
-  run(_CONFIG.value)
-
-
 if __name__ == '__main__':
-  app.run(main)
+  cli.launch(run, _DEFAULT_CONFIG)

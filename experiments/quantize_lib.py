@@ -198,11 +198,12 @@ def calibration_tokens(stage: recipes.Calibration, model: LoadedModel, config) -
 
 
 def _flat(d: dict, prefix: str = '') -> dict[str, Any]:
+  """Nested options -> ``{'slot.field': value}``, leaving out unset (None) ones."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
       out.update(_flat(v, f'{prefix}{k}.'))
-    else:
+    elif v is not None:
       out[f'{prefix}{k}'] = v
   return out
 
@@ -210,9 +211,10 @@ def _flat(d: dict, prefix: str = '') -> dict[str, Any]:
 def recipe_for(name: str, spec: specs_lib.Spec, config) -> recipes.Recipe:
   """The recipe of a table row: the preset ``name`` with the job's quantizer and options.
 
-  ``config.cafeq`` (stage fields, e.g. ``transform.steps``) applies to every CafeQ
-  recipe (names starting with 'cafeq') where the stage has that field; the
-  self-generation and calibration sizes to every recipe with such statistics.
+  Each *set* field of ``config.cafeq`` (stage fields, e.g. ``transform.steps``;
+  unset ones are None) applies to every CafeQ recipe (names starting with 'cafeq')
+  whose stage has that field, and every other field keeps the preset's value; the
+  self-generation and calibration sizes apply to every recipe with such statistics.
   """
   recipe = recipes.get(name, spec=spec)
   if name.startswith('cafeq'):

@@ -26,11 +26,9 @@ import json
 import os
 import time
 
-from absl import app
 from absl import logging
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 
 import cafeq_jax
@@ -39,16 +37,13 @@ from cafeq_jax import eval as eval_lib
 from cafeq_jax import quantizer
 from cafeq_jax import recipes
 from cafeq_jax.core import transforms
-from cafeq_jax.distributed import log_processes
 from cafeq_jax.eval import data as eval_data
 from cafeq_jax.models import QuantizedLinear
 from experiments import cli
 from experiments import quantize_lib
 from experiments.configs import transform_study as study_config
 
-_CONFIG = config_flags.DEFINE_config_file(
-  'config', os.path.join(os.path.dirname(__file__), 'configs', 'transform_study.py')
-)
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'transform_study.py')
 MATRICES = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 
 
@@ -265,11 +260,5 @@ def format_table(results: dict, variants: list[str], texts: list[str]) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def main(argv):
-  del argv
-  log_processes()
-  run(_CONFIG.value)
-
-
 if __name__ == '__main__':
-  app.run(main)
+  cli.launch(run, _DEFAULT_CONFIG)

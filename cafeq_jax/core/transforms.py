@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import enum
 import functools
+import math
+from typing import ClassVar
 
 import flax.struct
 import jax
@@ -151,8 +153,33 @@ def expm_skew(a: jax.Array) -> jax.Array:
   return out
 
 
+class _LearnedBlocks:
+  """What the learned transforms share: block shape and the trainable parameters.
+
+  A subclass names its trainable fields (``_TRAINABLE``) and one field of shape
+  ``(..., nb, k, k)`` (``_BLOCKS``).
+  """
+
+  _TRAINABLE: ClassVar[tuple[str, ...]]
+  _BLOCKS: ClassVar[str]
+
+  @property
+  def block_size(self) -> int:
+    return getattr(self, self._BLOCKS).shape[-1]
+
+  @property
+  def num_blocks(self) -> int:
+    return getattr(self, self._BLOCKS).shape[-3]
+
+  def trainable(self) -> dict[str, jax.Array]:
+    return {n: getattr(self, n) for n in self._TRAINABLE}
+
+  def with_trainable(self, p: dict[str, jax.Array]):
+    return self.replace(**{n: p[n] for n in self._TRAINABLE})
+
+
 @flax.struct.dataclass
-class BlockTransform:
+class BlockTransform(_LearnedBlocks):
   """Learnable block-diagonal transform (see module docstring).
 
   Attributes:
@@ -172,20 +199,8 @@ class BlockTransform:
   base: jax.Array
   log_scale_bound: float = flax.struct.field(pytree_node=False, default=0.5)
   right_scales: bool = flax.struct.field(pytree_node=False, default=True)
-
-  @property
-  def block_size(self) -> int:
-    return self.skew.shape[-1]
-
-  @property
-  def num_blocks(self) -> int:
-    return self.skew.shape[-3]
-
-  def trainable(self) -> dict[str, jax.Array]:
-    return {'skew': self.skew, 'log_row': self.log_row, 'log_col': self.log_col}
-
-  def with_trainable(self, p: dict[str, jax.Array]) -> BlockTransform:
-    return self.replace(skew=p['skew'], log_row=p['log_row'], log_col=p['log_col'])
+  _TRAINABLE: ClassVar[tuple[str, ...]] = ('skew', 'log_row', 'log_col')
+  _BLOCKS: ClassVar[str] = 'skew'
 
   def _parts(self):
     c = self.log_scale_bound
@@ -224,6 +239,13 @@ class BlockTransform:
     return float(np.exp((4.0 if self.right_scales else 2.0) * self.log_scale_bound))
 
 
+# Matrices eliminated together by gauss_jordan_inverse: a chunk's (64, k, 2k) float32
+# working array (2 MB at k = 64) stays in cache over the k elimination steps, where
+# the whole stack would be streamed from memory k times (about 2x faster on CPU for
+# SmolLM2's 540-block stacks; the arithmetic, hence every bit, is unchanged).
+_GJ_CHUNK = 64
+
+
 def gauss_jordan_inverse(m: jax.Array) -> jax.Array:
   """Inverse of ``m`` ``(..., n, n)`` by Gauss-Jordan elimination with partial pivoting.
 
@@ -232,8 +254,19 @@ def gauss_jordan_inverse(m: jax.Array) -> jax.Array:
   pool and wait for it; inside a jitted optimisation two such calls can run
   concurrently and, with as many pool threads as calls (2-core machines), each
   waits on work the other's thread should run: a deadlock (seen with jaxlib 0.10
-  on 30-matrix stacks).
+  on 30-matrix stacks). Stacks of more than ``_GJ_CHUNK`` matrices are eliminated
+  in chunks of that many (``lax.map``), each chunk's elimination in cache.
   """
+  *lead, n, _ = m.shape
+  count = math.prod(lead)
+  if count > _GJ_CHUNK:
+    flat = m.reshape(count, n, n)
+    return jax.lax.map(_gauss_jordan, flat, batch_size=_GJ_CHUNK).reshape(m.shape)
+  return _gauss_jordan(m)
+
+
+def _gauss_jordan(m: jax.Array) -> jax.Array:
+  """``gauss_jordan_inverse`` of a whole stack at once."""
   n = m.shape[-1]
   a = jnp.concatenate([m, jnp.broadcast_to(jnp.eye(n, dtype=m.dtype), m.shape)], axis=-1)
   idx = jnp.arange(n)
@@ -277,7 +310,7 @@ def condition_numbers(blocks: jax.Array) -> jax.Array:
 
 
 @flax.struct.dataclass
-class DenseTransform:
+class DenseTransform(_LearnedBlocks):
   """Free block-diagonal transform: ``M_b = B_b``, trained from ``B = R0``.
 
   The paper's relaxation (no orthogonality, no scale bound): the largest set of
@@ -291,20 +324,8 @@ class DenseTransform:
   """
 
   blocks: jax.Array
-
-  @property
-  def block_size(self) -> int:
-    return self.blocks.shape[-1]
-
-  @property
-  def num_blocks(self) -> int:
-    return self.blocks.shape[-3]
-
-  def trainable(self) -> dict[str, jax.Array]:
-    return {'blocks': self.blocks}
-
-  def with_trainable(self, p: dict[str, jax.Array]) -> DenseTransform:
-    return self.replace(blocks=p['blocks'])
+  _TRAINABLE: ClassVar[tuple[str, ...]] = ('blocks',)
+  _BLOCKS: ClassVar[str] = 'blocks'
 
   def matrix(self) -> jax.Array:
     return self.blocks
@@ -317,7 +338,7 @@ class DenseTransform:
 
 
 @flax.struct.dataclass
-class LUTransform:
+class LUTransform(_LearnedBlocks):
   """``M_b = L U R0``: ``L`` unit lower triangular, ``U`` upper triangular with
   diagonal ``e^u`` (``det M_b = e^{Σu} ≠ 0``: invertible for every parameter).
 
@@ -337,20 +358,8 @@ class LUTransform:
   upper: jax.Array
   log_diag: jax.Array
   base: jax.Array
-
-  @property
-  def block_size(self) -> int:
-    return self.base.shape[-1]
-
-  @property
-  def num_blocks(self) -> int:
-    return self.base.shape[-3]
-
-  def trainable(self) -> dict[str, jax.Array]:
-    return {'lower': self.lower, 'upper': self.upper, 'log_diag': self.log_diag}
-
-  def with_trainable(self, p: dict[str, jax.Array]) -> LUTransform:
-    return self.replace(lower=p['lower'], upper=p['upper'], log_diag=p['log_diag'])
+  _TRAINABLE: ClassVar[tuple[str, ...]] = ('lower', 'upper', 'log_diag')
+  _BLOCKS: ClassVar[str] = 'base'
 
   def _factors(self):
     k = self.block_size

@@ -5,40 +5,42 @@ python -m experiments.quantize --config.columns=w4g128 --config.methods=rtn,cafe
 """
 
 import ml_collections
-
-from cafeq_jax import recipes
+from ml_collections import config_dict
 
 # Stage fields of the CafeQ recipes that the command line may override
-# (--config.cafeq.transform.steps=300); the recipes themselves fix which stages run,
-# and a field applies to every CafeQ recipe whose stage has it.
-_LEARNED = recipes.PRESETS['cafeq-single'].transform.config
-_PAIRS = recipes.PRESETS['cafeq-pairs'].pairs.opt
-_AR = recipes.PRESETS['cafeq-pairs-ar'].rounding
+# (--config.cafeq.transform.steps=300). Unset (None) keeps each preset's own value;
+# a set field applies to every CafeQ recipe whose stage has it (the recipes
+# themselves fix which stages run).
 
 
 def cafeq_options() -> ml_collections.ConfigDict:
-  """Stage fields of the CafeQ recipes, at the presets' defaults."""
+  """Stage fields of the CafeQ recipes, all unset (typed placeholders).
+
+  A recipe keeps its own value (``cafeq_jax.recipes.PRESETS``) of every field left
+  unset, so a preset whose stage differs from another's is never reset to it.
+  """
+  ph = config_dict.placeholder
   return ml_collections.ConfigDict(
     {
       # Online transform: block size k (Hadamard and learned); learned:
       # parameterisation ('dense', 'lu', 'rotation'), init, steps, lr, schedule.
       'transform': {
-        'block_size': _LEARNED.block_size,
-        'parameterization': _LEARNED.parameterization.value,
-        'init': _LEARNED.init.value,
-        'steps': _LEARNED.steps,
-        'learning_rate': _LEARNED.learning_rate,
-        'schedule': _LEARNED.schedule.value,
+        'block_size': ph(int),
+        'parameterization': ph(str),
+        'init': ph(str),
+        'steps': ph(int),
+        'learning_rate': ph(float),
+        'schedule': ph(str),
       },
       # Pair transforms: loss ('lse', 'product', 'both'), steps, lr, temperature.
       'pairs': {
-        'loss': _PAIRS.loss.value,
-        'steps': _PAIRS.steps,
-        'learning_rate': _PAIRS.learning_rate,
-        'temperature': _PAIRS.temperature,
+        'loss': ph(str),
+        'steps': ph(int),
+        'learning_rate': ph(float),
+        'temperature': ph(float),
       },
       # Rounding: pair adaptive rounds / solver; damping of GPTQ-form rounding.
-      'rounding': {'rounds': _AR.rounds, 'solver': _AR.solver.value, 'damp': _AR.damp},
+      'rounding': {'rounds': ph(int), 'solver': ph(str), 'damp': ph(float)},
     }
   )
 
@@ -57,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.columns = 'w3g128'
   c.clip_search = False  # MSE-optimal clip ratio search for every method
   c.seed = 0  # PRNG seed of every method (same seed, same codes)
-  # Stage options of every CafeQ recipe (defaults from the presets).
+  # Stage options of every CafeQ recipe (unset: each preset's own values).
   c.cafeq = cafeq_options()
   c.eval_text = ''  # evaluation text file; '' = Python's pydoc_data topics
   c.eval_num_seqs = 8  # evaluation windows

@@ -56,6 +56,12 @@ def _learned(loss: str, **fields) -> recipes.Learned:
   return recipes.Learned(config=dataclasses.replace(_LEARNED_CFG, **fields), share=True, loss=loss)
 
 
+def _sampled(name: str, **fields) -> recipes.Recipe:
+  """cafeq-sg with ``fields`` of its ``SelfGenerated`` statistics changed."""
+  stats = dataclasses.replace(_SG.rounding.statistics, **fields)
+  return _SG.replace(name=name, rounding=dataclasses.replace(_SG.rounding, statistics=stats))
+
+
 RECIPES = {
   'cafeq-sg': _SG,
   'cafeq': recipes.PRESETS['cafeq'],
@@ -75,6 +81,15 @@ RECIPES = {
   ),
   # The cafeq preset of earlier releases: pairs folded first, then as cafeq-sg.
   'cafeq-pairs-sg': recipes.PRESETS['cafeq-pairs-sg'],
+  # The self-generation itself (issue 13, item 5; experiments/configs/selfgen_sampling.py):
+  # cafeq-sg with its sample changed one way at a time. Same 8192 tokens, other shapes ...
+  'sg-len128': _sampled('sg-len128', num_seqs=64, seq_len=128),
+  'sg-len512': _sampled('sg-len512', num_seqs=16, seq_len=512),
+  # ... twice the tokens, a cooler or hotter sampler, LLM-QAT's random first tokens.
+  'sg-n64': _sampled('sg-n64', num_seqs=64),
+  'sg-t0.7': _sampled('sg-t0.7', temperature=0.7),
+  'sg-t1.3': _sampled('sg-t1.3', temperature=1.3),
+  'sg-uniform': _sampled('sg-uniform', first='uniform'),
 }
 
 

@@ -166,3 +166,19 @@ def test_condition_numbers_match_numpy():
 def test_unknown_parameterisation_is_refused():
   with pytest.raises(ValueError, match="parameterization='qr' is not supported"):
     transforms.init_transform(jax.random.PRNGKey(0), 32, 8, parameterization='qr')
+
+
+def test_gauss_jordan_inverse_matches_numpy_in_chunks_and_whole():
+  # 150 matrices: more than one chunk of _GJ_CHUNK, the last one partial; pivoting
+  # needed (zero leading entries).
+  rng = np.random.default_rng(0)
+  m = rng.standard_normal((3, 50, 16, 16)).astype(np.float32)
+  m[..., 0, 0] = 0.0
+  got = np.asarray(jax.jit(transforms.gauss_jordan_inverse)(m))
+  np.testing.assert_allclose(got, np.linalg.inv(m.astype(np.float64)), rtol=2e-3, atol=2e-3)
+  whole = jax.jit(transforms._gauss_jordan)(m)  # one elimination of the whole stack
+  np.testing.assert_array_equal(got, np.asarray(whole))  # chunking changes no bit
+  grad = jax.grad(lambda a: transforms.inverse_blocks(a).sum())(jnp.asarray(m))
+  inv = np.linalg.inv(m.astype(np.float64))
+  want = -np.swapaxes(inv, -1, -2) @ np.ones_like(inv) @ np.swapaxes(inv, -1, -2)
+  np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-2, atol=1e-2)

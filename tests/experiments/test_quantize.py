@@ -9,6 +9,8 @@ import jax
 import pytest
 
 from cafeq_jax import quantize
+from cafeq_jax import recipes
+from cafeq_jax.core import optimize
 from experiments import quantize_lib
 from experiments.configs import quantize as quantize_config
 from tests.experiments import reference_metrics
@@ -81,6 +83,29 @@ def test_tiny_run_writes_results_table_and_plots_then_resumes(tmp_path, monkeypa
   again = quantize_lib.run(config)
   assert again['columns'][col]['methods']['rtn']['ppl'] == rows['rtn']['ppl']
   assert (tmp_path / 'table.md').read_text() == table
+
+
+def test_cafeq_options_left_unset_keep_every_presets_own_stages(monkeypatch):
+  config = quantize_config.get_config()
+  spec = quantize_lib.parse_column('w3g128')
+  for name in recipes.names():  # the job's defaults change no recipe
+    want = recipes.get(name, spec=spec)
+    assert quantize_lib.recipe_for(name, spec, config) == want, name
+  # A preset whose learned transform differs from cafeq-single's keeps it ...
+  other = recipes.PRESETS['cafeq'].replace(
+    transform=recipes.Learned(
+      config=optimize.TransformConfig(steps=7, learning_rate=3e-3, parameterization='lu')
+    )
+  )
+  monkeypatch.setitem(recipes.PRESETS, 'cafeq', other)
+  got = quantize_lib.recipe_for('cafeq', spec, config).transform.config
+  assert (got.steps, got.learning_rate, got.parameterization) == (7, 3e-3, 'lu')
+  # ... and a field the command line sets reaches it (and only that field).
+  config.cafeq.transform.steps = 11
+  got = quantize_lib.recipe_for('cafeq', spec, config).transform.config
+  assert (got.steps, got.learning_rate, got.parameterization) == (11, 3e-3, 'lu')
+  assert quantize_lib.recipe_for('cafeq-single', spec, config).transform.config.steps == 11
+  assert quantize_lib.recipe_for('rtn', spec, config) == recipes.get('rtn', spec=spec)
 
 
 def test_unknown_method_fails_before_any_work(tmp_path):

@@ -1,0 +1,103 @@
+r"""Benchmark: wall time of ``cafeq_jax.quantize`` per recipe on a real model.
+
+Loads the model once, then for every recipe of ``--config.methods`` runs the
+whole quantization ``--config.repeats`` times in this process and records the
+wall time (to the last quantized array ready) and the recipe's own per-stage
+timings (``QuantizeReport.timings``: self-generation, input statistics,
+transforms, rounding). The first run of a recipe includes its JIT compilation,
+as a user's single run does; later repeats show the compiled cost. Nothing else
+should run on the machine: the figures are what this host does alone.
+
+    python -m experiments.bench_quantize                      # the README's figures
+    python -m experiments.bench_quantize --config.methods=cafeq --config.repeats=2
+
+Writes ``--config.output`` (JSON, rewritten after every run, so an interrupted
+benchmark keeps its finished rows) and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import jax
+
+import cafeq_jax
+from cafeq_jax import atomic
+from cafeq_jax import quantizer
+from cafeq_jax import recipes
+from experiments import cli
+from experiments import quantize_lib
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'bench_quantize.py')
+
+
+def host() -> dict:
+  """What the timings ran on."""
+  return {
+    'cpus': os.cpu_count(),
+    'machine': platform.machine(),
+    'backend': jax.default_backend(),
+    'devices': [str(d) for d in jax.devices()],
+    'jax': jax.__version__,
+  }
+
+
+def run(config) -> dict:
+  methods = cli.split_names(config.methods)
+  spec = quantize_lib.parse_column(config.column)
+  if not isinstance(spec, quantizer.QuantSpec):
+    raise ValueError(f'config.column={config.column!r}: the benchmark takes a uniform column.')
+  if isinstance(config.repeats, bool) or not isinstance(config.repeats, int) or config.repeats < 1:
+    raise ValueError(f'config.repeats={config.repeats!r} must be an int >= 1.')
+  repeated = sorted({m for m in methods if methods.count(m) > 1})
+  if repeated:
+    raise ValueError(f'config.methods={config.methods!r} repeats {repeated} (use config.repeats).')
+  plan = {m: recipes.get(m, spec=spec) for m in methods}  # unknown names fail before loading
+  for m, r in plan.items():
+    if isinstance(r.statistics, recipes.Calibration):
+      raise ValueError(f'{m!r} reads calibration tokens; the benchmark times data-free recipes.')
+  t0 = time.perf_counter()
+  model = quantize_lib.load_model(config.model, config.seed)
+  out = {
+    'host': host(),
+    'model': config.model,
+    'column': config.column,
+    'load_seconds': time.perf_counter() - t0,
+    'runs': [],
+  }
+  for m, recipe in plan.items():
+    for i in range(config.repeats):
+      t0 = time.perf_counter()
+      qparams, report = cafeq_jax.quantize(
+        model.params, model.config, recipe, jax.random.PRNGKey(config.seed)
+      )
+      jax.block_until_ready(qparams)
+      seconds = time.perf_counter() - t0
+      out['runs'].append(
+        {'method': m, 'repeat': i, 'seconds': seconds, 'timings': dict(report.timings)}
+      )
+      atomic.write_json(config.output, out)
+      print(f'{m} run {i}: {seconds:.1f} s {dict(report.timings)}', flush=True)
+  print(format_table(out))
+  return out
+
+
+def format_table(out: dict) -> str:
+  """Markdown: one row per run, wall seconds and the recipe's stage seconds."""
+  stages = []
+  for r in out['runs']:
+    stages += [s for s in r['timings'] if s not in stages and s != 'total']
+  head = ['method', 'run', 'seconds'] + stages
+  lines = ['| ' + ' | '.join(head) + ' |', '|---|---:|' + '---:|' * (len(head) - 2)]
+  for r in out['runs']:
+    cells = [r['method'], str(r['repeat']), f'{r["seconds"]:.0f}']
+    cells += [f'{r["timings"][s]:.0f}' if s in r['timings'] else '' for s in stages]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  h = out['host']
+  return f'{out["model"]} {out["column"]}, {h["cpus"]} CPUs, {h["backend"]}:\n' + '\n'.join(lines)
+
+
+if __name__ == '__main__':
+  cli.launch(run, _DEFAULT_CONFIG)

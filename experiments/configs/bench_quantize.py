@@ -1,0 +1,18 @@
+"""Default config of ``experiments.bench_quantize`` (wall time of quantizing a model).
+
+python -m experiments.bench_quantize
+python -m experiments.bench_quantize --config.methods=cafeq-single --config.repeats=2
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = 'smollm2_135m'  # as the main job's --config.model
+  c.methods = 'rtn,gptq-selfgen,cafeq-sg,cafeq-single,cafeq'  # recipe names, in order
+  c.column = 'w3g128'  # the quantizer, as the main job's columns
+  c.seed = 0
+  c.repeats = 1  # runs per method in one process (the first includes compilation)
+  c.output = '/tmp/bench_quantize.json'  # every run's timings, rewritten after each
+  return c

@@ -1,0 +1,50 @@
+"""The quantize-time benchmark: one row per run, stage timings within the wall time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import bench_quantize
+from experiments.configs import bench_quantize as bench_config
+
+
+def _config(tmp_path, methods):
+  c = bench_config.get_config()
+  c.model = 'tiny_llama'
+  c.methods = methods
+  c.column = 'w4g32'
+  c.repeats = 2
+  c.output = str(tmp_path / 'bench.json')
+  return c
+
+
+def test_every_run_is_recorded_with_its_stage_timings(tmp_path):
+  out = bench_quantize.run(_config(tmp_path, 'rtn,hadamard'))
+  saved = json.loads((tmp_path / 'bench.json').read_text())
+  assert [(r['method'], r['repeat']) for r in saved['runs']] == [
+    ('rtn', 0),
+    ('rtn', 1),
+    ('hadamard', 0),
+    ('hadamard', 1),
+  ]
+  for r in out['runs']:
+    stages = sum(v for k, v in r['timings'].items() if k != 'total')
+    assert 0 < stages <= r['seconds'] + 1e-6
+  assert 'transforms' in saved['runs'][2]['timings']
+  table = bench_quantize.format_table(out)
+  assert table.count('\n| hadamard |') == 2 and 'transforms' in table
+
+
+@pytest.mark.parametrize(
+  'methods, match', [('gptq', 'calibration'), ('nope', 'nope'), ('rtn,rtn', 'repeats')]
+)
+def test_bad_requests_fail_before_the_model_loads(tmp_path, methods, match, monkeypatch):
+  def no_load(*a, **k):
+    raise AssertionError('the model was loaded')
+
+  monkeypatch.setattr(bench_quantize.quantize_lib, 'load_model', no_load)
+  with pytest.raises(ValueError, match=match):
+    bench_quantize.run(_config(tmp_path, methods))
+  assert not (tmp_path / 'bench.json').exists()
