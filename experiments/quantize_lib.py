@@ -559,6 +559,11 @@ def _check_with_model(plan: _Plan, model: LoadedModel, config) -> None:
     from cafeq_jax.loading import hf  # pylint: disable=g-import-not-at-top
 
     hf.check_exportable(model.config)
+  if plan.gguf and gguf_tokenizer_dir(config.model) is not None:
+    from cafeq_jax.loading import gguf_tokenizer  # pylint: disable=g-import-not-at-top
+
+    # A tokenizer the GGUF files cannot hold fails here, not after quantizing.
+    gguf_tokenizer.tokenizer_fields(config.model, vocab_size=model.config.vocab_size)
 
 
 # ---------------------------------------------------------------------------
@@ -666,6 +671,14 @@ def gguf_source(model: str) -> str | None:
 
     return gguf.smollm2_gguf_path()
   return model if model.endswith('.gguf') else None
+
+
+def gguf_tokenizer_dir(model: str) -> str | None:
+  """The Hugging Face dir whose ``tokenizer.json`` a GGUF export of ``model`` holds
+  (None: the tokenizer comes from the source GGUF, or there is none)."""
+  if os.path.isdir(model) and os.path.isfile(os.path.join(model, 'tokenizer.json')):
+    return model
+  return None
 
 
 def _gguf_hash(path: str) -> str | None:
@@ -875,6 +888,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
             model.config,
             path,
             source=gguf_source(config.model),
+            tokenizer=gguf_tokenizer_dir(config.model),
             mix=col[len(GGUF_PREFIX) :],
             provenance=provenance,
           )

@@ -294,6 +294,7 @@ def run_point(
       model.config,
       row['gguf_path'],
       source=quantize_lib.gguf_source(point.model),
+      tokenizer=quantize_lib.gguf_tokenizer_dir(point.model),
       mix=point.mix,
       provenance=provenance,
     )

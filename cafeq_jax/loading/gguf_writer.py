@@ -8,9 +8,10 @@ llama.cpp's interleaved-RoPE order, and the metadata, tokenizer and non-linear
 tensors come from a source GGUF (e.g. the SmolLM2 file the model was loaded
 from): a source tensor whose dequantized values equal ours is copied byte for
 byte in its own type (SmolLM2's Q8_0 embedding), anything else is written as F32.
-Without a source the ``llama.*`` metadata is written from the ``ModelConfig`` and
-the file has no tokenizer (transformers reads its weights; llama.cpp needs a
-tokenizer to load a model).
+Without a source the ``llama.*`` metadata is written from the ``ModelConfig``, and
+the tokenizer from a Hugging Face dir's ``tokenizer.json`` when one is given
+(``loading.gguf_tokenizer``); without either the file has no tokenizer
+(transformers reads its weights; llama.cpp needs a tokenizer to load a model).
 
 Refused before anything is written: a model family llama.cpp's ``llama``
 architecture cannot express, a quantized linear whose spec is not a GGML type
@@ -33,6 +34,7 @@ from cafeq_jax import atomic
 from cafeq_jax.ggml import blocks
 from cafeq_jax.ggml import mixes
 from cafeq_jax.loading import gguf as gguf_lib
+from cafeq_jax.loading import gguf_tokenizer
 from cafeq_jax.loading import hf
 from cafeq_jax.models import linears
 from cafeq_jax.models import qlinear
@@ -215,6 +217,7 @@ def save_gguf(
   path: str | os.PathLike,
   *,
   source: str | os.PathLike | None = None,
+  tokenizer: str | os.PathLike | None = None,
   mix: str | None = None,
   name: str | None = None,
   provenance: Mapping[str, Any] | None = None,
@@ -227,7 +230,10 @@ def save_gguf(
     cfg: its ``ModelConfig`` (Llama family).
     path: the ``.gguf`` file to write (replaced atomically if it exists).
     source: GGUF file to take metadata, tokenizer and non-linear tensor types
-      from (must describe the same model); None: metadata from ``cfg``, no tokenizer.
+      from (must describe the same model); None: metadata from ``cfg``.
+    tokenizer: without ``source``, a Hugging Face dir whose byte-level BPE
+      ``tokenizer.json`` (and special tokens) is written as the file's tokenizer
+      (``loading.gguf_tokenizer``); None: no tokenizer.
     mix: the llama.cpp mix name the types follow (sets ``general.file_type``).
     name: ``general.name`` (default: the source's, else 'cafeq-jax').
     provenance: JSON-able record stored as the string field ``cafeq.provenance``.
@@ -250,11 +256,15 @@ def save_gguf(
   record = json.dumps(provenance or {}, default=str)
   linear = linear_blocks(qparams, cfg)  # every refusal happens here, before writing
   others = _other_tensors(qparams, cfg)
-  reader = None
+  reader = tok = None
+  if source is not None and tokenizer is not None:
+    raise ValueError('give source (its tokenizer is copied) or tokenizer, not both.')
   if source is not None:
     source = os.fspath(source)
     reader = gguf_lib.open_gguf(source)
     _check_source_config(reader, cfg, source)
+  if tokenizer is not None:
+    tok = gguf_tokenizer.tokenizer_fields(tokenizer, vocab_size=cfg.vocab_size)
 
   src_tensors = {t.name: t for t in reader.tensors} if reader is not None else {}
 
@@ -274,6 +284,8 @@ def save_gguf(
           w.add_float32(key, value)
         else:
           w.add_uint32(key, int(value))
+      if tok is not None:
+        gguf_tokenizer.add_to_writer(w, tok)
     if name is not None and reader is not None:
       w.add_key_value('general.name', name, gguf.GGUFValueType.STRING)
     if mix is not None:
