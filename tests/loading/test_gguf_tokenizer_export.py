@@ -26,10 +26,10 @@ from cafeq_jax.loading import gguf_tokenizer
 from cafeq_jax.loading import gguf_writer
 from cafeq_jax.loading import hf
 from cafeq_jax.loading import tokenizer as tokenizer_lib
-from cafeq_jax.models import config as config_lib
 from cafeq_jax.models import init_params
 from experiments import quantize_lib
 from tests.experiments.test_quantize import _tiny_config
+from tests.loading import test_gguf_export
 
 TEXTS = [
   'Hello world! x = 12345 + 6.78e-9',
@@ -88,19 +88,8 @@ def test_bad_tokenizer_dirs_are_refused(tmp_path):
 
 
 VOCAB = 320
-TINY = config_lib.llama_config(
-  vocab_size=VOCAB,
-  num_layers=2,
-  embed_dim=256,
-  hidden_dim=512,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=64,
-  rope_base=10_000.0,
-  norm_eps=1e-5,
-  tie_embeddings=False,
-  max_seq_len=64,
-)
+# test_gguf_export's tiny Llama (widths multiples of 256) with a real BPE's vocabulary.
+TINY = test_gguf_export.TINY.replace(vocab_size=VOCAB, num_layers=2)
 
 
 def _trained_tokenizer_dir(tmp_path):
