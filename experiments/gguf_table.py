@@ -34,9 +34,14 @@ from experiments.configs import quantize as quantize_config
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'gguf_table.py')
 
 
-def _ours(params, cfg, mix: str, method: str, path: str, seed: int) -> float:
-  """Quantizes ``method`` into ``mix`` and writes ``path``; returns the seconds taken."""
-  recipe = quantize_lib.recipe_for(method, mixes.spec_map(mix, cfg), quantize_config.get_config())
+def ours(
+  params, cfg, mix: str, method: str, path: str, *, seed: int, clip_search: bool, source: str | None
+) -> float:
+  """Quantizes ``method`` into ``mix`` and writes ``path`` (metadata and tokenizer
+  from the GGUF ``source``); returns the seconds taken (NaN: the file is kept, it
+  holds the same recipe)."""
+  smap = mixes.spec_map(mix, cfg, clip_search=clip_search)
+  recipe = quantize_lib.recipe_for(method, smap, quantize_config.get_config())
   gguf_writer.check_recipe(recipe)
   prov = {'recipe': recipe.to_dict(), 'seed': seed}
   if (gguf_writer.read_provenance(path) or {}).get('recipe') == prov['recipe']:
@@ -45,9 +50,7 @@ def _ours(params, cfg, mix: str, method: str, path: str, seed: int) -> float:
   t0 = time.perf_counter()
   qparams, _ = cafeq_jax.quantize(params, cfg, recipe, jax.random.PRNGKey(seed))
   seconds = time.perf_counter() - t0
-  gguf_writer.save_gguf(
-    qparams, cfg, path, source=gguf_lib.smollm2_gguf_path(), mix=mix, provenance=prov
-  )
+  gguf_writer.save_gguf(qparams, cfg, path, source=source, mix=mix, provenance=prov)
   return seconds
 
 
@@ -77,8 +80,18 @@ def run(config) -> dict:
       if not os.path.exists(files['llama.cpp']):
         llamacpp.quantize(src, files['llama.cpp'], mix)
     for m in methods:
-      files[m] = os.path.join(out, f'{mix}_{m}.gguf')
-      seconds[m] = _ours(params, cfg, mix, m, files[m], config.seed)
+      row = f'{m}-clip' if config.clip_search else m
+      files[row] = os.path.join(out, f'{mix}_{row}.gguf')
+      seconds[row] = ours(
+        params,
+        cfg,
+        mix,
+        m,
+        files[row],
+        seed=config.seed,
+        clip_search=config.clip_search,
+        source=src,
+      )
     rows = {
       name: {
         'file_bytes': os.path.getsize(p),

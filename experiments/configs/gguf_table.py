@@ -19,6 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_seq_len = 512
   c.eval_batch_size = 2
   c.seed = 0
+  # MSE-optimal clipping of every group's range (rows named '<method>-clip'); llama.cpp's
+  # own quantizer does no such search without an importance matrix for Q4_0 / Q4_1.
+  c.clip_search = False
   c.llamacpp = True  # also quantize with llama.cpp (needs llama-cpp-python)
   c.llamacpp_eval = True  # also run every file in llama.cpp on the same windows
   c.output_dir = 'outputs/gguf_table'
