@@ -37,7 +37,8 @@ VARIANTS = {
   'dense-gptq': dict(rounding='gptq'),
   'dense-all-columns': dict(columns_per_step=None),
   'dense-k32': dict(block_size=32),
-  'dense-k128': dict(block_size=128),
+  # 128 does not divide SmolLM2's d = 576: the next larger divisor (1536 / 192 = 8).
+  'dense-k192': dict(block_size=192),
   'dense-ste-full': dict(ste='full'),
   # Wider bounds: log-scales up to 2 on both sides (cond <= e^8).
   'rotation-wide': dict(parameterization='rotation', log_scale_bound=2.0, right_scales=True),
