@@ -8,7 +8,7 @@ transforms, rounding). The first run of a recipe includes its JIT compilation,
 as a user's single run does; later repeats show the compiled cost. Nothing else
 should run on the machine: the figures are what this host does alone.
 
-    python -m experiments.bench_quantize                      # the README's figures
+    python -m experiments.bench_quantize                      # every default recipe
     python -m experiments.bench_quantize --config.methods=cafeq --config.repeats=2
 
 Writes ``--config.output`` (JSON, rewritten after every run, so an interrupted

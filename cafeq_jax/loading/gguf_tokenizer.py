@@ -27,7 +27,9 @@ import json
 import os
 from typing import Any
 
-NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
+from cafeq_jax.loading.tokenizer import CONTROL
+from cafeq_jax.loading.tokenizer import NORMAL
+from cafeq_jax.loading.tokenizer import USER_DEFINED
 
 
 def _byte_level(p: dict) -> bool:

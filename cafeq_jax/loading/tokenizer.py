@@ -21,8 +21,7 @@ from tokenizers import pre_tokenizers
 from cafeq_jax.loading import gguf as gguf_lib
 
 # Token types of ``tokenizer.ggml.token_type`` (llama.cpp's llama_token_type).
-_CONTROL = 3
-_USER_DEFINED = 4
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
 
 
 def _pre_tokenizer(pre: str | None):
@@ -116,12 +115,12 @@ def tokenizer_from_gguf_fields(
     special = [
       tokenizers.AddedToken(t, special=True, normalized=False)
       for t, ty in zip(tokens, token_types)
-      if ty == _CONTROL
+      if ty == CONTROL
     ]
     added = [
       tokenizers.AddedToken(t, special=False, normalized=False)
       for t, ty in zip(tokens, token_types)
-      if ty == _USER_DEFINED
+      if ty == USER_DEFINED
     ]
     if special:
       backend.add_special_tokens(special)
