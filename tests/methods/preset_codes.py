@@ -1,4 +1,5 @@
-"""Digests of every preset's quantized leaves on tiny models (the regression record).
+"""Digests of every preset's quantized leaves on tiny models (the regression record):
+the integer codes exactly, the float parts to ``FLOAT_RTOL`` of their norm.
 
 ``python -m tests.methods.preset_codes tests/methods/data/preset_codes.json`` rewrites
 the record; ``test_preset_codes.py`` checks the presets still give these codes.
@@ -35,8 +36,25 @@ SMALL = {
 }
 
 
-def digest(qparams) -> dict[str, str]:
-  """sha256 (16 hex digits) of every leaf: codes, scales, zeros, transforms."""
+# Float parts are compared to this fraction of their norm: another CPU's vector
+# instructions reassociate float sums (seen: 4e-7 of the norm between SSE4.2 and AVX2
+# code on one machine; the integer codes were identical), while any real change of
+# a recipe moves them by far more.
+FLOAT_RTOL = 1e-4
+
+
+def _float_summary(a: np.ndarray) -> list[float]:
+  """``[‖a‖, ⟨a, r⟩]``, ``r`` a fixed unit pseudo-random direction of ``a``'s size."""
+  x = np.asarray(a, np.float64).ravel()
+  r = np.random.default_rng(x.size).standard_normal(x.size)
+  r /= max(np.linalg.norm(r), 1.0)
+  return [float(np.linalg.norm(x)), float(x @ r)]
+
+
+def digest(qparams) -> dict[str, dict]:
+  """Per leaf: ``exact``, sha256 (16 hex digits) of every part's dtype and shape and
+  of the integer parts' bytes (the codes), and ``floats``, ``[‖x‖, ⟨x, r⟩]`` of each
+  float part (scales, zeros, transforms, unquantized leaves) in order."""
   out = {}
   flat = jax.tree_util.tree_flatten_with_path(
     qparams, is_leaf=lambda x: isinstance(x, QuantizedLinear)
@@ -47,14 +65,29 @@ def digest(qparams) -> dict[str, str]:
       parts = [w.codes, w.scale, w.zero, leaf.transform_inv]
     else:
       parts = [leaf]
-    h = hashlib.sha256()
+    h, floats = hashlib.sha256(), []
     for p in parts:
       if p is not None:
         a = np.asarray(p)
         h.update(f'{a.dtype}{a.shape}'.encode())
-        h.update(a.tobytes())
-    out[jax.tree_util.keystr(path)] = h.hexdigest()[:16]
+        if np.issubdtype(a.dtype, np.integer):
+          h.update(a.tobytes())
+        else:
+          floats.append(_float_summary(a))
+    out[jax.tree_util.keystr(path)] = {'exact': h.hexdigest()[:16], 'floats': floats}
   return out
+
+
+def differs(got: dict, want: dict) -> bool:
+  """Whether two leaves' digests differ: any integer code, dtype or shape, or a float
+  part by more than ``FLOAT_RTOL`` of its norm."""
+  if got['exact'] != want['exact'] or len(got['floats']) != len(want['floats']):
+    return True
+  for g, w in zip(got['floats'], want['floats']):
+    tol = FLOAT_RTOL * max(w[0], 1e-30)
+    if abs(g[0] - w[0]) > tol or abs(g[1] - w[1]) > tol:
+      return True
+  return False
 
 
 def cases():

@@ -1,4 +1,6 @@
-"""Regression record: every preset gives the same quantized leaves, bit for bit.
+"""Regression record: every preset gives the same quantized codes, bit for bit (and
+the same scales, zeros and transforms to ``preset_codes.FLOAT_RTOL`` of their norm:
+another CPU's vector instructions reassociate float sums).
 
 ``preset_codes.py`` quantizes every preset (small optimisation / sampling
 settings) on the tiny models and digests each leaf; ``data/preset_codes.json``
@@ -13,6 +15,7 @@ import os
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from cafeq_jax import methods
@@ -72,7 +75,7 @@ def test_record_covers_every_case_the_generator_makes():
 def _mismatch_message(case, got, want) -> str:
   missing = sorted(set(want) - set(got))
   extra = sorted(set(got) - set(want))
-  differ = sorted(k for k in set(got) & set(want) if got[k] != want[k])
+  differ = sorted(k for k in set(got) & set(want) if preset_codes.differs(got[k], want[k]))
   lines = [f'{case}: the quantized leaves differ from the record {RECORD}.']
   if differ:
     lines.append(f'  {len(differ)} leaves differ: ' + ', '.join(differ))
@@ -91,11 +94,37 @@ def test_preset_codes_match_the_record(case):
   assert recipe.spec.name == case.split('/')[1] and recipe.name == case.split('/')[2]
   q, _ = methods.quantize(params, cfg, recipe, jax.random.PRNGKey(0), calib_tokens=tokens)
   got = preset_codes.digest(q)
-  assert got == want, _mismatch_message(case, got, want)
+  same = set(got) == set(want) and not any(preset_codes.differs(got[k], want[k]) for k in got)
+  assert same, _mismatch_message(case, got, want)
+
+
+def _leaf(exact: str, *floats) -> dict:
+  return {'exact': exact, 'floats': [list(f) for f in floats]}
+
+
+def test_leaves_differ_by_any_code_but_floats_only_past_the_tolerance():
+  want = _leaf('ab', (2.0, 0.5))
+  assert not preset_codes.differs(_leaf('ab', (2.0 + 1e-6, 0.5 - 1e-6)), want)
+  assert preset_codes.differs(_leaf('ab', (2.0, 0.5 + 1e-3)), want)
+  assert preset_codes.differs(_leaf('ab', (2.01, 0.5)), want)
+  assert preset_codes.differs(_leaf('cd', (2.0, 0.5)), want)
+  assert preset_codes.differs(_leaf('ab', (2.0, 0.5), (1.0, 1.0)), want)
+
+
+def test_float_summary_moves_with_the_array_not_with_its_rounding():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((64, 32)).astype(np.float32)
+  want = _leaf('ab', preset_codes._float_summary(x))
+  ulp = np.spacing(np.abs(x)) * rng.choice([-1, 1], x.shape)
+  assert not preset_codes.differs(_leaf('ab', preset_codes._float_summary(x + ulp)), want)
+  y = x.copy()
+  y[3, 5] += np.abs(x).max()  # one entry moved by a 3-bit step or so
+  assert preset_codes.differs(_leaf('ab', preset_codes._float_summary(y)), want)
 
 
 def test_mismatch_message_names_the_leaves_and_how_to_regenerate():
-  msg = _mismatch_message('m/s/p', {'a': '1', 'b': '2', 'c': '3'}, {'a': '1', 'b': '9', 'd': '4'})
+  a, b, c, d, e = (_leaf(h, (1.0, 0.0)) for h in '12349')
+  msg = _mismatch_message('m/s/p', {'a': a, 'b': b, 'c': c}, {'a': a, 'b': e, 'd': d})
   assert '1 leaves differ: b' in msg
   assert "['d']" in msg and "['c']" in msg
   assert 'python -m tests.methods.preset_codes' in msg
