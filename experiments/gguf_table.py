@@ -39,13 +39,13 @@ def ours(
 ) -> float:
   """Quantizes ``method`` into ``mix`` and writes ``path`` (metadata and tokenizer
   from the GGUF ``source``); returns the seconds taken (NaN: the file is kept, it
-  holds the same recipe)."""
+  holds the same recipe run with the same seed)."""
   smap = mixes.spec_map(mix, cfg, clip_search=clip_search)
   recipe = quantize_lib.recipe_for(method, smap, quantize_config.get_config())
   gguf_writer.check_recipe(recipe)
   prov = {'recipe': recipe.to_dict(), 'seed': seed}
-  if (gguf_writer.read_provenance(path) or {}).get('recipe') == prov['recipe']:
-    logging.info('kept %s (same recipe)', path)
+  if gguf_writer.read_provenance(path) == prov:
+    logging.info('kept %s (same recipe and seed)', path)
     return float('nan')
   t0 = time.perf_counter()
   qparams, _ = cafeq_jax.quantize(params, cfg, recipe, jax.random.PRNGKey(seed))

@@ -12,8 +12,9 @@ def get_config() -> ml_collections.ConfigDict:
   # llama.cpp mixes (cafeq_jax.ggml.mixes.MIXES): each file of a mix has the same
   # tensor types, so the same size, whoever rounded it.
   c.mixes = 'Q3_K_S,Q3_K_M,Q4_K_S,Q4_K_M,Q4_0'
-  # Our rows (recipe names without online transforms; defaults of the main job).
-  c.methods = 'rtn,gptq-selfgen'
+  # Our rows (recipe names without online transforms; defaults of the main job):
+  # cafeq-sg-rounding is cafeq-sg's act-order rounding without its online transform.
+  c.methods = 'rtn,gptq-selfgen,cafeq-sg-rounding'
   c.texts = 'pydoc,speeches'  # evaluation texts (cafeq_jax.eval.data.TEXTS)
   c.eval_num_seqs = 8
   c.eval_seq_len = 512

@@ -31,6 +31,10 @@ def test_rows_hold_their_recipes_codes_with_and_without_clip_search(tmp_path):
     kw = dict(seed=0, clip_search=clip, source=None)  # no source: TINY's own metadata
     assert gguf_table.ours(params, TINY, 'Q4_0', 'rtn', path, **kw) >= 0
     assert math.isnan(gguf_table.ours(params, TINY, 'Q4_0', 'rtn', path, **kw))  # kept
+    # Another seed is another row (the self-generated recipes draw their sample by it).
+    assert gguf_table.ours(params, TINY, 'Q4_0', 'rtn', path, **{**kw, 'seed': 1}) >= 0
+    assert math.isnan(gguf_table.ours(params, TINY, 'Q4_0', 'rtn', path, **{**kw, 'seed': 1}))
+    gguf_table.ours(params, TINY, 'Q4_0', 'rtn', path, **kw)  # back to seed 0
     got[clip] = _weights(gguf_lib.load_gguf(path)[0])
     want, _ = cafeq_jax.quantize(
       params, TINY, recipes.get('rtn', spec=mixes.spec_map('Q4_0', TINY, clip_search=clip))
