@@ -56,7 +56,7 @@ def split_row(row: str) -> tuple[str, int | None]:
 
 
 def recipe_for(variant: str, spec) -> recipes.Recipe:
-  """``rtn``, ``cafeq-single`` with the variant's ``TransformConfig`` fields, or a
+  """``rtn``, ``cafeq-single`` with the variant's fields of the study's ``BASE``, or a
   whole recipe of ``RECIPES``, under the quantizer ``spec``."""
   variant, _ = split_row(variant)
   if variant in study_config.RECIPES:
@@ -70,7 +70,7 @@ def recipe_for(variant: str, spec) -> recipes.Recipe:
   fields = dict(fields)
   rounding = {'rtn': recipes.RTN(), 'gptq': recipes.GPTQ()}[fields.pop('rounding', 'rtn')]
   preset = recipes.get('cafeq-single', spec=spec)
-  cfg = dataclasses.replace(preset.transform.config, **fields)
+  cfg = dataclasses.replace(study_config.BASE, **fields)
   return preset.replace(name=variant, transform=recipes.Learned(config=cfg), rounding=rounding)
 
 

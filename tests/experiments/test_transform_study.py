@@ -16,7 +16,7 @@ from experiments.configs import transform_study as study_config
 def _config(out):
   c = study_config.get_config()
   c.model = 'tiny_llama'
-  c.variants = 'rtn,cafeq-single,lu'
+  c.variants = 'rtn,dense,lu'
   c.column = 'w3g32'
   c.texts = 'pydoc'
   c.eval_num_seqs = 2
@@ -28,16 +28,16 @@ def _config(out):
 def test_study_records_the_proxy_conditioning_and_quality_of_every_row(tmp_path):
   results = transform_study.run(_config(tmp_path))
   rows = results['rows']
-  assert list(rows) == ['rtn', 'cafeq-single', 'lu']
+  assert list(rows) == ['rtn', 'dense', 'lu']
   assert rows['rtn']['proxy_ratio_total'] == pytest.approx(1.0)
   assert 'cond_max' not in rows['rtn']  # no transform
-  for v in ('cafeq-single', 'lu'):
+  for v in ('dense', 'lu'):
     assert rows[v]['proxy_ratio_total'] < 1.0  # keep-best: never above RTN, here below
     assert set(rows[v]['proxy_ratio']) == set(transform_study.MATRICES)
     assert rows[v]['cond_max'] >= 1.0 and 0 < rows[v]['bf16_rel_err_max'] < 0.05
     assert rows[v]['ppl_pydoc'] > 1.0
   table = open(os.path.join(tmp_path, 'table.md')).read()
-  assert '| cafeq-single |' in table and '| lu |' in table
+  assert '| dense |' in table and '| lu |' in table
   # A second run keeps every finished row (same inputs).
   before = json.load(open(os.path.join(tmp_path, 'results.json')))
   again = transform_study.run(_config(tmp_path))
@@ -56,7 +56,7 @@ def test_proxy_only_mode_optimises_one_matrix_and_skips_rtn(tmp_path):
   c.matrix = 'up'
   results = transform_study.run(c)
   rows = results['proxy_only']['up']
-  assert list(rows) == ['cafeq-single', 'lu']
+  assert list(rows) == ['dense', 'lu']
   assert all(0 < r['proxy_ratio'] < 1 for r in rows.values())
   assert 'rows' not in results or not results['rows']  # no perplexity rows
 
@@ -88,3 +88,15 @@ def test_whole_recipe_rows_run_with_extra_seeds_and_the_table_gives_mean_and_std
   c.seeds = '0'
   with pytest.raises(ValueError, match='repeats config.seed=0'):
     transform_study.run(c)
+
+
+def test_study_rows_are_anchored_to_the_presets_they_measured():
+  spec = recipes.get('rtn').spec
+  # The preset is a row of the study (dense-300), and cafeq's transform is the base row.
+  assert transform_study.recipe_for('dense-300', spec).transform == (
+    recipes.PRESETS['cafeq-single'].transform
+  )
+  assert transform_study.recipe_for('dense', spec).transform.config == (
+    recipes.PRESETS['cafeq'].transform.config
+  )
+  assert study_config.BASE.steps == 150

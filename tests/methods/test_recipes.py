@@ -418,7 +418,11 @@ def test_presets_have_the_stages_their_docstring_entries_name():
   old = p['cafeq-pairs-sg']  # the cafeq of earlier releases
   assert old.pairs == R.PairTransforms() and old.transform == p['cafeq-sg'].transform
   assert p['cafeq'].pairs is None  # the best data-free recipe
-  assert p['cafeq'].transform == R.Learned(config=p['cafeq-single'].transform.config, share=True)
+  single = p['cafeq-single'].transform.config  # 300 steps; cafeq's transform takes 150
+  assert single.steps == 300
+  assert p['cafeq'].transform == R.Learned(
+    config=dataclasses.replace(single, steps=150), share=True
+  )
   assert p['cafeq'].transform.loss == 'frobenius'
   assert p['gptq'].statistics == R.Calibration(source='in-domain')
   assert p['gptq-offdomain'].statistics == R.Calibration(source='code')
