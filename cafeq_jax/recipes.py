@@ -615,9 +615,9 @@ _DENSE = optimize.TransformConfig(columns_per_step=256)
 _LEARNED = Learned(config=dataclasses.replace(_DENSE, steps=300))
 _SHARED_HADAMARD = Hadamard(block_size=64, share=True)
 # cafeq's transform: the 150-step one, one per param leaf (k/v and gate/up read one
-# input), as measured (experiments/configs/selfgen_study.py, README); under the
-# self-generated rounding the transform is not the bottleneck and already costs most
-# of cafeq's time. On the Frobenius proxy: the input-weighted loss ended higher on the
+# input), as measured (experiments/configs/selfgen_study.py, README): the transform
+# already costs most of cafeq's time, and 300 steps there were not measured. On the
+# Frobenius proxy: the input-weighted loss ended higher on the
 # self-generated layer loss; pair transforms folded first changed it by 2% at 170 s
 # more.
 _SHARED_LEARNED = Learned(config=_DENSE, share=True)

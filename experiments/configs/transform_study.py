@@ -25,9 +25,10 @@ from cafeq_jax.core import optimize
 # preset now); cafeq's learned transform is still this one, one per param leaf.
 BASE = optimize.TransformConfig(columns_per_step=256)
 
-# Rows of the ablation: name -> fields changed from BASE; None: plain RTN. The optional key 'rounding': 'gptq' rounds V = M W in GPTQ form
-# under H = M⁻ᵀ M⁻¹ (GPTQ(statistics=Frobenius()): still the Frobenius proxy, reads
-# no data). In the order they run (the study resumes row by row).
+# Rows of the ablation: name -> fields changed from BASE; None: plain RTN. The
+# optional key 'rounding': 'gptq' rounds V = M W in GPTQ form under H = M⁻ᵀ M⁻¹
+# (GPTQ(statistics=Frobenius()): still the Frobenius proxy, reads no data). In the
+# order they run (the study resumes row by row).
 VARIANTS = {
   'rtn': None,
   'dense': {},  # BASE as it is
