@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import platform
 import sys
+
+# The record is made under the OpenBLAS kernel pin of tests/conftest.py (why: there);
+# set here too for ``python -m tests.methods.preset_codes``, before jax loads.
+if platform.machine().lower() in ('x86_64', 'amd64'):
+  os.environ.setdefault('OPENBLAS_CORETYPE', 'Haswell')
 
 import jax
 import numpy as np
