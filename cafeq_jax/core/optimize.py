@@ -52,6 +52,7 @@ from cafeq_jax import enums
 from cafeq_jax import quantizer
 from cafeq_jax.core import proxy
 from cafeq_jax.core import transforms
+from cafeq_jax.core import xla_cpu
 
 
 class Optimizer(enum.StrEnum):
@@ -208,6 +209,13 @@ class TransformOptState:
       column subset when subsampling).
     key: PRNG key for the column subsets.
     step: int32 scalar, steps taken.
+    inverse: for a dense transform, ``(B, nb, k, k)`` inverse blocks of the
+      iterate the last step evaluated (at init, of the initial one): the warm start
+      of the next step's ``transforms.warm_inverse``. None for closed-form
+      inverses (rotation, LU).
+    inverse_fallbacks: for a dense transform, ``(B,)`` int32: per matrix, the
+      blocks that took the Gauss-Jordan inverse over the steps so far (the warm
+      start had not converged); None otherwise.
   """
 
   transform: transforms.LearnedTransform
@@ -219,6 +227,8 @@ class TransformOptState:
   last_loss: jax.Array
   key: jax.Array
   step: jax.Array
+  inverse: jax.Array | None = None
+  inverse_fallbacks: jax.Array | None = None
 
   def best_transform(self) -> transforms.LearnedTransform:
     return self.transform.with_trainable(self.best)
@@ -255,6 +265,7 @@ def stack_loss(
   *,
   ste: str | bool = 'round',
   sigma: jax.Array | None = None,
+  inverse: jax.Array | None = None,
 ) -> jax.Array:
   """Per-transform loss ``Σ_t ||W_bt - M_b⁻¹ Q(M_b W_bt)||²``: ``(B,)`` float32.
 
@@ -269,8 +280,19 @@ def stack_loss(
     w: ``(B, d_in, d_out)`` or ``(B, T, d_in, d_out)``.
     sigma: optional ``(B, nb_s, k_s, k_s)`` diagonal blocks of the input second
       moment of each entry (any block size dividing ``d_in``).
+    inverse: optional precomputed ``(B, nb, k, k)`` inverse blocks of a dense
+      transform (the optimiser's ``transforms.warm_inverse``), used as ``M⁻¹``
+      with its exact gradient (``transforms.inverse_given``).
   """
   w4 = _as_stack(jnp.asarray(w, jnp.float32))
+  if inverse is not None:
+    if not isinstance(transform, transforms.DenseTransform):
+      raise ValueError(f'inverse= is for dense transforms; got {type(transform).__name__}.')
+    m = transform.matrix()
+    m_inv = transforms.inverse_given(m, inverse)
+    v = transforms.apply_left(m[:, None], w4)
+    e = transforms.apply_left(m_inv[:, None], proxy.ste_quant(v, spec, ste) - v)
+    return _weighted_square(e, sigma)
   if sigma is not None or not isinstance(transform, transforms.BlockTransform):
     # ||M⁻¹ (Q(V) - V)||²: the residual form (no W - M⁻¹ M W cancellation).
     m, m_inv = transform.matrix_and_inverse()
@@ -318,6 +340,7 @@ def _check_sigma(sigma: jax.Array | None, w4: jax.Array) -> jax.Array | None:
 _stack_loss_jit = jax.jit(stack_loss, static_argnames=('spec', 'ste'))
 _rtn_loss_jit = jax.jit(proxy.rtn_loss, static_argnames=('spec',))
 _weighted_rtn_loss_jit = jax.jit(weighted_rtn_loss, static_argnames=('spec',))
+_inverse_jit = jax.jit(lambda t: t.inverse())
 
 
 def _check(w: jax.Array, spec: quantizer.QuantSpec, config: TransformConfig):
@@ -382,7 +405,16 @@ def init_state(
     last_loss=init_loss,
     key=jax.random.fold_in(key, 1),
     step=jnp.zeros((), jnp.int32),
+    **_warm_start(transform),
   )
+
+
+def _warm_start(transform: transforms.LearnedTransform) -> dict[str, jax.Array]:
+  """The state's warm-start inverse of a dense stack (and its fallback counts)."""
+  if not isinstance(transform, transforms.DenseTransform):
+    return {}
+  inverse = _inverse_jit(transform)
+  return dict(inverse=inverse, inverse_fallbacks=jnp.zeros(inverse.shape[:1], jnp.int32))
 
 
 def _keep_best(best, best_loss, cand, cand_loss):
@@ -407,12 +439,13 @@ def make_step(
   """
   opt = make_optimizer(config)
 
-  def objective(params, state, w4, sigma):
-    per = stack_loss(state.transform.with_trainable(params), w4, spec, ste=config.ste, sigma=sigma)
+  def objective(params, state, w4, sigma, inverse):
+    t = state.transform.with_trainable(params)
+    per = stack_loss(t, w4, spec, ste=config.ste, sigma=sigma, inverse=inverse)
     scale = jnp.maximum(state.rtn_loss, jnp.finfo(jnp.float32).tiny)
     return jnp.sum(per / scale), per
 
-  @jax.jit
+  @xla_cpu.hot_jit
   def step(
     state: TransformOptState, w: jax.Array, sigma: jax.Array | None = None
   ) -> TransformOptState:
@@ -425,7 +458,11 @@ def make_step(
     if subsample:
       cols = jax.random.permutation(sub, d_out)[:c]
       w4 = jnp.take(w4, cols, axis=-1)
-    (_, per), grads = jax.value_and_grad(objective, has_aux=True)(params, state, w4, sigma)
+    inverse, fallbacks = state.inverse, state.inverse_fallbacks
+    if inverse is not None:  # dense: the last step's inverse, refined (no elimination)
+      inverse, fell_back = transforms.warm_inverse(params['blocks'], inverse)
+      fallbacks = fallbacks + jnp.sum(fell_back, axis=-1, dtype=jnp.int32)
+    (_, per), grads = jax.value_and_grad(objective, has_aux=True)(params, state, w4, sigma, inverse)
     if not config.learn_scales:  # rotation only (TransformConfig checks)
       grads = dict(
         grads, log_row=jnp.zeros_like(grads['log_row']), log_col=jnp.zeros_like(grads['log_col'])
@@ -444,6 +481,8 @@ def make_step(
       last_loss=per,
       key=key,
       step=state.step + 1,
+      inverse=inverse,
+      inverse_fallbacks=fallbacks,
     )
 
   return step
@@ -456,7 +495,7 @@ def make_finalize(
   """Jitted ``finalize(state, w, sigma=None)``: evaluates the current iterate with
   the real ``quant_dequant`` (no STE) and keeps it if best."""
 
-  @jax.jit
+  @xla_cpu.hot_jit
   def finalize(
     state: TransformOptState, w: jax.Array, sigma: jax.Array | None = None
   ) -> TransformOptState:
@@ -514,7 +553,7 @@ def make_run_step(
   finalize = make_finalize(spec)
   every = config.eval_every
 
-  @jax.jit
+  @xla_cpu.hot_jit
   def step_with_eval(
     state: TransformOptState, w: jax.Array, sigma: jax.Array | None = None
   ) -> TransformOptState:

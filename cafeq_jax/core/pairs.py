@@ -57,6 +57,7 @@ from cafeq_jax import quantizer as qz
 from cafeq_jax.core import proxy
 from cafeq_jax.core import rounding
 from cafeq_jax.core import transforms
+from cafeq_jax.core import xla_cpu
 
 
 class PairKind(enum.StrEnum):
@@ -315,7 +316,7 @@ class PairOptConfig:
       )
 
 
-@functools.partial(jax.jit, static_argnames=('kind', 'geom', 'spec_a', 'spec_b', 'config'))
+@functools.partial(xla_cpu.hot_jit, static_argnames=('kind', 'geom', 'spec_a', 'spec_b', 'config'))
 def _optimize_jit(a, b, params0, kind, geom, spec_a, spec_b, config):
   def layer_fold(p, a_l, b_l):
     return fold(kind, geom, a_l, b_l, p)

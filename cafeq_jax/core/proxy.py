@@ -10,6 +10,7 @@ quantized loss and their gradient treats rounding as the identity.
 from __future__ import annotations
 
 import enum
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -58,12 +59,27 @@ def round_ste_quant(v: jax.Array, spec: quantizer.QuantSpec) -> jax.Array:
   ranges: ``v̂ - v = s · r`` with ``r`` the frozen rounding residual, so the
   optimiser learns to shrink the ranges (max - min) of the quantization groups.
 
+  For the plain uniform quantizer (no ``clip_search``, no GGML grid) the gradient
+  is written out (``_round_ste_plain``): the same values as autodiff of
+  ``round_ste_quant_autodiff`` (its backward on a ``(60, 576, 256)`` stack: 34 ms
+  against autodiff's 54 ms on a 2-core Xeon, ``core.xla_cpu`` options on both), and
+  finite on an all-zero asymmetric group (where autodiff's ``-v / s²`` at the floor
+  scale is ``0 · inf``, NaN).
+
   Args:
     v: ``(..., d_in, d_out)`` float32.
 
   Returns:
     ``(..., d_in, d_out)`` float32.
   """
+  v = jnp.asarray(v, jnp.float32)
+  if spec.clip_search or spec.ggml_type is not None:
+    return round_ste_quant_autodiff(v, spec)
+  return _round_ste_plain(v, spec)
+
+
+def round_ste_quant_autodiff(v: jax.Array, spec: quantizer.QuantSpec) -> jax.Array:
+  """``round_ste_quant`` as the formula, differentiated by JAX (any spec)."""
   v = jnp.asarray(v, jnp.float32)
   *lead, d_in, d_out = v.shape
   g = spec.effective_group_size(d_in)
@@ -75,6 +91,74 @@ def round_ste_quant(v: jax.Array, spec: quantizer.QuantSpec) -> jax.Array:
   u = u + jax.lax.stop_gradient(jnp.round(u) - u)
   q = jnp.clip(u + z, spec.qmin, spec.qmax)
   return ((q - z) * s).reshape(v.shape)
+
+
+def _tie_weight(x, bound, inside):
+  """d/dx of ``max(x, bound)`` (``inside``: x > bound) with JAX's tie rule: 1, ½ at
+  ``x == bound``, else 0 (``lax.max`` / ``lax.min`` split ties evenly)."""
+  return jnp.where(inside, 1.0, jnp.where(x == bound, 0.5, 0.0))
+
+
+def _plain_parts(v, spec):
+  """Grouped ``v`` ``(..., G, g, N)``; its scale and zero ``(..., G, N)`` (zero 0
+  when symmetric); ``u = v / s`` ``(..., G, g, N)``; ``u`` rounded by the STE plus
+  the zero (``qz``, before the clip); and the clipped codes ``q``."""
+  *lead, d_in, d_out = v.shape
+  g = spec.effective_group_size(d_in)
+  vg = v.reshape(*lead, d_in // g, g, d_out)
+  scale, zero = quantizer.compute_scale_zero(v, spec)
+  z = jnp.zeros_like(scale) if zero is None else zero
+  u = vg / scale[..., None, :]
+  qz = u + (jnp.round(u) - u) + z[..., None, :]
+  return vg, scale, z, u, qz, jnp.clip(qz, spec.qmin, spec.qmax)
+
+
+def _plain_value(v, spec):
+  _, scale, z, _, _, q = _plain_parts(v, spec)
+  return ((q - z[..., None, :]) * scale[..., None, :]).reshape(v.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _round_ste_plain(v: jax.Array, spec: quantizer.QuantSpec) -> jax.Array:
+  return _plain_value(v, spec)
+
+
+def _round_ste_plain_fwd(v, spec):
+  return _plain_value(v, spec), v
+
+
+def _round_ste_plain_bwd(spec, v, ct):
+  """The chain rule of ``round_ste_quant_autodiff`` by hand. With ``c`` the clip's
+  pass-through (1 inside ``[qmin, qmax]``, ½ on it, 0 beyond) and the STE's frozen
+  residual, ``∂v̂/∂v = c`` and ``∂v̂/∂s = (q - z) - c v / s``; ``s`` comes from the group
+  range ``[min(lo, 0), max(hi, 0)]`` (asymmetric) or ``max(|lo|, |hi|)``, and the
+  min / max hand their gradient to the entries attaining them, split over ties."""
+  vg, scale, z, u, qz, q = _plain_parts(v, spec)
+  g = ct.reshape(vg.shape)
+  qmin, qmax = float(spec.qmin), float(spec.qmax)
+  c = jnp.where((qz > qmin) & (qz < qmax), 1.0, jnp.where((qz == qmin) | (qz == qmax), 0.5, 0.0))
+  d_scale = jnp.sum(g * ((q - z[..., None, :]) - c * u), axis=-2)
+  lo, hi = vg.min(axis=-2), vg.max(axis=-2)
+  tiny = jnp.finfo(jnp.float32).tiny
+  if spec.symmetric:
+    amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    d_amax = d_scale * _tie_weight(amax / spec.qmax, tiny, amax / spec.qmax > tiny) / spec.qmax
+    d_lo = d_amax * _tie_weight(jnp.abs(lo), jnp.abs(hi), jnp.abs(lo) > jnp.abs(hi)) * jnp.sign(lo)
+    d_hi = d_amax * _tie_weight(jnp.abs(hi), jnp.abs(lo), jnp.abs(hi) > jnp.abs(lo)) * jnp.sign(hi)
+  else:
+    span = jnp.maximum(hi, 0.0) - jnp.minimum(lo, 0.0)
+    levels = qmax - qmin
+    d_span = d_scale * _tie_weight(span / levels, tiny, span / levels > tiny) / levels
+    d_lo = -d_span * _tie_weight(lo, 0.0, lo < 0.0)
+    d_hi = d_span * _tie_weight(hi, 0.0, hi > 0.0)
+  at_lo, at_hi = vg == lo[..., None, :], vg == hi[..., None, :]
+  d_lo = d_lo / jnp.sum(at_lo, axis=-2, dtype=jnp.float32)
+  d_hi = d_hi / jnp.sum(at_hi, axis=-2, dtype=jnp.float32)
+  dv = g * c + jnp.where(at_lo, d_lo[..., None, :], 0.0) + jnp.where(at_hi, d_hi[..., None, :], 0.0)
+  return (dv.reshape(v.shape),)
+
+
+_round_ste_plain.defvjp(_round_ste_plain_fwd, _round_ste_plain_bwd)
 
 
 def ste_quant(v: jax.Array, spec: quantizer.QuantSpec, ste: str | bool = 'round') -> jax.Array:

@@ -272,3 +272,30 @@ def test_identity_sigma_is_the_frobenius_loss_and_bad_sigma_is_refused():
     optimize.run(w, SPEC, CFG, jax.random.PRNGKey(0), sigma=eye[:, :, :16, :16])
   with pytest.raises(ValueError, match='NaN or inf'):
     optimize.run(w, SPEC, CFG, jax.random.PRNGKey(0), sigma=eye.at[0, 0, 0, 0].set(jnp.nan))
+
+
+@pytest.mark.parametrize('lr, falls_back', [(1e-2, False), (0.5, True)])
+def test_dense_steps_on_the_warm_inverse_follow_the_exact_inverse(lr, falls_back):
+  """The dense step's Newton-Schulz inverse (warm-started from the last step) against
+  the same step on the Gauss-Jordan inverse (a state without a warm start): same
+  trajectory to float32 rounding; Adam steps of 0.5 per entry take the fallback."""
+  w = _outlier_stack(seed=9)
+  cfg = dataclasses.replace(CFG, parameterization='dense', learning_rate=lr, steps=6)
+  step = optimize.make_step(SPEC, cfg)
+  warm = optimize.init_state(w, SPEC, cfg, jax.random.PRNGKey(0))
+  exact = warm.replace(inverse=None, inverse_fallbacks=None)
+  np.testing.assert_allclose(
+    np.asarray(warm.inverse), np.linalg.inv(np.asarray(warm.transform.blocks)), atol=1e-6
+  )
+  for _ in range(cfg.steps):
+    before = warm.transform.blocks
+    warm, exact = step(warm, w), step(exact, w)
+  np.testing.assert_allclose(
+    np.asarray(warm.inverse), np.linalg.inv(np.asarray(before, np.float64)), atol=5e-5
+  )
+  np.testing.assert_allclose(
+    np.asarray(warm.transform.blocks), np.asarray(exact.transform.blocks), rtol=1e-4, atol=1e-5
+  )
+  np.testing.assert_allclose(np.asarray(warm.best_loss), np.asarray(exact.best_loss), rtol=1e-4)
+  assert warm.inverse_fallbacks.shape == (w.shape[0],)
+  assert bool(np.any(np.asarray(warm.inverse_fallbacks) > 0)) == falls_back

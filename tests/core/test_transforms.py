@@ -182,3 +182,43 @@ def test_gauss_jordan_inverse_matches_numpy_in_chunks_and_whole():
   inv = np.linalg.inv(m.astype(np.float64))
   want = -np.swapaxes(inv, -1, -2) @ np.ones_like(inv) @ np.swapaxes(inv, -1, -2)
   np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-2, atol=1e-2)
+
+
+def _near_identity(seed: int, shape, scale: float) -> np.ndarray:
+  rng = np.random.default_rng(seed)
+  return (np.eye(shape[-1]) + scale * rng.standard_normal(shape)).astype(np.float32)
+
+
+def test_warm_inverse_reaches_the_exact_inverse_from_the_last_steps():
+  """From the inverse of a matrix one Adam step away (every entry moved by 2e-2),
+  three Newton-Schulz iterations give numpy's inverse; no block falls back."""
+  m0 = _near_identity(0, (2, 3, 64, 64), 0.05)
+  step = 0.02 * np.sign(np.random.default_rng(1).standard_normal(m0.shape)).astype(np.float32)
+  m1 = m0 + step
+  x, fell_back = transforms.warm_inverse(jnp.asarray(m1), jnp.asarray(np.linalg.inv(m0)))
+  assert not np.asarray(fell_back).any()
+  np.testing.assert_allclose(np.asarray(x), np.linalg.inv(m1.astype(np.float64)), atol=2e-5)
+
+
+def test_warm_inverse_falls_back_per_block_and_blocks_stay_independent():
+  m = jnp.asarray(_near_identity(2, (4, 32, 32), 0.1))
+  good = jnp.asarray(np.linalg.inv(np.asarray(m)))
+  bad = good.at[2].set(0.0)  # X = 0 is a fixed point of Newton-Schulz: no convergence
+  x_good, fb_good = transforms.warm_inverse(m, good)
+  x_bad, fb_bad = transforms.warm_inverse(m, bad)
+  np.testing.assert_array_equal(np.asarray(fb_good), [False] * 4)
+  np.testing.assert_array_equal(np.asarray(fb_bad), [False, False, True, False])
+  np.testing.assert_array_equal(
+    np.asarray(x_bad[2]), np.asarray(transforms.gauss_jordan_inverse(m[2:3]))[0]
+  )
+  for b in (0, 1, 3):  # the other blocks are untouched by the fallback
+    np.testing.assert_array_equal(np.asarray(x_bad[b]), np.asarray(x_good[b]))
+
+
+def test_inverse_given_has_the_gradient_of_the_matrix_inverse():
+  m = jnp.asarray(_near_identity(3, (2, 16, 16), 0.2))
+  g = jnp.asarray(np.random.default_rng(4).standard_normal(m.shape).astype(np.float32))
+  inv = jnp.linalg.inv(m)
+  got = jax.grad(lambda a: jnp.sum(g * transforms.inverse_given(a, inv)))(m)
+  want = jax.grad(lambda a: jnp.sum(g * jnp.linalg.inv(a)))(m)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
