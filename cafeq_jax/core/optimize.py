@@ -605,8 +605,8 @@ def run(
       ``(step_fn, state, num_steps, *, args=(w,), callback=...) -> state``
       (default ``plain_loop``). It must return the state after ``config.steps``
       steps as ordinary arrays; sharded, checkpointed and multi-process loops
-      built by ``methods.run_options.RunOptions`` do, and then give the same
-      codes (transforms equal to float32 rounding) as the plain loop.
+      built by ``methods.run_options.RunOptions`` do, each step equal to the
+      plain loop's to float32 rounding (see ``methods.api.quantize``).
     unit_keys: optional ``(B,)`` per-matrix init keys (see ``init_state``).
     sigma: optional ``(B, nb, k, k)`` diagonal blocks of each entry's input second
       moment: minimise the input-weighted loss ``tr(Eᵀ Σ E)`` instead (a constant

@@ -1,11 +1,12 @@
 """How a method runs, not what it computes: devices, processes, checkpoints, memory.
 
 ``RunOptions`` is the run-level counterpart of a ``Recipe``: it never changes
-the quantized model (same codes; learned transforms equal to float32 rounding),
-only where and how the learned-transform optimisation (``core.optimize.run``)
-runs. ``RunOptions.loop(unit)`` builds the ``loop`` handed to
-``core.optimize.run`` for one *unit*, a stack of same-shape matrices optimised
-together:
+what is computed (every step equal to float32 rounding; same codes on the tests'
+tiny models; on a real model the last bits can grow over many steps, see
+``methods.api.quantize``), only where and how the learned-transform
+optimisation (``core.optimize.run``) runs. ``RunOptions.loop(unit)`` builds
+the ``loop`` handed to ``core.optimize.run`` for one *unit*, a stack of
+same-shape matrices optimised together:
 
 * ``mesh``: the stack is laid out along the mesh axis ``'stack'`` with
   ``NamedSharding`` and every step is one GSPMD program
