@@ -2,7 +2,9 @@
 the integer codes exactly, the float parts to ``FLOAT_RTOL`` of their norm.
 
 ``python -m tests.methods.preset_codes tests/methods/data/preset_codes.json`` rewrites
-the record; ``test_preset_codes.py`` checks the presets still give these codes.
+the record (``--variant FILE CASE ...`` adds this machine's digests of some cases to
+the per-CPU variants file instead); ``test_preset_codes.py`` checks the presets still
+give these codes.
 """
 
 from __future__ import annotations
@@ -125,6 +127,38 @@ def compute() -> dict[str, dict[str, str]]:
   return out
 
 
+def compute_cases(names) -> dict[str, dict]:
+  """``compute`` for the named cases only (the generator runs as far as the last)."""
+  names, out = set(names), {}
+  for case, cfg, params, recipe, tokens in cases():
+    if case in names:
+      q, _ = quantize(params, cfg, recipe, jax.random.PRNGKey(0), calib_tokens=tokens)
+      out[case] = digest(q)
+      if len(out) == len(names):
+        break
+  if unknown := names - set(out):
+    raise SystemExit(f'unknown cases: {sorted(unknown)}')
+  return out
+
+
+def add_variants(path: str, names) -> None:
+  """Appends this machine's digests of ``names`` to the per-CPU variants file."""
+  variants = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      variants = json.load(f)
+  for case, d in compute_cases(names).items():
+    if d not in variants.setdefault(case, []):
+      variants[case].append(d)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(variants, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
 if __name__ == '__main__':
-  with open(sys.argv[1], 'w') as f:
-    json.dump(compute(), f, indent=1, sort_keys=True)
+  if sys.argv[1] == '--variant':  # --variant FILE CASE ...
+    add_variants(sys.argv[2], sys.argv[3:])
+  else:
+    with open(sys.argv[1], 'w') as f:
+      json.dump(compute(), f, indent=1, sort_keys=True)

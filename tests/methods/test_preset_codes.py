@@ -14,6 +14,18 @@ AVX-512 machines alike. The slow ``tiny_gemma2`` cases are exact on the recordin
 machine only: that random tiny model's near-uniform logits put its self-generated
 tokens on near-ties (an 1e-7 difference in a sum picks another token, hence other
 statistics and codes), and a few of its transformed weights sit on rounding ties.
+
+The pin is not enough everywhere: on a 2-core AMD EPYC with AVX-512 the default
+``gptq`` and ``gptq-offdomain`` cases flip codes of two layer-1 MLP leaves under it
+(and give the record under ``OPENBLAS_CORETYPE=SkylakeX``, ``Sandybridge`` or
+``Prescott``; the Intel AVX-512 machine gave it only under the pin): GPTQ's
+Cholesky on the tests' 48 calibration tokens is ill-conditioned enough that
+OpenBLAS's blocking, which also follows the cache sizes, moves a weight across a
+rounding tie. ``data/preset_codes_variants.json`` holds, per case, the digests such
+a machine gives (``python -m tests.methods.preset_codes --variant
+tests/methods/data/preset_codes_variants.json CASE ...`` adds this machine's); a
+case passes when it matches the record or one of them. An intended change of the
+codes regenerates the record and empties the variants file.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from cafeq_jax import recipes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECORD = os.path.join(HERE, 'data', 'preset_codes.json')
+VARIANTS = os.path.join(HERE, 'data', 'preset_codes_variants.json')
 sys.path.insert(0, HERE)
 import preset_codes  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -44,6 +57,14 @@ REGENERATE = (
 
 def _record() -> dict[str, dict[str, str]]:
   with open(RECORD) as f:
+    return json.load(f)
+
+
+def _variants() -> dict[str, list[dict]]:
+  """Per case, the digests other CPUs give (see the module docstring)."""
+  if not os.path.exists(VARIANTS):
+    return {}
+  with open(VARIANTS) as f:
     return json.load(f)
 
 
@@ -78,6 +99,11 @@ def test_record_covers_every_case_the_generator_makes():
   ]
   assert sorted(record) == sorted(names)
   assert sum(c.startswith(DEFAULT_PREFIX) for c in record) == len(recipes.PRESETS) == 13
+  variants = _variants()
+  assert set(variants) <= set(record)
+  for case, digests in variants.items():  # a variant differs from the record, in codes
+    assert digests and all(set(d) == set(record[case]) for d in digests), case
+    assert all(any(preset_codes.differs(d[k], record[case][k]) for k in d) for d in digests)
 
 
 def _mismatch_message(case, got, want) -> str:
@@ -102,8 +128,14 @@ def test_preset_codes_match_the_record(case):
   assert recipe.spec.name == case.split('/')[1] and recipe.name == case.split('/')[2]
   q, _ = methods.quantize(params, cfg, recipe, jax.random.PRNGKey(0), calib_tokens=tokens)
   got = preset_codes.digest(q)
-  same = set(got) == set(want) and not any(preset_codes.differs(got[k], want[k]) for k in got)
-  assert same, _mismatch_message(case, got, want)
+
+  def same(want):
+    return set(got) == set(want) and not any(preset_codes.differs(got[k], want[k]) for k in got)
+
+  variants = _variants().get(case, [])
+  assert same(want) or any(same(v) for v in variants), _mismatch_message(case, got, want) + (
+    f'\n  ({len(variants)} per-CPU variants in {VARIANTS} differ too.)' if variants else ''
+  )
 
 
 def _leaf(exact: str, *floats) -> dict:
