@@ -23,6 +23,7 @@ if platform.machine().lower() in ('x86_64', 'amd64'):
 import jax
 import numpy as np
 
+from cafeq_jax import atomic
 from cafeq_jax import recipes
 from cafeq_jax.methods import quantize
 from cafeq_jax.models import PRESETS
@@ -119,24 +120,17 @@ def cases():
         yield f'{model}/{recipe.spec.name}/{name}', cfg, params, recipe, tokens
 
 
-def compute() -> dict[str, dict[str, str]]:
-  out = {}
+def compute(names=None) -> dict[str, dict]:
+  """Every case's digest, or only the cases ``names`` (the generator then runs as
+  far as the last of them)."""
+  wanted, out = None if names is None else set(names), {}
   for case, cfg, params, recipe, tokens in cases():
-    q, _ = quantize(params, cfg, recipe, jax.random.PRNGKey(0), calib_tokens=tokens)
-    out[case] = digest(q)
-  return out
-
-
-def compute_cases(names) -> dict[str, dict]:
-  """``compute`` for the named cases only (the generator runs as far as the last)."""
-  names, out = set(names), {}
-  for case, cfg, params, recipe, tokens in cases():
-    if case in names:
+    if wanted is None or case in wanted:
       q, _ = quantize(params, cfg, recipe, jax.random.PRNGKey(0), calib_tokens=tokens)
       out[case] = digest(q)
-      if len(out) == len(names):
+      if wanted is not None and len(out) == len(wanted):
         break
-  if unknown := names - set(out):
+  if wanted is not None and (unknown := wanted - set(out)):
     raise SystemExit(f'unknown cases: {sorted(unknown)}')
   return out
 
@@ -147,13 +141,10 @@ def add_variants(path: str, names) -> None:
   if os.path.exists(path):
     with open(path) as f:
       variants = json.load(f)
-  for case, d in compute_cases(names).items():
+  for case, d in compute(names).items():
     if d not in variants.setdefault(case, []):
       variants[case].append(d)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(variants, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+  atomic.write_text(path, json.dumps(variants, indent=1, sort_keys=True))
 
 
 if __name__ == '__main__':
