@@ -493,14 +493,24 @@ def make_finalize(
   spec: quantizer.QuantSpec,
 ) -> Callable[[TransformOptState, jax.Array], TransformOptState]:
   """Jitted ``finalize(state, w, sigma=None)``: evaluates the current iterate with
-  the real ``quant_dequant`` (no STE) and keeps it if best."""
+  the real ``quant_dequant`` (no STE) and keeps it if best.
+
+  A dense iterate's ``M⁻¹`` is the steps' own: ``transforms.warm_inverse`` from
+  the state's inverse of the previous iterate (Gauss-Jordan only for blocks where
+  Newton-Schulz does not converge), not a fresh elimination of every block, which
+  cost more than a whole step. The state's inverse is left as it was, so the
+  steps (and so the iterates) are the same whether or when this runs.
+  """
 
   @xla_cpu.hot_jit
   def finalize(
     state: TransformOptState, w: jax.Array, sigma: jax.Array | None = None
   ) -> TransformOptState:
     params = state.transform.trainable()
-    per = stack_loss(state.transform, w, spec, ste=False, sigma=sigma)
+    inverse = None
+    if state.inverse is not None:
+      inverse, _ = transforms.warm_inverse(params['blocks'], state.inverse)
+    per = stack_loss(state.transform, w, spec, ste=False, sigma=sigma, inverse=inverse)
     best, best_loss = _keep_best(state.best, state.best_loss, params, per)
     return state.replace(best=best, best_loss=best_loss, last_loss=per)
 

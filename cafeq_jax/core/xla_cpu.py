@@ -17,6 +17,7 @@ know an option (it raises when compiling) just runs without it.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any
 from typing import Callable
 
@@ -49,13 +50,16 @@ def hot_jit(fn: Callable, **jit_kwargs) -> Callable:
   compile options at the top level only, so there the outer jit's apply.
   """
   jitted: dict[bool, Callable] = {}
+  lock = threading.Lock()  # one jit per kind, also when threads call first together
 
   @functools.wraps(fn)
   def call(*args, **kwargs):
     nested = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs)))
     if nested not in jitted:
-      opts = None if nested else (options() or None)
-      jitted[nested] = jax.jit(fn, compiler_options=opts, **jit_kwargs)
+      with lock:
+        if nested not in jitted:
+          opts = None if nested else (options() or None)
+          jitted[nested] = jax.jit(fn, compiler_options=opts, **jit_kwargs)
     return jitted[nested](*args, **kwargs)
 
   return call

@@ -30,6 +30,17 @@ same-shape matrices optimised together:
   process sees: NFS / Filestore).
 * ``layers_per_chunk``: ``methods.quantize`` quantizes that many layers at a
   time (``methods.layerwise``).
+* ``stack_chunk`` / ``threads`` (plain loops only: no mesh, checkpoints or
+  process split): every stack is optimised as independent chunks of
+  ``stack_chunk`` units, ``threads`` chunks at a time from Python threads on
+  the default device. Each unit's optimisation depends on its own matrix, key
+  and the stack's shape key only, so the chunks' results are the whole stack's
+  bit for bit. On XLA:CPU this is what uses the cores: the step's batched
+  64 x 64 block matmuls run on one core however many the host has, executions
+  from two threads run side by side, and a chunk's buffers stay in cache (a
+  SmolLM2 step of every stack of ``cafeq-single`` on a 2-core Xeon: 925 ms whole,
+  574 ms in chunks of 2 on one thread, 337 ms from 2 threads;
+  ``python -m experiments.bench_transform_step``).
 """
 
 from __future__ import annotations
@@ -49,6 +60,14 @@ from cafeq_jax.core import optimize
 
 PyTree = Any
 RUN_FILE = 'run.json'
+# Units per chunk of a stack on XLA:CPU (``RunOptions.stack_chunk``): on SmolLM2's
+# stacks at 256 columns per step, 2 was the fastest of 2, 4 and 8 with 2 threads on a
+# 2-core Xeon (337, 398 and 536 ms per step of every stack of cafeq-single;
+# experiments/bench_transform_step.py). A chunk
+# of one unit would compile to another program (XLA drops the unit axis, and the
+# last float bits differ from the whole stack's), so chunks hold at least two.
+CPU_STACK_CHUNK = 2
+MIN_STACK_CHUNK = 2
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,6 +90,13 @@ class RunOptions:
       the host (``methods.layerwise``); None: all layers at once.
     callback: ``callback(unit, step, state)`` after every optimisation step
       (progress, logging; the state is the loop's: possibly sharded / padded).
+      On a chunked stack ``unit`` names the chunk (``'<unit>[a:b]'``, units ``a``
+      to ``b - 1``) and the callback runs on the chunk's thread.
+    stack_chunk: units per optimisation program of a plain loop (at least
+      ``MIN_STACK_CHUNK``); None: ``CPU_STACK_CHUNK`` on a CPU backend, the whole
+      stack elsewhere (accelerators like wide batches).
+    threads: chunks optimised at a time (Python threads dispatching to the default
+      device); None: ``os.cpu_count()`` on a CPU backend, 1 elsewhere.
   """
 
   mesh: Any = None
@@ -81,6 +107,8 @@ class RunOptions:
   split_processes: bool | None = None
   layers_per_chunk: int | None = None
   callback: Callable[[str, int, PyTree], None] | None = None
+  stack_chunk: int | None = None
+  threads: int | None = None
 
   def __post_init__(self):
     if self.mesh is not None and not isinstance(self.mesh, jax.sharding.Mesh):
@@ -102,6 +130,11 @@ class RunOptions:
       raise ValueError(
         f'layers_per_chunk={self.layers_per_chunk!r} must be None or a positive int.'
       )
+
+    for name, low in (('stack_chunk', MIN_STACK_CHUNK), ('threads', 1)):
+      v = getattr(self, name)
+      if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+        raise ValueError(f'{name}={v!r} must be None or an int >= {low}.')
 
   def replace(self, **kwargs) -> RunOptions:
     return dataclasses.replace(self, **kwargs)
@@ -146,6 +179,28 @@ class RunOptions:
         except ValueError:
           pass  # validate_sharding names the stack
       mesh_lib.validate_sharding(shape, rows_spec, block_size, self.mesh, allow_pad=pad)
+
+  def chunks(self, n: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` chunks of a stack of ``n`` units: ``stack_chunk``
+    units each, a last single unit joined to the chunk before; one chunk, the whole
+    stack, whenever the loop is not the plain one."""
+    if self.mesh is not None or self.checkpoint_dir is not None or self._split():
+      return [(0, n)]
+    size = self.stack_chunk
+    if size is None:
+      size = CPU_STACK_CHUNK if jax.default_backend() == 'cpu' else n
+    bounds = list(range(0, n, max(size, 1))) + [n]
+    if len(bounds) > 2 and n - bounds[-2] < MIN_STACK_CHUNK:
+      del bounds[-2]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+  def num_threads(self, num_chunks: int) -> int:
+    """Threads for ``num_chunks`` chunks: ``threads`` (default: the CPU count on a
+    CPU backend, else 1), at most one per chunk."""
+    t = self.threads
+    if t is None:
+      t = (os.cpu_count() or 1) if jax.default_backend() == 'cpu' else 1
+    return max(1, min(t, num_chunks))
 
   def _split(self) -> bool:
     if self.split_processes is not None:

@@ -8,6 +8,9 @@ optimised together in one jitted step (``core.optimize``).
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
+import math
 import time
 from typing import Mapping
 
@@ -141,7 +144,8 @@ def transforms_for(
   by_shape = unit_stacks({n: tuple(m.shape[-2:]) for n, m in mats.items()}, layers, stage.share)
   if learn:  # every stack checked against the mesh before any work
     run.validate([(len(e), *shape) for shape, e in by_shape.items()], spec, stage.block_size)
-  out, init_losses, timings = {}, {}, {}
+  timings: dict[str, float] = {}
+  results, jobs = {}, []
   for shape, entries in sorted(by_shape.items()):
     t0 = time.perf_counter()
     # (B, T, d_in, d_out)
@@ -154,38 +158,130 @@ def transforms_for(
         unit_keys
       )
       m_inv = jnp.swapaxes(m, -1, -2)
-      init = None
-    else:
-      cfg = stage.config
-      k = _shape_key(key, shape)
-      unit = 'single_' + 'x'.join(map(str, shape))
+      results[shape] = jax.block_until_ready((m, m_inv)) + (None,)
+      timings[_shape_name(shape)] = time.perf_counter() - t0
+      continue
+    unit = 'single_' + 'x'.join(map(str, shape))
+    s = jnp.stack([sigma[(layer, names[0])] for names, layer in entries]) if weighted else None
+    fingerprint = None
+    if run.checkpoint_dir is not None:
       glob = [(names, layer + layer_offset) for names, layer in entries]
-      s = jnp.stack([sigma[(layer, names[0])] for names, layer in entries]) if weighted else None
-      fingerprint = (
-        _fingerprint(unit, w, spec, cfg, key, glob, s) if run.checkpoint_dir is not None else None
-      )
-      best, state = optimize.run(
+      fingerprint = _fingerprint(unit, w, spec, stage.config, key, glob, s)
+    jobs.append(
+      _Stack(
+        shape,
+        unit,
         w,
-        spec,
-        cfg,
-        k,
-        progress=progress,
-        loop=run.loop(unit, fingerprint),
-        unit_keys=unit_keys,
-        sigma=s,
+        unit_keys,
+        s,
+        _shape_key(key, shape),
+        fingerprint,
+        run.chunks(len(w)),
       )
-      m, m_inv = jax.jit(lambda t: t.matrix_and_inverse())(best)
-      init = np.asarray(state.init_loss)
-    m, m_inv = jax.block_until_ready((m, m_inv))
-    timings[f'{shape[-2]}x{shape[-1]}' + (f'x{shape[0]}' if shape[0] > 1 else '')] = (
-      time.perf_counter() - t0
     )
+  if jobs:
+    results.update(_learn_stacks(jobs, spec, stage.config, run, progress, timings))
+  out, init_losses = {}, {}
+  for shape, entries in by_shape.items():
+    m, m_inv, init = results[shape]
     for b, (names, layer) in enumerate(entries):
       for n in names:
         out[(layer, n)] = (m[b], m_inv[b])
         if init is not None:
           init_losses[(layer, n)] = float(init[b]) / len(names)
   return out, init_losses, timings
+
+
+def _shape_name(shape: tuple[int, int, int]) -> str:
+  return f'{shape[-2]}x{shape[-1]}' + (f'x{shape[0]}' if shape[0] > 1 else '')
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stack:
+  """One stack of units to learn transforms for, and its chunks (``RunOptions.chunks``)."""
+
+  shape: tuple[int, int, int]
+  unit: str
+  w: jax.Array  # (B, T, d_in, d_out)
+  unit_keys: jax.Array  # (B,)
+  sigma: jax.Array | None  # (B, nb, k, k)
+  key: jax.Array  # the shape's key (column subsets)
+  fingerprint: dict | None
+  chunks: list[tuple[int, int]]
+
+
+@jax.jit
+def _matrix_and_inverse(t: transforms.LearnedTransform) -> tuple[jax.Array, jax.Array]:
+  return t.matrix_and_inverse()
+
+
+def _learn_stacks(jobs, spec, cfg, run, progress, timings):
+  """``shape -> (M, M⁻¹, init_loss)`` of every stack of ``jobs``.
+
+  Every chunk of every stack is one ``optimize.run``; with more than one chunk in
+  all they share one pool of ``run.num_threads`` threads (every stack's first
+  chunk, then the largest chunks first), so that one stack's compilation and last
+  chunks overlap another's steps. Results
+  do not depend on the order: a chunk's units are optimised as in the whole stack.
+  ``timings`` gets, per shape, the seconds its chunks ran (summed: concurrent chunks
+  overlap, so over shapes these can exceed the wall time).
+  """
+  tasks = [(j, a, b) for j in jobs for a, b in j.chunks]
+  single = len(tasks) == 1
+
+  def one(job: _Stack, a: int, b: int):
+    t0 = time.perf_counter()
+    name = job.unit if len(job.chunks) == 1 else f'{job.unit}[{a}:{b}]'
+    best, state = optimize.run(
+      job.w[a:b],
+      spec,
+      cfg,
+      job.key,
+      progress=progress and len(job.chunks) == 1,
+      loop=run.loop(name, job.fingerprint),
+      unit_keys=job.unit_keys[a:b],
+      sigma=None if job.sigma is None else job.sigma[a:b],
+    )
+    out = jax.block_until_ready((*_matrix_and_inverse(best), state.init_loss))
+    return out, time.perf_counter() - t0
+
+  if single:
+    done = [one(*tasks[0])]
+  else:
+    # Each stack's first chunk before any other of its shape (concurrent first calls
+    # of one jit would each compile it), then the largest chunks first.
+    first = {}
+    for i, (job, _, _) in enumerate(tasks):
+      first.setdefault(id(job), i)
+    order = sorted(
+      range(len(tasks)), key=lambda i: (i not in first.values(), -_chunk_cost(tasks[i]))
+    )
+    bar = None
+    if progress:
+      import tqdm  # pylint: disable=g-import-not-at-top
+
+      bar = tqdm.tqdm(total=len(tasks), desc='transforms (chunks)', leave=False)
+    with concurrent.futures.ThreadPoolExecutor(run.num_threads(len(tasks))) as pool:
+      futures = {i: pool.submit(one, *tasks[i]) for i in order}
+      if bar is not None:
+        for _ in concurrent.futures.as_completed(futures.values()):
+          bar.update(1)
+        bar.close()
+      done = [futures[i].result() for i in range(len(tasks))]
+  results, i = {}, 0
+  for job in jobs:
+    parts = done[i : i + len(job.chunks)]
+    i += len(job.chunks)
+    m, m_inv, init = (jnp.concatenate(x) for x in zip(*(p for p, _ in parts)))
+    results[job.shape] = (m, m_inv, np.asarray(init))
+    timings[_shape_name(job.shape)] = sum(t for _, t in parts)
+  return results
+
+
+def _chunk_cost(task) -> int:
+  """Work of a chunk, for scheduling: units x matrices x d_in x d_out."""
+  job, a, b = task
+  return (b - a) * math.prod(job.shape)
 
 
 @jax.jit

@@ -299,3 +299,23 @@ def test_dense_steps_on_the_warm_inverse_follow_the_exact_inverse(lr, falls_back
   np.testing.assert_allclose(np.asarray(warm.best_loss), np.asarray(exact.best_loss), rtol=1e-4)
   assert warm.inverse_fallbacks.shape == (w.shape[0],)
   assert bool(np.any(np.asarray(warm.inverse_fallbacks) > 0)) == falls_back
+
+
+def test_finalize_evaluates_on_the_warm_inverse_and_leaves_the_steps_alone():
+  """``make_finalize`` on a dense state mid-run: its loss is the Gauss-Jordan loss of
+  the iterate (``stack_loss`` without a warm inverse) to float32 rounding, and the
+  state's inverse (the next step's warm start) is what it was."""
+  w = _outlier_stack(seed=11)
+  cfg = dataclasses.replace(CFG, parameterization='dense', columns_per_step=8, steps=7)
+  step = optimize.make_step(SPEC, cfg)
+  state = optimize.init_state(w, SPEC, cfg, jax.random.PRNGKey(0))
+  state = state.replace(key=optimize._typed_key(state.key))
+  for _ in range(cfg.steps):
+    state = step(state, w)
+  done = optimize.make_finalize(SPEC)(state, w)
+  exact = optimize.stack_loss(state.transform, w, SPEC, ste=False)
+  np.testing.assert_allclose(np.asarray(done.last_loss), np.asarray(exact), rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(done.inverse), np.asarray(state.inverse))
+  np.testing.assert_array_equal(
+    np.asarray(step(done, w).transform.blocks), np.asarray(step(state, w).transform.blocks)
+  )

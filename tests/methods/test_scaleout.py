@@ -21,6 +21,7 @@ import pytest
 
 from cafeq_jax import checkpointing
 from cafeq_jax import methods
+from cafeq_jax import models
 from cafeq_jax import quantizer
 from cafeq_jax import recipes
 from cafeq_jax.distributed import make_mesh
@@ -200,3 +201,45 @@ def test_sigkilled_quantize_resumes_to_the_uninterrupted_model(tmp_path):
   assert r['steps_seen'].tolist() == [f'{second}:{i}' for i in (3, 4, 5, 6)]
   assert checkpointing.finalized_steps(ckpt / second) == [4, 6]
   _assert_same_model(_model_leaves(r, 'resumed'), _model_leaves(r, 'plain'), atol=0)
+
+
+@pytest.mark.parametrize('share', [False, True])
+def test_stacks_in_chunks_on_threads_give_the_whole_stacks_model(share):
+  """``RunOptions.stack_chunk`` / ``threads``: a stack optimised as chunks (even and
+  uneven, on one thread and side by side on three) gives the whole stack's codes,
+  scales and transform losses bit for bit; with ``share`` a unit holds two matrices."""
+  cfg = dataclasses.replace(models.get_config('tiny_llama'), num_layers=5)
+  shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.PRNGKey(0)))
+  rng = np.random.default_rng(3)
+  params = jax.tree.map(lambda s: (0.02 * rng.laplace(size=s.shape)).astype(np.float32), shapes)
+  recipe = recipes.override(
+    worker.RECIPE,
+    {'matrices': ('q', 'k', 'v', 'o', 'gate', 'up', 'down'), 'transform.share': share},
+  )
+  whole_opts = methods.RunOptions(stack_chunk=10**6, threads=1)
+  assert whole_opts.chunks(10) == [(0, 10)]
+  whole, whole_report = methods.quantize(params, cfg, recipe, run_options=whole_opts)
+  ref = worker.flatten(whole)
+  for chunk, threads in ((2, 1), (3, 3)):
+    opts = methods.RunOptions(stack_chunk=chunk, threads=threads)
+    q, report = methods.quantize(params, cfg, recipe, run_options=opts)
+    got = worker.flatten(q)
+    assert got.keys() == ref.keys()
+    for k in ref:
+      np.testing.assert_array_equal(got[k], ref[k], err_msg=f'{k} chunk={chunk}')
+    assert report.per_matrix == whole_report.per_matrix
+
+
+def test_chunks_follow_the_backend_and_the_loop():
+  opts = methods.RunOptions()
+  if jax.default_backend() == 'cpu':
+    assert opts.chunks(6) == [(0, 2), (2, 4), (4, 6)]
+  assert methods.RunOptions(stack_chunk=2).chunks(5) == [(0, 2), (2, 5)]  # no chunk of 1
+  assert methods.RunOptions(stack_chunk=3).chunks(8) == [(0, 3), (3, 6), (6, 8)]
+  assert methods.RunOptions(stack_chunk=2).chunks(1) == [(0, 1)]
+  mesh = make_mesh(devices=jax.devices()[:1])
+  assert methods.RunOptions(mesh=mesh, stack_chunk=2).chunks(5) == [(0, 5)]
+  assert methods.RunOptions(threads=4).num_threads(2) == 2
+  for field, bad in (('stack_chunk', 1), ('stack_chunk', True), ('threads', 0), ('threads', 1.5)):
+    with pytest.raises(ValueError, match=f'{field}='):
+      methods.RunOptions(**{field: bad})
