@@ -263,11 +263,18 @@ def _learn_stacks(jobs, spec, cfg, run, progress, timings):
       bar = tqdm.tqdm(total=len(tasks), desc='transforms (chunks)', leave=False)
     with concurrent.futures.ThreadPoolExecutor(run.num_threads(len(tasks))) as pool:
       futures = {i: pool.submit(one, *tasks[i]) for i in order}
-      if bar is not None:
-        for _ in concurrent.futures.as_completed(futures.values()):
-          bar.update(1)
-        bar.close()
-      done = [futures[i].result() for i in range(len(tasks))]
+      try:
+        for f in concurrent.futures.as_completed(futures.values()):
+          f.result()  # the first failure stops the rest
+          if bar is not None:
+            bar.update(1)
+        done = [futures[i].result() for i in range(len(tasks))]
+      except BaseException:  # an error or Ctrl-C: the chunks not started never start
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+      finally:
+        if bar is not None:
+          bar.close()
   results, i = {}, 0
   for job in jobs:
     parts = done[i : i + len(job.chunks)]

@@ -243,3 +243,28 @@ def test_chunks_follow_the_backend_and_the_loop():
   for field, bad in (('stack_chunk', 1), ('stack_chunk', True), ('threads', 0), ('threads', 1.5)):
     with pytest.raises(ValueError, match=f'{field}='):
       methods.RunOptions(**{field: bad})
+
+
+def test_a_failing_chunk_stops_the_chunks_not_started(monkeypatch):
+  """An error in one chunk (a killed step, bad input found late) surfaces at once and
+  the chunks still queued never start."""
+  from cafeq_jax.core import optimize  # pylint: disable=g-import-not-at-top
+
+  cfg = dataclasses.replace(models.get_config('tiny_llama'), num_layers=8)
+  shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.PRNGKey(0)))
+  params = jax.tree.map(lambda s: np.full(s.shape, 0.01, np.float32), shapes)
+  calls = []
+  real = optimize.run
+
+  def failing(w, *args, **kwargs):
+    calls.append(w.shape[0])
+    if len(calls) == 1:
+      raise RuntimeError('chunk failed')
+    return real(w, *args, **kwargs)
+
+  monkeypatch.setattr(optimize, 'run', failing)
+  opts = methods.RunOptions(stack_chunk=2, threads=1)
+  recipe = recipes.override(worker.RECIPE, {'matrices': ('down',)})
+  with pytest.raises(RuntimeError, match='chunk failed'):
+    methods.quantize(params, cfg, recipe, run_options=opts)
+  assert len(calls) < len(opts.chunks(cfg.num_layers))
