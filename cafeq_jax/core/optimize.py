@@ -343,7 +343,9 @@ _weighted_rtn_loss_jit = jax.jit(weighted_rtn_loss, static_argnames=('spec',))
 _inverse_jit = jax.jit(lambda t: t.inverse())
 
 
-def _check(w: jax.Array, spec: quantizer.QuantSpec, config: TransformConfig):
+def check_stack(w: jax.Array, spec: quantizer.QuantSpec, config: TransformConfig) -> jax.Array:
+  """``w`` as a ``(B, T, d_in, d_out)`` stack, or the ValueError naming what ``run``
+  cannot take (shape, group size, NaN / inf weights, block size)."""
   w4 = _as_stack(w)
   quantizer.validate_weight(w4, spec)
   transforms.check_block_size(w4.shape[-2], config.block_size)
@@ -370,7 +372,7 @@ def init_state(
     sigma: optional ``(B, nb, k, k)`` input second-moment blocks: the losses (and
       the RTN normaliser) are input-weighted (see ``stack_loss``).
   """
-  w4 = _check(w, spec, config)
+  w4 = check_stack(w, spec, config)
   sigma = _check_sigma(sigma, w4)
   init = functools.partial(
     transforms.init_transform,
@@ -627,7 +629,7 @@ def run(
     ``(B,)``) and the final state (``state.best_loss``, ``state.init_loss``,
     ``state.rtn_loss`` hold ``(B,)`` losses).
   """
-  w4 = jnp.asarray(_check(w, spec, config), jnp.float32)
+  w4 = jnp.asarray(check_stack(w, spec, config), jnp.float32)
   sigma = None if sigma is None else jnp.asarray(sigma, jnp.float32)  # checked by init_state
   state = init_state(w4, spec, config, key, unit_keys=unit_keys, sigma=sigma)
   state = state.replace(key=_typed_key(state.key))

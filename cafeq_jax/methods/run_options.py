@@ -184,7 +184,7 @@ class RunOptions:
     """``[(start, stop), ...]`` chunks of a stack of ``n`` units: ``stack_chunk``
     units each, a last single unit joined to the chunk before; one chunk, the whole
     stack, whenever the loop is not the plain one."""
-    if self.mesh is not None or self.checkpoint_dir is not None or self._split():
+    if not self._plain():
       return [(0, n)]
     size = self.stack_chunk
     if size is None:
@@ -201,6 +201,10 @@ class RunOptions:
     if t is None:
       t = (os.cpu_count() or 1) if jax.default_backend() == 'cpu' else 1
     return max(1, min(t, num_chunks))
+
+  def _plain(self) -> bool:
+    """True when ``loop`` is ``optimize.plain_loop`` (no mesh, checkpoints or split)."""
+    return self.mesh is None and self.checkpoint_dir is None and not self._split()
 
   def _split(self) -> bool:
     if self.split_processes is not None:

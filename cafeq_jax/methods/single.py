@@ -161,6 +161,7 @@ def transforms_for(
       results[shape] = jax.block_until_ready((m, m_inv)) + (None,)
       timings[_shape_name(shape)] = time.perf_counter() - t0
       continue
+    optimize.check_stack(w, spec, stage.config)  # every stack, before any optimisation
     unit = 'single_' + 'x'.join(map(str, shape))
     s = jnp.stack([sigma[(layer, names[0])] for names, layer in entries]) if weighted else None
     fingerprint = None
@@ -221,13 +222,12 @@ def _learn_stacks(jobs, spec, cfg, run, progress, timings):
   Every chunk of every stack is one ``optimize.run``; with more than one chunk in
   all they share one pool of ``run.num_threads`` threads (every stack's first
   chunk, then the largest chunks first), so that one stack's compilation and last
-  chunks overlap another's steps. Results
-  do not depend on the order: a chunk's units are optimised as in the whole stack.
+  chunks overlap another's steps. Results do not depend on the order: a chunk's
+  units are optimised as in the whole stack.
   ``timings`` gets, per shape, the seconds its chunks ran (summed: concurrent chunks
   overlap, so over shapes these can exceed the wall time).
   """
   tasks = [(j, a, b) for j in jobs for a, b in j.chunks]
-  single = len(tasks) == 1
 
   def one(job: _Stack, a: int, b: int):
     t0 = time.perf_counter()
@@ -245,17 +245,12 @@ def _learn_stacks(jobs, spec, cfg, run, progress, timings):
     out = jax.block_until_ready((*_matrix_and_inverse(best), state.init_loss))
     return out, time.perf_counter() - t0
 
-  if single:
+  if len(tasks) == 1:
     done = [one(*tasks[0])]
   else:
     # Each stack's first chunk before any other of its shape (concurrent first calls
     # of one jit would each compile it), then the largest chunks first.
-    first = {}
-    for i, (job, _, _) in enumerate(tasks):
-      first.setdefault(id(job), i)
-    order = sorted(
-      range(len(tasks)), key=lambda i: (i not in first.values(), -_chunk_cost(tasks[i]))
-    )
+    order = sorted(range(len(tasks)), key=lambda i: (tasks[i][1] > 0, -_chunk_cost(tasks[i])))
     bar = None
     if progress:
       import tqdm  # pylint: disable=g-import-not-at-top
