@@ -33,10 +33,28 @@ from experiments import quantize_lib
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'bench_quantize.py')
 
 
+def cpu_model() -> str:
+  """The CPU's model name, widest x86 vector extension and cache size, as far as
+  /proc/cpuinfo says: machines of one kind differ, and so do their timings."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      info = f.read()
+  except OSError:
+    return platform.processor()
+  field = lambda key: next(
+    (l.split(':', 1)[1].strip() for l in info.splitlines() if l.startswith(key)), ''
+  )
+  flags = field('flags').split()
+  isa = next((f for f in ('avx512f', 'avx2', 'sse4_2') if f in flags), '')
+  cache = field('cache size')
+  return ', '.join(x for x in (field('model name'), isa, cache and f'{cache} cache') if x)
+
+
 def host() -> dict:
   """What the timings ran on."""
   return {
     'cpus': os.cpu_count(),
+    'cpu': cpu_model(),
     'machine': platform.machine(),
     'backend': jax.default_backend(),
     'devices': [str(d) for d in jax.devices()],
@@ -96,7 +114,10 @@ def format_table(out: dict) -> str:
     cells += [f'{r["timings"][s]:.0f}' if s in r['timings'] else '' for s in stages]
     lines.append('| ' + ' | '.join(cells) + ' |')
   h = out['host']
-  return f'{out["model"]} {out["column"]}, {h["cpus"]} CPUs, {h["backend"]}:\n' + '\n'.join(lines)
+  cpu = f' ({h["cpu"]})' if h.get('cpu') else ''
+  return f'{out["model"]} {out["column"]}, {h["cpus"]} CPUs{cpu}, {h["backend"]}:\n' + '\n'.join(
+    lines
+  )
 
 
 if __name__ == '__main__':

@@ -245,6 +245,21 @@ def _as_stack(w: jax.Array) -> jax.Array:
   )
 
 
+def _side_by_side(w4: jax.Array) -> jax.Array:
+  """``(B, T, d_in, d_out)`` -> ``(B, 1, d_in, T * d_out)``: the ``T`` matrices that
+  share one transform as one matrix, their columns side by side in ``t``-major order.
+
+  That is what sharing means: ``M`` acts on the rows, a quantization group runs down
+  one column and the losses sum over columns. One matrix per stack entry spares the
+  steps the transposes of every intermediate that XLA:CPU's block matmuls need with a
+  separate ``T`` axis (a third of a shared stack's step on a 2-core Xeon).
+  """
+  B, T, d_in, d_out = w4.shape
+  if T == 1:
+    return w4
+  return jnp.swapaxes(w4, 1, 2).reshape(B, 1, d_in, T * d_out)
+
+
 def _weighted_square(e: jax.Array, sigma: jax.Array | None) -> jax.Array:
   """``Σ_t tr(e_tᵀ Σ e_t)`` per stack entry (``Σ = I`` for None): ``(B,)``.
 
@@ -284,7 +299,7 @@ def stack_loss(
       transform (the optimiser's ``transforms.warm_inverse``), used as ``M⁻¹``
       with its exact gradient (``transforms.inverse_given``).
   """
-  w4 = _as_stack(jnp.asarray(w, jnp.float32))
+  w4 = _side_by_side(_as_stack(jnp.asarray(w, jnp.float32)))
   if inverse is not None:
     if not isinstance(transform, transforms.DenseTransform):
       raise ValueError(f'inverse= is for dense transforms; got {type(transform).__name__}.')

@@ -14,6 +14,11 @@
    (``methods.sequential``), the tokens drawn by ``methods.selfgen`` from the
    (pair-folded) fp model or given as ``calib_tokens``.
 
+Stages 2 and 3 overlap where the results allow: the learned transforms run on a pool
+of threads (``single.start_transforms``) while this thread samples the self-generated
+tokens (unless the transform's loss reads them) and rounds layer by layer, each layer
+waiting for its own transforms only. The codes are those of one stage after the other.
+
 The result is the same param tree with each quantized weight leaf replaced by a
 ``QuantizedLinear`` (``transform_inv`` set for online transforms), and a
 ``QuantReport``. It is a deterministic function of the inputs and the key.
@@ -26,7 +31,7 @@ the derivations of the first release, kept so that results stay reproducible.
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import time
 from typing import Any
 
@@ -230,29 +235,21 @@ def run_recipe(
   )
 
   layers = {n: [l for l in range(model_config.num_layers) if (l, n) not in ar_q] for n in mats}
-  tokens = None
   learned = isinstance(recipe.transform, recipes.Learned)
   weighted = learned and recipe.transform.loss == recipes.TransformLoss.INPUT
-  generating = None  # self-generation running beside a Frobenius-loss transform
-  if recipe.sequential:
-    stats = recipe.statistics
-    if isinstance(stats, recipes.SelfGenerated):
+  stats = recipe.statistics
 
-      def sample():
-        t0 = time.perf_counter()
-        out = selfgen.sample_tokens(params, model_config, stats, jax.random.fold_in(key, 2))
-        return out, time.perf_counter() - t0
+  def rounding_tokens():
+    if not isinstance(stats, recipes.SelfGenerated):
+      return calib_tokens
+    t0 = time.perf_counter()
+    out = selfgen.sample_tokens(params, model_config, stats, jax.random.fold_in(key, 2))
+    report.timings['selfgen'] = time.perf_counter() - t0
+    return out
 
-      if learned and not weighted and run.num_threads(2) > 1:
-        # The transform reads no tokens: on a CPU the sampler's small decode matmuls
-        # leave cores idle that the transform's chunks use (same results either way).
-        pool = concurrent.futures.ThreadPoolExecutor(1)
-        generating = pool.submit(sample)
-        pool.shutdown(wait=False)  # its one thread ends with the sampling
-      else:
-        tokens, report.timings['selfgen'] = sample()
-    else:
-      tokens = calib_tokens
+  # A weighted transform reads the rounding's tokens; any other is learned while they
+  # are sampled and (layer by layer) while the sequential rounding runs (same results).
+  tokens = rounding_tokens() if weighted else None
   sigma = None
   if weighted:
     t0 = time.perf_counter()
@@ -263,13 +260,12 @@ def run_recipe(
       block_size=recipe.transform.block_size,
       damp=recipe.rounding.damp,
       matrices=tuple(mats),
-      batch_size=recipe.statistics.batch_size,
+      batch_size=stats.batch_size,
     )
     report.timings['input_statistics'] = time.perf_counter() - t0
-  blocks, init_losses = {}, {}
+  pending = contextlib.nullcontext()
   if recipe.transform is not None:
-    t0 = time.perf_counter()
-    blocks, init_losses, shape_t = single.transforms_for(
+    pending = single.start_transforms(
       mats,
       layers,
       recipe.transform,
@@ -279,31 +275,38 @@ def run_recipe(
       layer_offset=layer_offset,
       progress=progress,
       sigma=sigma,
+      by_layer=recipe.sequential,
     )
-    report.timings['transforms'] = time.perf_counter() - t0
-    report.extra['transform_seconds_by_shape'] = shape_t
-  if generating is not None:  # its seconds overlap the transforms'
-    tokens, report.timings['selfgen'] = generating.result()
-  t0 = time.perf_counter()
+  with pending:
+    if recipe.sequential:
+      tokens = rounding_tokens() if tokens is None else tokens
+      t0 = time.perf_counter()
+      qarrays, extra = sequential.round_sequential(
+        params,
+        model_config,
+        tokens,
+        spec=spec,
+        matrices=chosen,
+        rounding_stage=recipe.rounding,
+        batch_size=stats.batch_size,
+        blocks=pending if recipe.transform is not None else None,
+      )
+      report.timings['rounding'] = time.perf_counter() - t0
+      report.extra['sequential'] = {'source': type(stats).__name__, **extra}
+    blocks, init_losses = {}, {}
+    if recipe.transform is not None:
+      blocks, init_losses, shape_t = pending.result()
+      report.timings['transforms'] = pending.seconds
+      report.extra['transform_seconds_by_shape'] = shape_t
   if recipe.sequential:
-    qarrays, extra = sequential.round_sequential(
-      params,
-      model_config,
-      tokens,
-      spec=spec,
-      matrices=chosen,
-      rounding_stage=recipe.rounding,
-      batch_size=stats.batch_size,
-      blocks=blocks,
-    )
-    report.extra['sequential'] = {'source': type(stats).__name__, **extra}
     tinvs = {k: (blocks[k][1] if k in blocks else None) for k in qarrays}
   else:
+    t0 = time.perf_counter()
     rounding = (
       recipes.RTN() if isinstance(recipe.rounding, recipes.PairAdaptive) else (recipe.rounding)
     )
     qarrays, tinvs = single.round_matrices(mats, layers, blocks, spec, rounding)
-  report.timings['rounding'] = time.perf_counter() - t0
+    report.timings['rounding'] = time.perf_counter() - t0
   for k, q in ar_q.items():
     qarrays[k], tinvs[k] = q, None
   _fill_report(report, mats0, mats, qarrays, tinvs, spec, recipe)

@@ -18,7 +18,8 @@ class QuantReport:
       quantized one approximates (``W`` itself unless pair transforms were
       folded into it). Learned transforms also record 'init' (loss at the
       transform's initialisation).
-    timings: seconds per phase ('total', 'transforms', 'rounding', ...).
+    timings: seconds per phase ('total', 'transforms', 'rounding', ...); phases that
+      overlap (a sequential rounding beside the transforms) sum to more than 'total'.
     extra: method-specific results (pair report, online overhead, ...).
   """
 

@@ -40,11 +40,11 @@ from cafeq_jax.models.config import ModelConfig
 
 _HI = jax.lax.Precision.HIGHEST
 Block = decoder.Block
-# Per sub-layer: its method, the method giving its first matrices' input, and the
-# matrices read by that input then by the sown one.
+# Per sub-layer: its method, the method giving its first matrices' input, the method
+# finishing it from its last matrix's sown input, and the matrices of those two inputs.
 _SUBLAYERS = (
-  (Block.attend, Block.attention_input, (('q', 'k', 'v'), ('o',))),
-  (Block.feed_forward, Block.mlp_input, (('gate', 'up'), ('down',))),
+  (Block.attend, Block.attention_input, Block.attention_output, (('q', 'k', 'v'), ('o',))),
+  (Block.feed_forward, Block.mlp_input, Block.mlp_output, (('gate', 'up'), ('down',))),
 )
 
 
@@ -76,20 +76,30 @@ def _run(layer, x, cfg, attn_type, method):
   return (out[0] if method is Block.attend else out), state.get('intermediates', {})
 
 
-@functools.partial(jax.jit, static_argnames=('cfg', 'attn_type', 'method', 'names'))
-def _input_gram(layer, x, cfg, attn_type, method, names):
-  """``XᵀX`` of the input of matrices ``names`` on one batch ``x``."""
-  if method in (Block.attention_input, Block.mlp_input):
-    a = Block(cfg, attn_type).apply({'params': layer}, x, method=method)
-  else:
-    _, sown = _run(layer, x, cfg, attn_type, method)
-    module, name = decoder.LINEAR_INPUTS[names[0]]
-    a = sown[module][name][0]
-  return stats.gram(a)
+@functools.partial(jax.jit, static_argnames=('cfg', 'attn_type', 'method'))
+def _apply(layer, args, cfg, attn_type, method):
+  """``Block.<method>(*args)`` of one block (no sown values)."""
+  return Block(cfg, attn_type).apply({'params': layer}, *args, method=method)
+
+
+_gram = jax.jit(stats.gram)
+
+
+@functools.partial(jax.jit, static_argnames=('spec',))
+def _layer_losses(w, w_hat, h, spec):
+  """``||X(W - Ŵ)||²`` of the rounded ``Ŵ`` and of RTN's (the report's pair)."""
+  return stats.weighted_loss(w, w_hat, h), stats.weighted_loss(w, qz.quant_dequant(w, spec), h)
 
 
 def _batches(xs, batch):
   return [xs[i : i + batch] for i in range(0, xs.shape[0], batch)]
+
+
+def _sum(grams):
+  out = None
+  for g in grams:
+    out = g if out is None else out + g
+  return out
 
 
 @jax.jit
@@ -100,6 +110,17 @@ def _transform_gram(h: jax.Array, m_inv: jax.Array) -> jax.Array:
 
 
 _apply_left = jax.jit(transforms.apply_left)
+
+
+def _round_matrix(w, h, transform, spec, gptq):
+  """GPTQ-form rounding of ``w`` under ``h``, behind ``transform = (M, M⁻¹)`` if any:
+  the stored matrix's ``QArray`` and its effective ``Ŵ`` in the original basis."""
+  if transform is None:
+    q = gptq(w, h, spec)
+    return q, qz.dequantize(q)
+  m, m_inv = transform
+  q = gptq(_apply_left(m, w), _transform_gram(h, m_inv), spec)
+  return q, _apply_left(m_inv, qz.dequantize(q))
 
 
 def round_sequential(
@@ -149,38 +170,41 @@ def round_sequential(
     'rtn_layer_loss': {n: [] for n in chosen},
     'tokens': int(tokens.size),
   }
+  losses = []  # (name, loss, RTN's loss) as device scalars, read once at the end
+
+  def round_into(l, layer, mats, names, h):
+    """Rounds matrices ``names`` of layer ``l`` under ``h``: the layer with their ``Ŵ``."""
+    for n in names:
+      w, spec_n = mats[n], specs.resolve(spec, l, n)
+      qarrays[(l, n)], mats[n] = _round_matrix(w, h, blocks.get((l, n)), spec_n, gptq)
+      losses.append((n, *_layer_losses(w, mats[n], h, spec_n)))
+    return linears.set_layer_matrices(layer, cfg, mats)
+
   for l, attn_type in enumerate(cfg.attention_types):
     layer = params[f'layer_{l}']
     mats = {n: jnp.asarray(w, jnp.float32) for n, w in linears.layer_matrices(layer, cfg).items()}
-    for method, first_input, stages in _SUBLAYERS:
-      for stage_method, names in zip((first_input, method), stages):
-        names = tuple(n for n in names if n in chosen)
-        if not names:
-          continue
-        h = None
-        for xb in _batches(xs, batch_size):
-          r = _input_gram(layer, xb, cfg, attn_type, stage_method, names)
-          h = r if h is None else h + r
-        for n in names:
-          w = mats[n]
-          spec_n = specs.resolve(spec, l, n)
-          if (l, n) in blocks:
-            m, m_inv = blocks[(l, n)]
-            q = gptq(_apply_left(m, w), _transform_gram(h, m_inv), spec_n)
-            w_hat = _apply_left(m_inv, qz.dequantize(q))
-          else:
-            q = gptq(w, h, spec_n)
-            w_hat = qz.dequantize(q)
-          qarrays[(l, n)] = q
-          mats[n] = w_hat
-          report['layer_loss'][n].append(float(stats.weighted_loss(w, w_hat, h)))
-          report['rtn_layer_loss'][n].append(
-            float(stats.weighted_loss(w, qz.quant_dequant(w, spec_n), h))
-          )
-        layer = linears.set_layer_matrices(layer, cfg, mats)
-      xs = jnp.concatenate(
-        [_run(layer, xb, cfg, attn_type, method)[0] for xb in _batches(xs, batch_size)]
-      )
+    for method, first_input, finish, (first, last) in _SUBLAYERS:
+      batches = _batches(xs, batch_size)
+      names = tuple(n for n in first if n in chosen)
+      if names:
+        h = _sum(_gram(_apply(layer, (xb,), cfg, attn_type, first_input)) for xb in batches)
+        layer = round_into(l, layer, mats, names, h)
+      # The sub-layer once, its first matrices rounded: its output, or the input of its
+      # last matrix, which is then rounded and the sub-layer finished from that input.
+      runs = [_run(layer, xb, cfg, attn_type, method) for xb in batches]
+      names = tuple(n for n in last if n in chosen)
+      if names:
+        module, field = decoder.LINEAR_INPUTS[names[0]]
+        inputs = [sown[module][field][0] for _, sown in runs]
+        del runs
+        layer = round_into(l, layer, mats, names, _sum(_gram(a) for a in inputs))
+        outs = [_apply(layer, (xb, a), cfg, attn_type, finish) for xb, a in zip(batches, inputs)]
+      else:
+        outs = [out for out, _ in runs]
+      xs = jnp.concatenate(outs)
+  for n, loss, rtn in jax.device_get(losses):
+    report['layer_loss'][n].append(float(loss))
+    report['rtn_layer_loss'][n].append(float(rtn))
   report['seconds'] = time.perf_counter() - t0
   return qarrays, report
 
@@ -209,7 +233,7 @@ def input_second_moments(
   for l, attn_type in enumerate(cfg.attention_types):
     layer = params[f'layer_{l}']
     acc: dict[tuple[str, str], jax.Array] = {}
-    for method, _, _ in _SUBLAYERS:
+    for method, *_ in _SUBLAYERS:
       nxt = []
       for xb in xs:
         y, sown = _run(layer, xb, cfg, attn_type, method)

@@ -8,11 +8,12 @@ optimised together in one jitted step (``core.optimize``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import concurrent.futures
 import dataclasses
 import math
+import threading
 import time
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -136,6 +137,44 @@ def transforms_for(
     ``(nb, k, k)``; for 'learn' the per-unit loss at init (attributed to each
     matrix of the unit); seconds per shape group.
   """
+  pending = start_transforms(
+    mats,
+    layers,
+    stage,
+    spec,
+    key,
+    run=run,
+    layer_offset=layer_offset,
+    progress=progress,
+    sigma=sigma,
+  )
+  with pending:
+    return pending.result()
+
+
+def start_transforms(
+  mats: Mapping[str, jax.Array],
+  layers: Mapping[str, list[int]],
+  stage: recipes.Hadamard | recipes.Learned,
+  spec: quantizer.QuantSpec,
+  key: jax.Array,
+  *,
+  run: run_options.RunOptions | None = None,
+  layer_offset: int = 0,
+  progress: bool = False,
+  sigma: Mapping[Key, jax.Array] | None = None,
+  by_layer: bool = False,
+) -> PendingTransforms:
+  """``transforms_for`` started on a thread pool: returns at once, with every input
+  checked (shapes, group and block sizes, NaN / inf, mesh), while the transforms are
+  learned (``PendingTransforms``; use it as a context manager, which stops what has
+  not run when the caller fails).
+
+  ``by_layer``: the chunks run in layer order (``(M, M⁻¹)`` of the first layers
+  come first, for a consumer that goes through the layers: sequential rounding),
+  not longest first (the shortest wall time when all are awaited together).
+  """
+  started = time.perf_counter()
   run = run_options.RunOptions() if run is None else run
   learn = isinstance(stage, recipes.Learned)
   weighted = learn and stage.loss == recipes.TransformLoss.INPUT
@@ -145,7 +184,7 @@ def transforms_for(
   if learn:  # every stack checked against the mesh before any work
     run.validate([(len(e), *shape) for shape, e in by_shape.items()], spec, stage.block_size)
   timings: dict[str, float] = {}
-  results, jobs = {}, []
+  done, jobs = {}, []
   for shape, entries in sorted(by_shape.items()):
     t0 = time.perf_counter()
     # (B, T, d_in, d_out)
@@ -158,7 +197,7 @@ def transforms_for(
         unit_keys
       )
       m_inv = jnp.swapaxes(m, -1, -2)
-      results[shape] = jax.block_until_ready((m, m_inv)) + (None,)
+      done[shape] = jax.block_until_ready((m, m_inv)) + (None,)
       timings[_shape_name(shape)] = time.perf_counter() - t0
       continue
     optimize.check_stack(w, spec, stage.config)  # every stack, before any optimisation
@@ -180,17 +219,66 @@ def transforms_for(
         run.chunks(len(w)),
       )
     )
-  if jobs:
-    results.update(_learn_stacks(jobs, spec, stage.config, run, progress, timings))
-  out, init_losses = {}, {}
-  for shape, entries in by_shape.items():
-    m, m_inv, init = results[shape]
-    for b, (names, layer) in enumerate(entries):
-      for n in names:
-        out[(layer, n)] = (m[b], m_inv[b])
-        if init is not None:
-          init_losses[(layer, n)] = float(init[b]) / len(names)
-  return out, init_losses, timings
+  pool = _StackPool(jobs, spec, stage.config if learn else None, run, progress, by_layer)
+  return PendingTransforms(by_shape, done, pool, timings, started)
+
+
+class PendingTransforms(Mapping):
+  """``(layer, name) -> (M, M⁻¹)`` of transforms still being learned (``start_transforms``).
+
+  A ``Mapping`` whose keys are known at once; looking one up waits for the chunk
+  that learns it (and raises its error, if it failed). ``result()`` waits for all.
+  """
+
+  def __init__(self, by_shape, done, pool, timings, started):
+    self._where = {}  # (layer, name) -> (shape, index in its stack)
+    for shape, entries in by_shape.items():
+      for b, (names, layer) in enumerate(entries):
+        self._where.update({(layer, n): (shape, b) for n in names})
+    self._by_shape, self._done, self._pool, self._timings = by_shape, done, pool, timings
+    self._started, self._checked = started, time.perf_counter()
+
+  @property
+  def seconds(self) -> float:
+    """Wall time from the start to the last chunk's end (the checks and fixed
+    transforms alone when nothing is learned); complete after ``result()``."""
+    return max(self._checked, self._pool.last_end or 0.0) - self._started
+
+  def __getitem__(self, key: Key) -> tuple[jax.Array, jax.Array]:
+    shape, b = self._where[key]
+    if shape in self._done:
+      m, m_inv, _ = self._done[shape]
+      return m[b], m_inv[b]
+    m, m_inv, _, off = self._pool.chunk(shape, b)
+    return m[b - off], m_inv[b - off]
+
+  def __iter__(self):
+    return iter(self._where)
+
+  def __len__(self) -> int:
+    return len(self._where)
+
+  def result(
+    self,
+  ) -> tuple[dict[Key, tuple[jax.Array, jax.Array]], dict[Key, float], dict[str, float]]:
+    """What ``transforms_for`` returns, once every chunk has run."""
+    results = dict(self._done)
+    results.update(self._pool.results(self._timings))
+    out, init_losses = {}, {}
+    for shape, entries in self._by_shape.items():
+      m, m_inv, init = results[shape]
+      for b, (names, layer) in enumerate(entries):
+        for n in names:
+          out[(layer, n)] = (m[b], m_inv[b])
+          if init is not None:
+            init_losses[(layer, n)] = float(init[b]) / len(names)
+    return out, init_losses, self._timings
+
+  def __enter__(self) -> PendingTransforms:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._pool.close()
 
 
 def _shape_name(shape: tuple[int, int, int]) -> str:
@@ -216,68 +304,112 @@ def _matrix_and_inverse(t: transforms.LearnedTransform) -> tuple[jax.Array, jax.
   return t.matrix_and_inverse()
 
 
-def _learn_stacks(jobs, spec, cfg, run, progress, timings):
-  """``shape -> (M, M⁻¹, init_loss)`` of every stack of ``jobs``.
+class _StackPool:
+  """Every chunk of every stack of ``jobs`` as one ``optimize.run``, from a pool of
+  ``run.num_threads`` threads (one chunk alone runs on the caller's thread, when its
+  result is asked for).
 
-  Every chunk of every stack is one ``optimize.run``; with more than one chunk in
-  all they share one pool of ``run.num_threads`` threads (every stack's first
-  chunk, then the largest chunks first), so that one stack's compilation and last
-  chunks overlap another's steps. Results do not depend on the order: a chunk's
-  units are optimised as in the whole stack.
-  ``timings`` gets, per shape, the seconds its chunks ran (summed: concurrent chunks
-  overlap, so over shapes these can exceed the wall time).
+  Order: every stack's first chunk first (concurrent first calls of one jit would
+  each compile it), then the largest chunks first, so that one stack's compilation
+  and last chunks overlap another's steps, or (``by_layer``) the chunks of the first
+  layers first. Results do not depend on the order: a chunk's units are optimised as
+  in the whole stack.
   """
-  tasks = [(j, a, b) for j in jobs for a, b in j.chunks]
 
-  def one(job: _Stack, a: int, b: int):
+  def __init__(self, jobs, spec, cfg, run, progress, by_layer):
+    self._jobs = {j.shape: j for j in jobs}
+    self._spec, self._cfg, self._run = spec, cfg, run
+    self._progress = progress
+    self._tasks = [(j, a, b) for j in jobs for a, b in j.chunks]
+    self._futures: dict[tuple, concurrent.futures.Future] = {}
+    self._pool = self._bar = None
+    self.last_end: float | None = None  # perf_counter() when the last chunk ended
+    self._lock = threading.Lock()
+    if len(self._tasks) > 1:
+      if by_layer:
+        order = sorted(self._tasks, key=lambda t: (t[1] > 0, t[1], -_chunk_cost(t)))
+      else:
+        order = sorted(self._tasks, key=lambda t: (t[1] > 0, -_chunk_cost(t)))
+      if progress:
+        import tqdm  # pylint: disable=g-import-not-at-top
+
+        self._bar = tqdm.tqdm(total=len(self._tasks), desc='transforms (chunks)', leave=False)
+      self._pool = concurrent.futures.ThreadPoolExecutor(run.num_threads(len(self._tasks)))
+      for t in order:
+        f = self._pool.submit(self._stop_on_error, *t)
+        if self._bar is not None:
+          f.add_done_callback(lambda _: self._bar.update(1))
+        self._futures[(t[0].shape, t[1])] = f
+
+  def _one(self, job: _Stack, a: int, b: int):
     t0 = time.perf_counter()
     name = job.unit if len(job.chunks) == 1 else f'{job.unit}[{a}:{b}]'
     best, state = optimize.run(
       job.w[a:b],
-      spec,
-      cfg,
+      self._spec,
+      self._cfg,
       job.key,
-      progress=progress and len(job.chunks) == 1,
-      loop=run.loop(name, job.fingerprint),
+      progress=self._progress and len(self._tasks) == 1,
+      loop=self._run.loop(name, job.fingerprint),
       unit_keys=job.unit_keys[a:b],
       sigma=None if job.sigma is None else job.sigma[a:b],
     )
     out = jax.block_until_ready((*_matrix_and_inverse(best), state.init_loss))
-    return out, time.perf_counter() - t0
+    end = time.perf_counter()
+    with self._lock:
+      self.last_end = max(self.last_end or end, end)
+    return out, end - t0
 
-  if len(tasks) == 1:
-    done = [one(*tasks[0])]
-  else:
-    # Each stack's first chunk before any other of its shape (concurrent first calls
-    # of one jit would each compile it), then the largest chunks first.
-    order = sorted(range(len(tasks)), key=lambda i: (tasks[i][1] > 0, -_chunk_cost(tasks[i])))
-    bar = None
-    if progress:
-      import tqdm  # pylint: disable=g-import-not-at-top
+  def _stop_on_error(self, job: _Stack, a: int, b: int):
+    """``_one`` on a pool thread: a failure stops the chunks not started (the run has
+    failed; the caller sees the error when it asks for any result)."""
+    try:
+      return self._one(job, a, b)
+    except BaseException:
+      self._pool.shutdown(wait=False, cancel_futures=True)
+      raise
 
-      bar = tqdm.tqdm(total=len(tasks), desc='transforms (chunks)', leave=False)
-    with concurrent.futures.ThreadPoolExecutor(run.num_threads(len(tasks))) as pool:
-      futures = {i: pool.submit(one, *tasks[i]) for i in order}
-      try:
-        for f in concurrent.futures.as_completed(futures.values()):
-          f.result()  # the first failure stops the rest
-          if bar is not None:
-            bar.update(1)
-        done = [futures[i].result() for i in range(len(tasks))]
-      except BaseException:  # an error or Ctrl-C: the chunks not started never start
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-      finally:
-        if bar is not None:
-          bar.close()
-  results, i = {}, 0
-  for job in jobs:
-    parts = done[i : i + len(job.chunks)]
-    i += len(job.chunks)
-    m, m_inv, init = (jnp.concatenate(x) for x in zip(*(p for p, _ in parts)))
-    results[job.shape] = (m, m_inv, np.asarray(init))
-    timings[_shape_name(job.shape)] = sum(t for _, t in parts)
-  return results
+  def _result(self, job: _Stack, a: int, b: int):
+    if self._pool is None:  # a single chunk: run here, once
+      if (job.shape, a) not in self._futures:
+        f = concurrent.futures.Future()
+        try:
+          f.set_result(self._one(job, a, b))
+        except BaseException as e:  # pylint: disable=broad-except (re-raised below)
+          f.set_exception(e)
+        self._futures[(job.shape, a)] = f
+    return self._futures[(job.shape, a)].result()
+
+  def chunk(self, shape, index: int):
+    """``(M, M⁻¹, init_loss, first index)`` of the chunk holding unit ``index``."""
+    job = self._jobs[shape]
+    a, b = next((a, b) for a, b in job.chunks if a <= index < b)
+    out, _ = self._result(job, a, b)
+    return (*out, a)
+
+  def results(self, timings: dict[str, float]) -> dict:
+    """``shape -> (M, M⁻¹, init_loss)`` of every stack, once all chunks have run;
+    ``timings`` gets, per shape, the seconds its chunks ran (summed: concurrent chunks
+    overlap, so over shapes these can exceed the wall time). The first failure stops
+    the chunks not yet started and is raised."""
+    if self._pool is not None:
+      for f in concurrent.futures.as_completed(self._futures.values()):
+        f.result()
+    results = {}
+    for shape, job in self._jobs.items():
+      parts = [self._result(job, a, b) for a, b in job.chunks]
+      m, m_inv, init = (jnp.concatenate(x) for x in zip(*(p for p, _ in parts)))
+      results[shape] = (m, m_inv, np.asarray(init))
+      timings[_shape_name(shape)] = sum(t for _, t in parts)
+    return results
+
+  def close(self) -> None:
+    """Stops the chunks not started (after an error or Ctrl-C in the caller, too) and
+    lets the running ones finish in the background."""
+    if self._pool is not None:
+      self._pool.shutdown(wait=False, cancel_futures=True)
+    if self._bar is not None:
+      self._bar.close()
 
 
 def _chunk_cost(task) -> int:

@@ -24,7 +24,8 @@ projection into the ``'intermediates'`` collection (``LINEAR_INPUTS`` names them
 matrix); the sows cost nothing unless that collection is made mutable. ``Block``
 splits into ``attention_input`` / ``attend`` and ``mlp_input`` / ``feed_forward`` so
 that sequential quantization (``cafeq_jax.methods.sequential``) can run one
-sub-layer at a time.
+sub-layer at a time, and ``attention_output`` / ``mlp_output`` finish a sub-layer
+from the sown input of its last projection once that projection has changed.
 
 KV cache: ``init_cache`` builds ``{'layer_i': {'k', 'v': (B, T, K, hd)}, 'end_index':
 int32 ()}``. A call with a cache writes the new keys/values at slots
@@ -230,6 +231,13 @@ class Attention(nn.Module):
     self.sow('intermediates', 'o_input', out.reshape(B, L, H * hd))
     return project(out, wo, 'o', cfg, self.backend), new_cache
 
+  def output(self, o_input: jax.Array) -> jax.Array:
+    """The ``o`` projection of its input ``(B, L, H * hd)`` (the sown ``'o_input'``):
+    ``(B, L, D)``, as ``__call__`` ends. Apply only (reads the bound params)."""
+    cfg = self.config
+    x = o_input.reshape(*o_input.shape[:-1], cfg.num_heads, cfg.head_dim)
+    return project(x, self.variables['params']['attn_vec_einsum']['w'], 'o', cfg, self.backend)
+
 
 def mlp_activation(x: jax.Array, cfg: ModelConfig) -> jax.Array:
   """The gate activation: tanh-approximate GELU (Gemma) or SiLU (Llama)."""
@@ -256,6 +264,13 @@ class MLP(nn.Module):
     h = mlp_activation(gu[0], cfg) * gu[1]
     self.sow('intermediates', 'down_input', h)
     return project(h, w_down, 'down', cfg, self.backend)
+
+  def output(self, down_input: jax.Array) -> jax.Array:
+    """The ``down`` projection of its input ``(B, L, F)`` (the sown ``'down_input'``):
+    ``(B, L, D)``, as ``__call__`` ends. Apply only (reads the bound params)."""
+    return project(
+      down_input, self.get_variable('params', 'linear'), 'down', self.config, self.backend
+    )
 
 
 class Block(nn.Module):
@@ -291,9 +306,17 @@ class Block(nn.Module):
     h, new_cache = self.attn(
       self.attention_input(x), positions, layer_cache, end_index, attention_mask
     )
+    return self._attention_residual(x, h), new_cache
+
+  def attention_output(self, x, o_input):
+    """``attend(x)[0]`` from the input of ``o`` that ``attend`` sowed (``(B, L, H * hd)``):
+    only the ``o`` projection, post-norm and residual run (the same ops as ``attend``)."""
+    return self._attention_residual(x, self.attn.output(o_input))
+
+  def _attention_residual(self, x, h):
     if self.config.use_post_norms:
       h = self.post_attention_norm(h)
-    return x + h, new_cache
+    return x + h
 
   def mlp_input(self, x):
     """The normed residual that gate and up read: ``(B, L, D)``."""
@@ -301,7 +324,14 @@ class Block(nn.Module):
 
   def feed_forward(self, x):
     """MLP sub-layer with its residual: ``(B, L, D)``."""
-    h = self.mlp(self.mlp_input(x))
+    return self._ffw_residual(x, self.mlp(self.mlp_input(x)))
+
+  def mlp_output(self, x, down_input):
+    """``feed_forward(x)`` from the input of ``down`` that it sowed (``(B, L, F)``): only
+    the ``down`` projection, post-norm and residual run (the same ops as ``feed_forward``)."""
+    return self._ffw_residual(x, self.mlp.output(down_input))
+
+  def _ffw_residual(self, x, h):
     if self.config.use_post_norms:
       h = self.post_ffw_norm(h)
     return x + h

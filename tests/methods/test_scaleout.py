@@ -230,6 +230,86 @@ def test_stacks_in_chunks_on_threads_give_the_whole_stacks_model(share):
     assert report.per_matrix == whole_report.per_matrix
 
 
+def test_sequential_rounding_takes_each_layers_transforms_as_they_come(monkeypatch):
+  """``cafeq`` (learned transforms, then self-generated sequential rounding): the chunks
+  run in layer order from threads while the tokens are sampled and the layers rounded,
+  each layer's rounding waiting only for its own transforms; the model is the one of
+  whole stacks learned first on one thread, bit for bit."""
+  from cafeq_jax.methods import single  # pylint: disable=g-import-not-at-top
+
+  cfg = dataclasses.replace(models.get_config('tiny_llama'), num_layers=4)
+  shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.PRNGKey(0)))
+  rng = np.random.default_rng(5)
+  params = jax.tree.map(lambda s: (0.02 * rng.laplace(size=s.shape)).astype(np.float32), shapes)
+  small = {
+    'matrices': ('k', 'v', 'down'),
+    'transform.block_size': 32,
+    'transform.steps': 4,
+    'transform.columns_per_step': None,
+    'statistics.num_seqs': 4,
+    'statistics.seq_len': 12,
+  }
+  recipe = recipes.override(recipes.get('cafeq', bits=3, group_size=32), small)
+  whole, whole_report = methods.quantize(
+    params, cfg, recipe, run_options=methods.RunOptions(stack_chunk=10**6, threads=1)
+  )
+  started, looked_up = [], []
+  real_run, real_get = single.optimize.run, single.PendingTransforms.__getitem__
+  monkeypatch.setattr(
+    single.optimize, 'run', lambda w, *a, **k: started.append(w.shape[0]) or real_run(w, *a, **k)
+  )
+  monkeypatch.setattr(
+    single.PendingTransforms,
+    '__getitem__',
+    lambda self, key: looked_up.append(key) or real_get(self, key),
+  )
+  q, report = methods.quantize(
+    params, cfg, recipe, run_options=methods.RunOptions(stack_chunk=2, threads=2)
+  )
+  ref, got = worker.flatten(whole), worker.flatten(q)
+  assert got.keys() == ref.keys()
+  for k in ref:
+    np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+  assert report.per_matrix == whole_report.per_matrix
+  assert started == [2] * 4  # k+v and down, 2 chunks each
+  assert [l for l, _ in looked_up] == sorted(l for l, _ in looked_up)  # layer by layer
+  assert {'selfgen', 'transforms', 'rounding'} <= set(report.timings)
+
+
+def test_a_failing_chunk_stops_a_sequential_rounding(monkeypatch):
+  """A chunk that fails while the tokens are sampled stops the chunks still queued at
+  once, and its error is raised where the rounding asks for that layer's transforms."""
+  from cafeq_jax.core import optimize  # pylint: disable=g-import-not-at-top
+
+  cfg = dataclasses.replace(models.get_config('tiny_llama'), num_layers=8)
+  shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.PRNGKey(0)))
+  params = jax.tree.map(lambda s: np.full(s.shape, 0.01, np.float32), shapes)
+  calls = []
+  real = optimize.run
+
+  def failing(w, *args, **kwargs):
+    calls.append(w.shape[0])
+    if len(calls) == 1:
+      raise RuntimeError('chunk failed')
+    return real(w, *args, **kwargs)
+
+  monkeypatch.setattr(optimize, 'run', failing)
+  opts = methods.RunOptions(stack_chunk=2, threads=1)
+  recipe = recipes.override(
+    recipes.get('cafeq', bits=3, group_size=32),
+    {
+      'matrices': ('down',),
+      'transform.block_size': 32,
+      'transform.steps': 2,
+      'statistics.num_seqs': 2,
+      'statistics.seq_len': 8,
+    },
+  )
+  with pytest.raises(RuntimeError, match='chunk failed'):
+    methods.quantize(params, cfg, recipe, run_options=opts)
+  assert len(calls) < len(opts.chunks(cfg.num_layers))
+
+
 def test_chunks_follow_the_backend_and_the_loop():
   opts = methods.RunOptions()
   if jax.default_backend() == 'cpu':

@@ -191,6 +191,42 @@ def test_block_sub_layers_sow_the_inputs_of_every_linear(name):
 
 
 @pytest.mark.parametrize('name', NAMES)
+def test_sub_layers_finish_from_the_sown_input_of_their_last_projection(name):
+  """``attention_output`` / ``mlp_output`` with ``o`` / ``down`` changed after the input
+  was sown (as sequential rounding changes them) equal the whole sub-layer run with the
+  new projection, and the change shows in the output."""
+  cfg, params = _setup(name)
+  tokens = _tokens(cfg, 2, 7)
+  pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
+  x = decoder.embed_tokens(params['embedder']['input_embedding'], tokens, cfg)
+  rng = np.random.default_rng(3)
+  B = decoder.Block
+  for i, kind in enumerate(cfg.attention_types):
+    layer, block = params[f'layer_{i}'], decoder.Block(cfg, kind)
+    (mid, _), st = block.apply(
+      {'params': layer}, x, pos, method=B.attend, mutable=['intermediates']
+    )
+    out, st2 = block.apply({'params': layer}, mid, method=B.feed_forward, mutable=['intermediates'])
+    mats = linears.layer_matrices(layer, cfg)
+    changed = {n: mats[n] + 0.1 * rng.standard_normal(mats[n].shape) for n in ('o', 'down')}
+    v = {'params': linears.set_layer_matrices(layer, cfg, changed)}
+    got = block.apply(v, x, st['intermediates']['attn']['o_input'][0], method=B.attention_output)
+    want, _ = block.apply(v, x, pos, method=B.attend)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=f'layer {i} attention')
+    assert not np.allclose(got, mid, atol=1e-3)
+    got = block.apply(v, mid, st2['intermediates']['mlp']['down_input'][0], method=B.mlp_output)
+    np.testing.assert_allclose(
+      got,
+      block.apply(v, mid, method=B.feed_forward),
+      rtol=1e-6,
+      atol=1e-6,
+      err_msg=f'layer {i} mlp',
+    )
+    assert not np.allclose(got, out, atol=1e-3)
+    x = out
+
+
+@pytest.mark.parametrize('name', NAMES)
 def test_forward_matches_float64_numpy_reference(name):
   cfg, params = _setup(name)
   tokens = _tokens(cfg, 2, 11)
