@@ -97,58 +97,10 @@ def _fingerprint(unit, w, spec, cfg, key, units, sigma=None) -> dict:
   }
 
 
-def transforms_for(
-  mats: Mapping[str, jax.Array],
-  layers: Mapping[str, list[int]],
-  stage: recipes.Hadamard | recipes.Learned,
-  spec: quantizer.QuantSpec,
-  key: jax.Array,
-  *,
-  run: run_options.RunOptions | None = None,
-  layer_offset: int = 0,
-  progress: bool = False,
-  sigma: Mapping[Key, jax.Array] | None = None,
-) -> tuple[dict[Key, tuple[jax.Array, jax.Array]], dict[Key, float], dict[str, float]]:
-  """Block-diagonal transforms ``(M, M⁻¹)`` for the given matrices.
-
-  Randomness (Hadamard signs, column subsets) is keyed per unit ``(layer,
-  matrix)`` and per shape, never by position in a stack, so a layer gets the
-  same transform whichever other layers are processed with it (layer by layer
-  or all at once).
-
-  Args:
-    mats: ``name -> (L, d_in, d_out)`` float32 matrix stacks.
-    layers: ``name -> layers`` to transform.
-    stage: ``Learned`` (optimised, ``core.optimize``) or ``Hadamard`` (fixed
-      random block Hadamard rotation): block size, optimiser, sharing.
-    spec: the quantizer.
-    key: PRNG key.
-    run: how the optimisation runs (mesh, checkpoints, processes; see
-      ``RunOptions``); None: plain single-device loop.
-    layer_offset: model index of layer 0 of ``mats`` (a chunk of layers): keys
-      and checkpoint names use model layer indices.
-    progress: progress bars of the optimisation.
-    sigma: for ``Learned(loss='input')``, ``(layer, name) -> (nb, k, k)`` diagonal
-      blocks of the input second moment of every matrix (a shared unit uses its
-      first matrix's: they read one input).
-
-  Returns:
-    ``(blocks, init_losses, timings)``: ``(layer, name) -> (M, M⁻¹)`` blocks
-    ``(nb, k, k)``; for 'learn' the per-unit loss at init (attributed to each
-    matrix of the unit); seconds per shape group.
-  """
-  pending = start_transforms(
-    mats,
-    layers,
-    stage,
-    spec,
-    key,
-    run=run,
-    layer_offset=layer_offset,
-    progress=progress,
-    sigma=sigma,
-  )
-  with pending:
+def transforms_for(*args, **kwargs):
+  """``start_transforms(...)`` waited for: ``(blocks, init_losses, timings)``
+  (``PendingTransforms.result``)."""
+  with start_transforms(*args, **kwargs) as pending:
     return pending.result()
 
 
@@ -165,14 +117,34 @@ def start_transforms(
   sigma: Mapping[Key, jax.Array] | None = None,
   by_layer: bool = False,
 ) -> PendingTransforms:
-  """``transforms_for`` started on a thread pool: returns at once, with every input
-  checked (shapes, group and block sizes, NaN / inf, mesh), while the transforms are
-  learned (``PendingTransforms``; use it as a context manager, which stops what has
-  not run when the caller fails).
+  """Block-diagonal transforms ``(M, M⁻¹)`` for the given matrices, learned on a pool of
+  threads: returns at once, every input checked (shapes, group and block sizes, NaN /
+  inf, mesh), with a ``PendingTransforms`` whose look-ups wait for their chunk (use it
+  as a context manager: an error or Ctrl-C in the caller stops what has not run).
 
-  ``by_layer``: the chunks run in layer order (``(M, M⁻¹)`` of the first layers
-  come first, for a consumer that goes through the layers: sequential rounding),
-  not longest first (the shortest wall time when all are awaited together).
+  Randomness (Hadamard signs, column subsets) is keyed per unit ``(layer,
+  matrix)`` and per shape, never by position in a stack, so a layer gets the
+  same transform whichever other layers are processed with it (layer by layer
+  or all at once), and in whatever order the chunks run.
+
+  Args:
+    mats: ``name -> (L, d_in, d_out)`` float32 matrix stacks.
+    layers: ``name -> layers`` to transform.
+    stage: ``Learned`` (optimised, ``core.optimize``) or ``Hadamard`` (fixed
+      random block Hadamard rotation, made here): block size, optimiser, sharing.
+    spec: the quantizer.
+    key: PRNG key.
+    run: how the optimisation runs (mesh, checkpoints, processes; see
+      ``RunOptions``); None: plain single-device loop.
+    layer_offset: model index of layer 0 of ``mats`` (a chunk of layers): keys
+      and checkpoint names use model layer indices.
+    progress: progress bars of the optimisation.
+    sigma: for ``Learned(loss='input')``, ``(layer, name) -> (nb, k, k)`` diagonal
+      blocks of the input second moment of every matrix (a shared unit uses its
+      first matrix's: they read one input).
+    by_layer: run the chunks in layer order (the first layers' transforms first, for a
+      consumer that goes through the layers: sequential rounding), not longest first
+      (the shortest wall time when all are awaited together).
   """
   started = time.perf_counter()
   run = run_options.RunOptions() if run is None else run
@@ -261,7 +233,9 @@ class PendingTransforms(Mapping):
   def result(
     self,
   ) -> tuple[dict[Key, tuple[jax.Array, jax.Array]], dict[Key, float], dict[str, float]]:
-    """What ``transforms_for`` returns, once every chunk has run."""
+    """``(blocks, init_losses, timings)`` once every chunk has run: ``(layer, name) ->
+    (M, M⁻¹)`` blocks ``(nb, k, k)``; for a learned transform the loss of each unit at
+    its initialisation (split over the unit's matrices); seconds per shape group."""
     results = dict(self._done)
     results.update(self._pool.results(self._timings))
     out, init_losses = {}, {}

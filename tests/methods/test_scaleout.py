@@ -276,40 +276,6 @@ def test_sequential_rounding_takes_each_layers_transforms_as_they_come(monkeypat
   assert {'selfgen', 'transforms', 'rounding'} <= set(report.timings)
 
 
-def test_a_failing_chunk_stops_a_sequential_rounding(monkeypatch):
-  """A chunk that fails while the tokens are sampled stops the chunks still queued at
-  once, and its error is raised where the rounding asks for that layer's transforms."""
-  from cafeq_jax.core import optimize  # pylint: disable=g-import-not-at-top
-
-  cfg = dataclasses.replace(models.get_config('tiny_llama'), num_layers=8)
-  shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.PRNGKey(0)))
-  params = jax.tree.map(lambda s: np.full(s.shape, 0.01, np.float32), shapes)
-  calls = []
-  real = optimize.run
-
-  def failing(w, *args, **kwargs):
-    calls.append(w.shape[0])
-    if len(calls) == 1:
-      raise RuntimeError('chunk failed')
-    return real(w, *args, **kwargs)
-
-  monkeypatch.setattr(optimize, 'run', failing)
-  opts = methods.RunOptions(stack_chunk=2, threads=1)
-  recipe = recipes.override(
-    recipes.get('cafeq', bits=3, group_size=32),
-    {
-      'matrices': ('down',),
-      'transform.block_size': 32,
-      'transform.steps': 2,
-      'statistics.num_seqs': 2,
-      'statistics.seq_len': 8,
-    },
-  )
-  with pytest.raises(RuntimeError, match='chunk failed'):
-    methods.quantize(params, cfg, recipe, run_options=opts)
-  assert len(calls) < len(opts.chunks(cfg.num_layers))
-
-
 def test_chunks_follow_the_backend_and_the_loop():
   opts = methods.RunOptions()
   if jax.default_backend() == 'cpu':
@@ -325,9 +291,12 @@ def test_chunks_follow_the_backend_and_the_loop():
       methods.RunOptions(**{field: bad})
 
 
-def test_a_failing_chunk_stops_the_chunks_not_started(monkeypatch):
-  """An error in one chunk (a killed step, bad input found late) surfaces at once and
-  the chunks still queued never start."""
+@pytest.mark.parametrize('sequential', [False, True])
+def test_a_failing_chunk_stops_the_chunks_not_started(monkeypatch, sequential):
+  """An error in one chunk (a killed step, bad input found late) stops the chunks still
+  queued at once, and surfaces where the result is asked for: at once, or (``cafeq``,
+  ``sequential``) after the sampling, where the rounding asks for that layer's
+  transforms."""
   from cafeq_jax.core import optimize  # pylint: disable=g-import-not-at-top
 
   cfg = dataclasses.replace(models.get_config('tiny_llama'), num_layers=8)
@@ -345,6 +314,12 @@ def test_a_failing_chunk_stops_the_chunks_not_started(monkeypatch):
   monkeypatch.setattr(optimize, 'run', failing)
   opts = methods.RunOptions(stack_chunk=2, threads=1)
   recipe = recipes.override(worker.RECIPE, {'matrices': ('down',)})
+  if sequential:
+    cafeq = recipes.get('cafeq', spec=recipe.spec, matrices=('down',))
+    recipe = recipes.override(
+      dataclasses.replace(cafeq, transform=recipe.transform),
+      {'statistics.num_seqs': 2, 'statistics.seq_len': 8},
+    )
   with pytest.raises(RuntimeError, match='chunk failed'):
     methods.quantize(params, cfg, recipe, run_options=opts)
   assert len(calls) < len(opts.chunks(cfg.num_layers))
