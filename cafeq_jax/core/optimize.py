@@ -28,7 +28,8 @@ Keep-best: the STE loss's forward value *is* the actual quantized loss
 every step records it and keeps, per matrix, the iterate with the lowest actual
 loss (the initial transform included, so the result is never worse than the
 init). With ``columns_per_step`` (minibatches of output columns) the full actual
-loss is evaluated every ``eval_every`` steps and after the last one instead.
+loss is evaluated every ``eval_every`` steps and after the last one instead
+(after the last one only with ``eval_every=None``).
 
 Cost notes (CPU): the rotation is ``exp`` of a skew matrix by Taylor scaling and
 squaring (matmuls only; batched LAPACK solves were ~5x slower per step), and
@@ -100,7 +101,11 @@ class TransformConfig:
       independent, so this is an unbiased minibatch gradient); ``None`` uses all.
       The actual full loss is then evaluated every ``eval_every`` steps for the
       keep-best rule.
-    eval_every: steps between full evaluations when subsampling columns.
+    eval_every: steps between full evaluations when subsampling columns; None
+      evaluates the final iterate only (the initial one always is): under the
+      cosine schedule the last iterate is nearly always the best, and a full
+      evaluation of many columns costs several subsampled steps (``cafeq``'s
+      shared transforms; see ``recipes``).
     ste: gradient through the quantizer, ``'round'`` (STE on rounding only,
       scales differentiable: the default, see ``proxy.round_ste_quant``) or
       ``'full'`` (``quantizer.fake_quant``).
@@ -119,7 +124,7 @@ class TransformConfig:
   learn_scales: bool = True
   right_scales: bool = False
   columns_per_step: int | None = None
-  eval_every: int = 10
+  eval_every: int | None = 10
   ste: proxy.Ste = proxy.Ste.ROUND
 
   def __post_init__(self):
@@ -169,8 +174,8 @@ class TransformConfig:
       raise ValueError(
         f'columns_per_step={self.columns_per_step!r} must be None or a positive int.'
       )
-    if not isinstance(self.eval_every, int) or self.eval_every < 1:
-      raise ValueError(f'eval_every={self.eval_every!r} must be a positive int.')
+    if self.eval_every is not None and self.eval_every < 1:
+      raise ValueError(f'eval_every={self.eval_every!r} must be None or a positive int.')
 
 
 def make_optimizer(config: TransformConfig) -> optax.GradientTransformation:
@@ -572,13 +577,20 @@ def make_run_step(
   full-loss keep-best evaluation (``make_finalize``) due every ``eval_every``
   steps is folded into the step (``lax.cond`` on ``state.step``), so that the
   whole loop is one ``(state, w) -> state`` function that any loop (sharded,
-  checkpointed, split over processes) can drive.
+  checkpointed, split over processes) can drive. When none is due before the
+  last step (``eval_every`` None or ``>= steps``) it is ``make_step`` too: the
+  same iterates, and no evaluation compiled into every step.
   """
   step = make_step(spec, config)
-  if config.columns_per_step is None or config.columns_per_step >= d_out:
+  every = config.eval_every
+  if (
+    config.columns_per_step is None
+    or config.columns_per_step >= d_out
+    or every is None
+    or every >= config.steps
+  ):
     return step
   finalize = make_finalize(spec)
-  every = config.eval_every
 
   @xla_cpu.hot_jit
   def step_with_eval(

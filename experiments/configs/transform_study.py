@@ -22,7 +22,9 @@ from cafeq_jax.core import optimize
 # preset changes: dense blocks from the identity, Adam, peak lr 2e-2 with cosine
 # decay, 150 steps, 256 random output columns per step, k = 64, 'round' STE. It was
 # the cafeq-single preset until the ablation chose 300 steps (row dense-300, the
-# preset now); cafeq's learned transform is still this one, one per param leaf.
+# preset now); cafeq's learned transform is still this one, one per param leaf (it
+# evaluates only its last iterate for keep-best, where BASE evaluates every 10 steps:
+# the same quantized SmolLM2 at seeds 0-2, recipes._SHARED_LEARNED).
 BASE = optimize.TransformConfig(columns_per_step=256)
 
 # Rows of the ablation: name -> fields changed from BASE; None: plain RTN. The
@@ -81,9 +83,9 @@ RECIPES = {
   ),
   # A third of the steps (quantize time).
   'sg-learned-50': _SG.replace(name='sg-learned-50', transform=_learned('frobenius', steps=50)),
-  # With the pair transforms folded first.
+  # With the pair transforms folded first (and evaluated every 10 steps, as measured).
   'cafeq-learned': recipes.PRESETS['cafeq'].replace(
-    name='cafeq-learned', pairs=recipes.PairTransforms()
+    name='cafeq-learned', pairs=recipes.PairTransforms(), transform=_learned('frobenius')
   ),
   # The cafeq preset of earlier releases: pairs folded first, then as cafeq-sg.
   'cafeq-pairs-sg': recipes.PRESETS['cafeq-pairs-sg'],

@@ -138,6 +138,7 @@ def test_step_function_is_resumable_from_the_state_pytree():
     (dict(log_scale_bound=0.0), 'log_scale_bound='),
     (dict(ste='none'), 'ste='),
     (dict(warmup_steps=500), 'warmup_steps='),
+    (dict(eval_every=0), 'eval_every='),
   ],
 )
 def test_bad_transform_configs_raise_clear_errors(kwargs, match):
@@ -161,6 +162,28 @@ def test_column_subsampling_still_lowers_the_full_actual_loss():
   actual = optimize.stack_loss(best, w, SPEC, ste=False)
   np.testing.assert_allclose(np.asarray(actual), np.asarray(state.best_loss), rtol=1e-5)
   assert np.all(np.asarray(state.best_loss) < 0.8 * np.asarray(state.rtn_loss))
+
+
+def test_evaluating_only_the_last_iterate_keeps_the_iterates_and_the_better_end():
+  """``eval_every=None`` (or past the last step): the same iterates as evaluating
+  every 5 steps, and the kept transform is the init or the last iterate, whichever
+  has the lower actual loss (numpy reference of the loss)."""
+  w = _outlier_stack(seed=6)
+  base = dataclasses.replace(CFG, parameterization='dense', columns_per_step=8, steps=12)
+  _, every5 = optimize.run(w, SPEC, dataclasses.replace(base, eval_every=5), jax.random.PRNGKey(0))
+  for every in (None, 12):
+    cfg = dataclasses.replace(base, eval_every=every)
+    assert optimize.make_run_step(SPEC, cfg, 32) is optimize.make_step(SPEC, cfg)
+    best, state = optimize.run(w, SPEC, cfg, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(
+      np.asarray(state.transform.blocks), np.asarray(every5.transform.blocks)
+    )
+    m = np.asarray(state.transform.matrix(), np.float64)
+    last = _dense_loss_numpy(w, m, np.linalg.inv(m))
+    init = np.asarray(proxy.rtn_loss(w, SPEC))  # identity init
+    np.testing.assert_allclose(np.asarray(state.best_loss), np.minimum(init, last), rtol=1e-4)
+    kept = np.where((last < init)[:, None, None, None], m, np.eye(32))
+    np.testing.assert_array_equal(np.asarray(best.matrix()), kept.astype(np.float32))
 
 
 def test_run_hands_its_steps_to_the_loop_hook(identity_run):

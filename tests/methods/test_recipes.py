@@ -419,9 +419,9 @@ def test_presets_have_the_stages_their_docstring_entries_name():
   assert old.pairs == R.PairTransforms() and old.transform == p['cafeq-sg'].transform
   assert p['cafeq'].pairs is None  # the best data-free recipe
   single = p['cafeq-single'].transform.config  # 300 steps; cafeq's transform takes 150
-  assert single.steps == 300
-  assert p['cafeq'].transform == R.Learned(
-    config=dataclasses.replace(single, steps=150), share=True
+  assert single.steps == 300 and single.eval_every == 10
+  assert p['cafeq'].transform == R.Learned(  # ... and evaluates its last iterate only
+    config=dataclasses.replace(single, steps=150, eval_every=None), share=True
   )
   assert p['cafeq'].transform.loss == 'frobenius'
   assert p['gptq'].statistics == R.Calibration(source='in-domain')
