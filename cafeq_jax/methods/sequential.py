@@ -20,6 +20,7 @@ self-generated statistics run through this one engine.
 from __future__ import annotations
 
 import functools
+import operator
 import time
 from typing import Any
 from typing import Mapping
@@ -93,13 +94,6 @@ def _layer_losses(w, w_hat, h, spec):
 
 def _batches(xs, batch):
   return [xs[i : i + batch] for i in range(0, xs.shape[0], batch)]
-
-
-def _sum(grams):
-  out = None
-  for g in grams:
-    out = g if out is None else out + g
-  return out
 
 
 @jax.jit
@@ -187,7 +181,9 @@ def round_sequential(
       batches = _batches(xs, batch_size)
       names = tuple(n for n in first if n in chosen)
       if names:
-        h = _sum(_gram(_apply(layer, (xb,), cfg, attn_type, first_input)) for xb in batches)
+        h = functools.reduce(
+          operator.add, (_gram(_apply(layer, (xb,), cfg, attn_type, first_input)) for xb in batches)
+        )
         layer = round_into(l, layer, mats, names, h)
       # The sub-layer once, its first matrices rounded: its output, or the input of its
       # last matrix, which is then rounded and the sub-layer finished from that input.
@@ -197,7 +193,9 @@ def round_sequential(
         module, field = decoder.LINEAR_INPUTS[names[0]]
         inputs = [sown[module][field][0] for _, sown in runs]
         del runs
-        layer = round_into(l, layer, mats, names, _sum(_gram(a) for a in inputs))
+        layer = round_into(
+          l, layer, mats, names, functools.reduce(operator.add, map(_gram, inputs))
+        )
         outs = [_apply(layer, (xb, a), cfg, attn_type, finish) for xb, a in zip(batches, inputs)]
       else:
         outs = [out for out, _ in runs]

@@ -203,11 +203,11 @@ class PendingTransforms(Mapping):
   """
 
   def __init__(self, by_shape, done, pool, timings, started):
-    self._where = {}  # (layer, name) -> (shape, index in its stack)
+    self._where = {}  # (layer, name) -> (shape, index in its stack, matrices of its unit)
     for shape, entries in by_shape.items():
       for b, (names, layer) in enumerate(entries):
-        self._where.update({(layer, n): (shape, b) for n in names})
-    self._by_shape, self._done, self._pool, self._timings = by_shape, done, pool, timings
+        self._where.update({(layer, n): (shape, b, len(names)) for n in names})
+    self._done, self._pool, self._timings = done, pool, timings
     self._started, self._checked = started, time.perf_counter()
 
   @property
@@ -217,7 +217,7 @@ class PendingTransforms(Mapping):
     return max(self._checked, self._pool.last_end or 0.0) - self._started
 
   def __getitem__(self, key: Key) -> tuple[jax.Array, jax.Array]:
-    shape, b = self._where[key]
+    shape, b, _ = self._where[key]
     if shape in self._done:
       m, m_inv, _ = self._done[shape]
       return m[b], m_inv[b]
@@ -239,13 +239,11 @@ class PendingTransforms(Mapping):
     results = dict(self._done)
     results.update(self._pool.results(self._timings))
     out, init_losses = {}, {}
-    for shape, entries in self._by_shape.items():
+    for key, (shape, b, unit_size) in self._where.items():
       m, m_inv, init = results[shape]
-      for b, (names, layer) in enumerate(entries):
-        for n in names:
-          out[(layer, n)] = (m[b], m_inv[b])
-          if init is not None:
-            init_losses[(layer, n)] = float(init[b]) / len(names)
+      out[key] = (m[b], m_inv[b])
+      if init is not None:
+        init_losses[key] = float(init[b]) / unit_size
     return out, init_losses, self._timings
 
   def __enter__(self) -> PendingTransforms:
