@@ -622,7 +622,7 @@ _SHARED_HADAMARD = Hadamard(block_size=64, share=True)
 # self-generated layer loss; pair transforms folded first changed it by 2% at 170 s
 # more.
 # It evaluates the init and the last iterate only (eval_every=None): every 10 steps,
-# a full evaluation of gate + up (3072 columns) cost about four subsampled steps, and
+# a full evaluation of gate + up reads 3072 columns (12 times a step's 256), and
 # the quantized SmolLM2 hashed the same with and without them at seeds 0-2 (w3 g128).
 # (cafeq-single keeps them: its seed 2 kept an earlier iterate, the hashes differed.)
 _SHARED_LEARNED = Learned(config=dataclasses.replace(_DENSE, eval_every=None), share=True)
