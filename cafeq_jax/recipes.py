@@ -617,10 +617,10 @@ _LEARNED = Learned(config=dataclasses.replace(_DENSE, steps=300))
 _SHARED_HADAMARD = Hadamard(block_size=64, share=True)
 # cafeq's transform: the 150-step one, one per param leaf (k/v and gate/up read one
 # input), as measured (experiments/configs/selfgen_study.py, README): the transform
-# already costs most of cafeq's time, and 300 steps there were not measured. On the
-# Frobenius proxy: the input-weighted loss ended higher on the
-# self-generated layer loss; pair transforms folded first changed it by 2% at 170 s
-# more.
+# already costs most of cafeq's time, and optimising it further (every column, 300
+# steps: the study's sg-learned-all-300) gained nothing beyond the seed spread. Learned
+# as far on the input-weighted loss instead, it tied on the self-generated layer loss
+# and was worse on pydoc; pair transforms folded first changed it by 2% at 170 s more.
 # It evaluates the init and the last iterate only (eval_every=None): every 10 steps,
 # a full evaluation of gate + up reads 3072 columns (12 times a step's 256), and
 # the quantized SmolLM2 hashed the same with and without them at seeds 0-2 (w3 g128).
