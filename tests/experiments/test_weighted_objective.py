@@ -119,11 +119,7 @@ def test_a_corrupt_results_file_is_moved_aside(tmp_path):
     ('column', 'gguf-Q3_K_S', 'plain uniform quantizer'),
   ],
 )
-def test_bad_requests_fail_before_the_model_loads(tmp_path, monkeypatch, field, value, match):
-  def no_load(*a, **k):
-    raise AssertionError('the model was loaded')
-
-  monkeypatch.setattr(weighted_objective.quantize_lib, 'load_model', no_load)
+def test_bad_requests_fail_before_the_model_loads(tmp_path, no_model_load, field, value, match):
   c = _config(tmp_path)
   setattr(c, field, value)
   with pytest.raises(ValueError, match=match):
