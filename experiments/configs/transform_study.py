@@ -78,8 +78,8 @@ RECIPES = {
   'sg-learned': _SG.replace(name='sg-learned', transform=_learned('frobenius')),
   # ... or on the loss weighted by the self-generated Σ's diagonal blocks.
   'sg-learned-input': _SG.replace(name='sg-learned-input', transform=_learned('input')),
-  # ... the same with every column every step and 300 steps: the weighted loss it
-  # optimises falls further (experiments/weighted_objective.py); does the recipe gain?
+  # ... the same with every column every step and 300 steps, where its optimiser meets
+  # an independent reference on the weighted loss (experiments/weighted_objective.py) ...
   'sg-learned-input-all-300': _SG.replace(
     name='sg-learned-input-all-300',
     transform=_learned('input', columns_per_step=None, steps=300),
