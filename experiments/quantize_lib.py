@@ -633,6 +633,25 @@ def _commit(
   return results
 
 
+def _report_path(config, col: str, method: str) -> str:
+  return os.path.join(config.output_dir, 'reports', f'{col}_{method}.json')
+
+
+def _report_hash(path: str) -> str | None:
+  """The row hash a report was written for (None: absent, unreadable, other).
+
+  A report is written before its cell is committed to ``results.json`` (the
+  evaluation comes between), so a run killed in between leaves a report of the
+  new inputs beside the old cell; a later run that keeps the cell rewrites it.
+  """
+  try:
+    with open(path, encoding='utf-8') as f:
+      report = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return report.get('row_hash') if isinstance(report, dict) else None
+
+
 def _model_path(config, col: str, method: str) -> str:
   return os.path.join(config.output_dir, 'models', f'{col}_{method}')
 
@@ -756,6 +775,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       prev = done.get(m)
       if isinstance(prev, dict) and prev.get('hash') == h:
         need = []
+        if _report_hash(_report_path(config, col, m)) != h:
+          need.append('report')  # killed between its report and its cell: rewrite it
         if m in plan.save and _saved_hash(_model_path(config, col, m)) != h:
           need.append('save')
         if m in plan.export and _exported_hash(_export_path(config, col, m)) != h:
@@ -820,11 +841,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
           'proxy_final': report.total('final'),
           **storage(qparams),
         }
-        atomic.write_json(
-          os.path.join(config.output_dir, 'reports', f'{col}_{m}.json'),
-          {**report.to_dict(), 'row_hash': h},
-        )
         logging.info('%s', report.summary())
+      if m in todo or 'report' in wants[m][2]:
+        h = (todo.get(m) or wants[m])[1]
+        atomic.write_json(_report_path(config, col, m), {**report.to_dict(), 'row_hash': h})
 
     new_rows: dict[str, dict] = {}
     patches: dict[str, tuple[str, dict]] = {}

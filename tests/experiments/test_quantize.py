@@ -364,3 +364,25 @@ def test_failing_export_keeps_the_metrics(tmp_path, monkeypatch):
     model.config, model.params, qparams, reference_metrics.job_tokens(model, config)
   )
   reference_metrics.assert_row_matches(rows['rtn'], want)
+
+
+def test_a_report_of_other_inputs_beside_a_kept_cell_is_rewritten(tmp_path):
+  # A run killed during its evaluation has written its report but not its cell: the
+  # next run, which keeps the old cell, must not leave the other version's report.
+  config = _tiny_config(tmp_path, methods='rtn', plots=False)
+  quantize_lib.run(config)
+  col = 'w4g32asym'
+  path = tmp_path / 'reports' / f'{col}_rtn.json'
+  good = json.loads(path.read_text())
+  cell = json.loads((tmp_path / 'results.json').read_text())['columns'][col]['methods']['rtn']
+  assert good['row_hash'] == cell['hash']
+  for stale in ({**good, 'row_hash': 'another-version', 'per_matrix': {}}, None):
+    if stale is None:
+      path.unlink()
+    else:
+      path.write_text(json.dumps(stale))
+    quantize_lib.run(config)
+    again = json.loads(path.read_text())
+    assert again['row_hash'] == cell['hash'] and again['per_matrix'] == good['per_matrix']
+    kept = json.loads((tmp_path / 'results.json').read_text())['columns'][col]['methods']['rtn']
+    assert kept == cell  # the metrics were kept, not recomputed
