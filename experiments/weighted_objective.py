@@ -166,7 +166,7 @@ def reference_blocks(
 
 
 def unit_losses(
-  w: np.ndarray, sigma: np.ndarray, m: np.ndarray | None, spec: quantizer.QuantSpec
+  w: np.ndarray, sigma: np.ndarray | jax.Array, m: np.ndarray | None, spec: quantizer.QuantSpec
 ) -> tuple[float, float]:
   """``(Σ_t tr(E_tᵀ Σ_bd E_t), Σ_t ||E_t||²)`` of one unit, in float64.
 
@@ -191,23 +191,15 @@ def unit_losses(
   return float(weighted), float(np.sum(e * e))
 
 
-def _type(names: tuple[str, ...]) -> str:
-  return '+'.join(names)
-
-
 def row_result(units, mats, sigma, blocks, spec, rtn) -> dict:
   """Ratios over RTN's per unit type (summed over layers) and in total."""
-  sums: dict[str, list[float]] = {}
+  sums: dict[str, np.ndarray] = {}  # type -> (weighted, RTN's, Frobenius, RTN's)
   for names, layer in units:
-    m = None if blocks is None else blocks[(names, layer)]
     w = np.stack([np.asarray(mats[n][layer]) for n in names])
-    weighted, frob = unit_losses(w, sigma[(layer, names[0])], m, spec)
-    acc = sums.setdefault(_type(names), [0.0, 0.0, 0.0, 0.0])
+    weighted, frob = unit_losses(w, sigma[(layer, names[0])], blocks[(names, layer)], spec)
     r_weighted, r_frob = rtn[(names, layer)]
-    acc[0] += weighted
-    acc[1] += r_weighted
-    acc[2] += frob
-    acc[3] += r_frob
+    t = '+'.join(names)
+    sums[t] = sums.get(t, 0.0) + np.array([weighted, r_weighted, frob, r_frob])
   total = np.sum(list(sums.values()), axis=0)
   return {
     'weighted_ratio': {t: a[0] / a[1] for t, a in sums.items()},
@@ -296,7 +288,6 @@ def _compute(model, recipe, spec, stats, layers, seed, todo, out, path) -> None:
     matrices=tuple(mats),
     batch_size=stats.batch_size,
   )
-  sigma = {k: np.asarray(v) for k, v in sigma.items()}
   print(f'self-generated Σ: {time.perf_counter() - t0:.0f} s', flush=True)
   transform_key = jax.random.split(key)[1]
   layer_map = {n: list(layers) for n in mats}
@@ -330,7 +321,7 @@ def _compute(model, recipe, spec, stats, layers, seed, todo, out, path) -> None:
         stage,
         spec,
         transform_key,
-        sigma={k: jnp.asarray(v) for k, v in sigma.items()} if weighted else None,
+        sigma=sigma if weighted else None,
       )
       blocks = {(names, l): np.asarray(learned[(l, names[0])][0]) for names, l in units}
     seconds = time.perf_counter() - t0
