@@ -212,10 +212,10 @@ def test_stacks_in_chunks_on_threads_give_the_whole_stacks_model(share):
   shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.PRNGKey(0)))
   rng = np.random.default_rng(3)
   params = jax.tree.map(lambda s: (0.02 * rng.laplace(size=s.shape)).astype(np.float32), shapes)
-  recipe = recipes.override(
-    worker.RECIPE,
-    {'matrices': ('q', 'k', 'v', 'o', 'gate', 'up', 'down'), 'transform.share': share},
-  )
+  # Two stacks of other lengths each way: unshared, q and o (one shape) make a stack of
+  # 10 units beside down's 5; shared, k+v and gate+up units make two stacks of 5.
+  matrices = ('k', 'v', 'gate', 'up') if share else ('q', 'o', 'down')
+  recipe = recipes.override(worker.RECIPE, {'matrices': matrices, 'transform.share': share})
   whole_opts = methods.RunOptions(stack_chunk=10**6, threads=1)
   assert whole_opts.chunks(10) == [(0, 10)]
   whole, whole_report = methods.quantize(params, cfg, recipe, run_options=whole_opts)
