@@ -816,7 +816,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     for m in plan.methods:
       if m not in todo and m not in wants:
         continue
-      recipe = (todo.get(m) or wants[m])[0]
+      recipe, h = (todo.get(m) or wants[m])[:2]
       kwargs = {}
       if isinstance(recipe.statistics, recipes.Calibration):
         kwargs['calib_tokens'] = calib[recipe.statistics][0]
@@ -832,10 +832,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       qparams = jax.block_until_ready(qparams)
       candidates[m] = qparams
       if m in todo:
-        _, h, inputs = todo[m]
         rows[m] = {
           'hash': h,
-          'inputs': inputs,
+          'inputs': todo[m][2],
           'quantize_seconds': report.timings.get('total', float('nan')),
           'proxy_rtn': report.total('rtn'),
           'proxy_final': report.total('final'),
@@ -843,7 +842,6 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         }
         logging.info('%s', report.summary())
       if m in todo or 'report' in wants[m][2]:
-        h = (todo.get(m) or wants[m])[1]
         atomic.write_json(_report_path(config, col, m), {**report.to_dict(), 'row_hash': h})
 
     new_rows: dict[str, dict] = {}
@@ -879,9 +877,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       _commit(results_path, config, col, spec, new_rows, patches)
     logging.info('[%s] wrote %s', col, results_path)
     for m in candidates:
-      h = (todo.get(m) or wants[m])[1]
+      recipe, h = (todo.get(m) or wants[m])[:2]
       need = ['save', 'export', 'gguf', 'ct'] if m in todo else wants[m][2]
-      recipe = (todo.get(m) or wants[m])[0]
       provenance = {'row_hash': h, 'recipe': recipe.to_dict(), 'model': config.model}
       if m in plan.save and 'save' in need:
         with lock:
