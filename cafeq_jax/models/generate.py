@@ -26,12 +26,28 @@ def sample_logits(
   logits of each row. Returns (B,) int32.
   """
   if key is None:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return first_argmax(logits)
   logits = logits.astype(jnp.float32) / temperature
   if top_k is not None:
     kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  # jax.random.categorical's Gumbel-max draw, with its argmax as two plain reductions.
+  return first_argmax(jax.random.gumbel(key, logits.shape, logits.dtype) + logits)
+
+
+def first_argmax(x: jax.Array) -> jax.Array:
+  """``jnp.argmax(x, axis=-1)`` as int32: the first index of the largest entry (of the
+  first NaN, if any), from a max and a min reduction.
+
+  XLA:CPU runs ``argmax``'s paired (value, index) reduction as one scalar loop, with
+  ``categorical``'s Gumbel noise fused into it: 5.5 s of the 71 s of CPU time of
+  SmolLM2's 32 x 255-token self-generation (profiled), against 0.9 s for the noise
+  and these two reductions. The result is ``argmax``'s, index for index.
+  """
+  top = jnp.max(x, axis=-1, keepdims=True)
+  hit = (x == top) | jnp.isnan(x)
+  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  return jnp.min(jnp.where(hit, iota, x.shape[-1]), axis=-1)
 
 
 @functools.partial(

@@ -9,6 +9,7 @@ import pytest
 
 from cafeq_jax.models import config as config_lib
 from cafeq_jax.models import decoder
+from cafeq_jax.models.generate import first_argmax
 from cafeq_jax.models.generate import generate
 from cafeq_jax.models.generate import sample_logits
 
@@ -62,6 +63,29 @@ def test_sample_logits_top_1_is_argmax_and_distribution_follows_softmax():
   draws = jax.vmap(lambda k: sample_logits(logits, k, 1.0)[0])(keys)
   freq = np.bincount(np.asarray(draws), minlength=3) / 4000
   np.testing.assert_allclose(freq, [0.1, 0.6, 0.3], atol=0.03)
+
+
+def test_first_argmax_is_numpys_argmax_on_ties_nans_and_infinities():
+  rng = np.random.default_rng(0)
+  x = rng.integers(-3, 4, size=(64, 37)).astype(np.float32)  # many ties
+  x[5, [3, 9]] = np.nan
+  x[6] = -np.inf
+  x[7, [0, 20]] = np.inf
+  x[8, 11] = -0.0
+  got = np.asarray(jax.jit(first_argmax)(jnp.asarray(x)))
+  assert got.dtype == np.int32
+  np.testing.assert_array_equal(got, np.argmax(x, axis=-1))  # numpy: NaN wins, first one
+
+
+def test_sampling_draws_jax_random_categoricals_tokens():
+  # The Gumbel-max draw of sample_logits is jax.random.categorical's, token for token.
+  logits = 4.0 * jax.random.normal(jax.random.key(7), (16, 1000))
+  for i in range(5):
+    key = jax.random.key(i)
+    np.testing.assert_array_equal(
+      jax.jit(sample_logits, static_argnums=2)(logits, key, 0.7),
+      jax.random.categorical(key, logits / 0.7, axis=-1),
+    )
 
 
 def test_eos_stops_row_and_pads(model):
