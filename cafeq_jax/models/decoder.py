@@ -205,8 +205,8 @@ class Attention(nn.Module):
     if layer_cache is not None:
       # The cache is kept in the layouts the two attention dots read (keys slot-major,
       # values slot-minor, per head): stored as (B, T, K, hd), XLA:CPU transposed the
-      # whole cache of every layer into them at each decoding step (a quarter of a
-      # self-generation's CPU time on SmolLM2). The dots and their bits are unchanged.
+      # whole cache of every layer into them at each decoding step. The dots and their
+      # bits are unchanged.
       ck = jax.lax.dynamic_update_slice(
         layer_cache['k'],
         jnp.transpose(k, (0, 2, 1, 3)).astype(layer_cache['k'].dtype),
