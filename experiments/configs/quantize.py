@@ -23,13 +23,16 @@ def cafeq_options() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(
     {
       # Online transform: block size k (Hadamard and learned); learned:
-      # parameterisation ('dense', 'lu', 'rotation'), init, steps, lr, schedule.
+      # parameterisation ('dense', 'lu', 'rotation'), init, steps, lr, Adam's
+      # moment decays b1 / b2, schedule.
       'transform': {
         'block_size': ph(int),
         'parameterization': ph(str),
         'init': ph(str),
         'steps': ph(int),
         'learning_rate': ph(float),
+        'b1': ph(float),
+        'b2': ph(float),
         'schedule': ph(str),
       },
       # Pair transforms: loss ('lse', 'product', 'both'), steps, lr, temperature.

@@ -50,7 +50,16 @@ VARIANTS = {
   'dense-ste-full': dict(ste='full'),
   # Wider bounds: log-scales up to 2 on both sides (cond <= e^8).
   'rotation-wide': dict(parameterization='rotation', log_scale_bound=2.0, right_scales=True),
-  'dense-300': dict(steps=300),  # the cafeq-single preset
+  'dense-300': dict(steps=300),  # the cafeq-single preset of the last release
+  # Three fifths of dense-300's steps: with Adam's defaults, then with less momentum
+  # (b1 0.5, b2 0.95), then also at twice the peak learning rate, then also warmed up
+  # over the first tenth of the steps and evaluated at the end only (the cafeq-single preset).
+  'dense-180': dict(steps=180),
+  'dense-180-b0.5': dict(steps=180, b1=0.5, b2=0.95),
+  'dense-180-b0.5-lr4e-2': dict(steps=180, b1=0.5, b2=0.95, learning_rate=4e-2),
+  'dense-180-b0.5-lr4e-2-wu0.1': dict(
+    steps=180, b1=0.5, b2=0.95, learning_rate=4e-2, warmup_fraction=0.1, eval_every=None
+  ),
 }
 
 

@@ -137,13 +137,47 @@ def test_step_function_is_resumable_from_the_state_pytree():
     (dict(init='hadamard', block_size=48), 'power-of-two'),
     (dict(log_scale_bound=0.0), 'log_scale_bound='),
     (dict(ste='none'), 'ste='),
-    (dict(warmup_steps=500), 'warmup_steps='),
+    (dict(warmup_fraction=1.0), 'warmup_fraction=1.0 must be in'),
     (dict(eval_every=0), 'eval_every='),
+    (dict(b1=1.0), 'b1=1.0 must be in'),
+    (dict(b2=-0.1), 'b2=-0.1 must be in'),
   ],
 )
 def test_bad_transform_configs_raise_clear_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     optimize.TransformConfig(**kwargs)
+
+
+@pytest.mark.parametrize('b1, b2, warmup', [(0.9, 0.999, 0.0), (0.5, 0.95, 0.3)])
+def test_optimizer_is_adam_with_the_configs_moments_and_schedule(b1, b2, warmup):
+  """``make_optimizer`` against Adam written out in numpy: bias-corrected moments, eps
+  1e-8, the learning rate rising linearly from 0 over ``round(warmup * steps)`` steps,
+  then cosine-decayed from its peak to 0 over the rest."""
+  steps, peak = 10, 3e-2
+  cfg = optimize.TransformConfig(
+    learning_rate=peak, steps=steps, b1=b1, b2=b2, warmup_fraction=warmup
+  )
+  grads = np.random.default_rng(0).normal(size=(steps, 7)).astype(np.float32)
+  opt = optimize.make_optimizer(cfg)
+  p = jnp.zeros(7, jnp.float32)
+  state = opt.init(p)
+  ref, m, v = np.zeros(7), np.zeros(7), np.zeros(7)
+  w = round(warmup * steps)
+  for t, g in enumerate(grads):
+    updates, state = opt.update(jnp.asarray(g), state, p)
+    p = p + updates
+    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+    lr = peak * t / w if t < w else peak * 0.5 * (1 + np.cos(np.pi * (t - w) / (steps - w)))
+    ref = ref - lr * (m / (1 - b1 ** (t + 1))) / (np.sqrt(v / (1 - b2 ** (t + 1))) + 1e-8)
+    np.testing.assert_allclose(np.asarray(p), ref, rtol=1e-5, atol=1e-7)
+
+
+def test_a_warm_up_fraction_runs_under_a_short_steps_override():
+  """The warm-up scales with ``steps`` and leaves at least one decay step, so a preset
+  with a warm-up runs with any ``steps`` override (here round(0.9 * 2) = 2, cut to 1)."""
+  cfg = dataclasses.replace(CFG, steps=2, warmup_fraction=0.9)
+  _, state = optimize.run(_outlier_stack(), SPEC, cfg, jax.random.PRNGKey(0))
+  assert int(state.step) == 2 and np.all(np.isfinite(np.asarray(state.best_loss)))
 
 
 def test_run_rejects_block_size_not_dividing_d_in_and_bad_ranks():

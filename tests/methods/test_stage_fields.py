@@ -71,6 +71,8 @@ CASES = [
     _LEARNED.replace(transform=_learned(learning_rate=3e-2)),
     None,
   ),
+  ('Learned.config.b1', _LEARNED, _LEARNED.replace(transform=_learned(b1=0.5)), None),
+  ('Learned.config.b2', _LEARNED, _LEARNED.replace(transform=_learned(b2=0.9)), None),
   ('GPTQ.damp/Frobenius', _LEARNED, _LEARNED.replace(rounding=R.GPTQ(damp=0.5)), None),
   ('GPTQ.act_order/Frobenius', _LEARNED, _LEARNED.replace(rounding=R.GPTQ(act_order=True)), None),
   (
