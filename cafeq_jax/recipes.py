@@ -631,8 +631,8 @@ _SHARED_HADAMARD = Hadamard(block_size=64, share=True)
 # a full evaluation of gate + up reads 3072 columns (12 times a step's 256), and
 # the quantized SmolLM2 hashed the same with and without them at seeds 0-2 (w3 g128).
 # (cafeq-single of the last release kept them: at its seed 2 an earlier iterate was kept.
-# The present one evaluates the last iterate only too: its 20-step warm-up and cosine
-# decay end on small steps.)
+# The present one evaluates the last iterate only too: its cosine decay ends on small
+# steps.)
 _SHARED_LEARNED = Learned(config=dataclasses.replace(_DENSE, eval_every=None), share=True)
 
 PRESETS: dict[str, Recipe] = {

@@ -94,10 +94,9 @@ def test_whole_recipe_rows_run_with_extra_seeds_and_the_table_gives_mean_and_std
 def test_study_rows_are_anchored_to_the_presets_they_measured():
   spec = recipes.get('rtn').spec
   # The preset is a row of the study (dense-180-b0.5-lr4e-2-wu0.1), and cafeq's
-  # transform is the base row
-  # but for its keep-best evaluation, at the end only (the same quantized SmolLM2 at
-  # seeds 0-2: recipes._SHARED_LEARNED); the study's cafeq-learned row was measured
-  # with the base row's.
+  # transform is the base row but for its keep-best evaluation, at the end only (the
+  # same quantized SmolLM2 at seeds 0-2: recipes._SHARED_LEARNED); the study's
+  # cafeq-learned row was measured with the base row's.
   assert transform_study.recipe_for('dense-180-b0.5-lr4e-2-wu0.1', spec).transform == (
     recipes.PRESETS['cafeq-single'].transform
   )
