@@ -295,6 +295,7 @@ class _StackPool:
     self._tasks = [(j, a, b) for j in jobs for a, b in j.chunks]
     self._futures: dict[tuple, concurrent.futures.Future] = {}
     self._pool = self._bar = None
+    self._error: BaseException | None = None  # the first chunk's failure
     self.last_end: float | None = None  # perf_counter() when the last chunk ended
     self._lock = threading.Lock()
     if len(self._tasks) > 1:
@@ -308,7 +309,12 @@ class _StackPool:
         self._bar = tqdm.tqdm(total=len(self._tasks), desc='transforms (chunks)', leave=False)
       self._pool = concurrent.futures.ThreadPoolExecutor(run.num_threads(len(self._tasks)))
       for t in order:
-        f = self._pool.submit(self._stop_on_error, *t)
+        try:
+          f = self._pool.submit(self._stop_on_error, *t)
+        except RuntimeError:
+          if self._error is None:
+            raise
+          break  # a queued chunk failed already and shut the pool down
         if self._bar is not None:
           f.add_done_callback(lambda _: self._bar.update(1))
         self._futures[(t[0].shape, t[1])] = f
@@ -337,20 +343,25 @@ class _StackPool:
     failed; the caller sees the error when it asks for any result)."""
     try:
       return self._one(job, a, b)
-    except BaseException:
+    except BaseException as e:
+      with self._lock:
+        self._error = self._error or e
       self._pool.shutdown(wait=False, cancel_futures=True)
       raise
 
   def _result(self, job: _Stack, a: int, b: int):
-    if self._pool is None:  # a single chunk: run here, once
-      if (job.shape, a) not in self._futures:
-        f = concurrent.futures.Future()
-        try:
-          f.set_result(self._one(job, a, b))
-        except BaseException as e:  # pylint: disable=broad-except (re-raised below)
-          f.set_exception(e)
-        self._futures[(job.shape, a)] = f
-    return self._futures[(job.shape, a)].result()
+    key = (job.shape, a)
+    if self._pool is None and key not in self._futures:  # a single chunk: run here, once
+      f = concurrent.futures.Future()
+      try:
+        f.set_result(self._one(job, a, b))
+      except BaseException as e:  # pylint: disable=broad-except (re-raised below)
+        f.set_exception(e)
+      self._futures[key] = f
+    f = self._futures.get(key)
+    if (f is None or f.cancelled()) and self._error is not None:
+      raise self._error  # never started: another chunk failed first
+    return f.result()
 
   def chunk(self, shape, index: int):
     """``(M, M⁻¹, init_loss, first index)`` of the chunk holding unit ``index``."""

@@ -7,6 +7,7 @@ run SIGKILLed mid-optimisation and restarted), so this process keeps one device.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import signal
@@ -291,12 +292,17 @@ def test_chunks_follow_the_backend_and_the_loop():
       methods.RunOptions(**{field: bad})
 
 
+@pytest.mark.parametrize('fails_while_queueing', [False, True])
 @pytest.mark.parametrize('sequential', [False, True])
-def test_a_failing_chunk_stops_the_chunks_not_started(monkeypatch, sequential):
+def test_a_failing_chunk_stops_the_chunks_not_started(
+  monkeypatch, sequential, fails_while_queueing
+):
   """An error in one chunk (a killed step, bad input found late) stops the chunks still
   queued at once, and surfaces where the result is asked for: at once, or (``cafeq``,
   ``sequential``) after the sampling, where the rounding asks for that layer's
-  transforms."""
+  transforms. ``fails_while_queueing``: the first chunk fails before the others are
+  queued (the pool is then shut down under the queueing loop), which a busy machine
+  can give by chance."""
   from cafeq_jax.core import optimize  # pylint: disable=g-import-not-at-top
 
   cfg = dataclasses.replace(models.get_config('tiny_llama'), num_layers=8)
@@ -312,6 +318,19 @@ def test_a_failing_chunk_stops_the_chunks_not_started(monkeypatch, sequential):
     return real(w, *args, **kwargs)
 
   monkeypatch.setattr(optimize, 'run', failing)
+  if fails_while_queueing:
+    submit = concurrent.futures.ThreadPoolExecutor.submit
+    submitted = []
+
+    def submit_then_wait_for_the_first(pool, *args, **kwargs):
+      submitted.append(submit(pool, *args, **kwargs))
+      if len(submitted) == 1:
+        concurrent.futures.wait(submitted)
+      return submitted[-1]
+
+    monkeypatch.setattr(
+      concurrent.futures.ThreadPoolExecutor, 'submit', submit_then_wait_for_the_first
+    )
   opts = methods.RunOptions(stack_chunk=2, threads=1)
   recipe = recipes.override(worker.RECIPE, {'matrices': ('down',)})
   if sequential:
