@@ -24,7 +24,7 @@ def cafeq_options() -> ml_collections.ConfigDict:
     {
       # Online transform: block size k (Hadamard and learned); learned:
       # parameterisation ('dense', 'lu', 'rotation'), init, steps, lr, Adam's
-      # moment decays b1 / b2, schedule.
+      # moment decays b1 / b2, schedule and its warm-up (a fraction of the steps).
       'transform': {
         'block_size': ph(int),
         'parameterization': ph(str),
@@ -34,6 +34,7 @@ def cafeq_options() -> ml_collections.ConfigDict:
         'b1': ph(float),
         'b2': ph(float),
         'schedule': ph(str),
+        'warmup_fraction': ph(float),
       },
       # Pair transforms: loss ('lse', 'product', 'both'), steps, lr, temperature.
       'pairs': {

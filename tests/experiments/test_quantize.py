@@ -105,6 +105,10 @@ def test_cafeq_options_left_unset_keep_every_presets_own_stages(monkeypatch):
   got = quantize_lib.recipe_for('cafeq', spec, config).transform.config
   assert (got.steps, got.learning_rate, got.parameterization) == (11, 3e-3, 'lu')
   assert quantize_lib.recipe_for('cafeq-single', spec, config).transform.config.steps == 11
+  config.lock()  # as on the command line: only declared fields can be set
+  config.cafeq.transform.warmup_fraction = 0.25
+  got = quantize_lib.recipe_for('cafeq-single', spec, config).transform.config
+  assert (got.steps, got.warmup_fraction, got.b1) == (11, 0.25, 0.5)
   assert quantize_lib.recipe_for('rtn', spec, config) == recipes.get('rtn', spec=spec)
 
 
