@@ -613,8 +613,9 @@ _SELFGEN = GPTQ(statistics=SelfGenerated(), act_order=True)
 _DENSE = optimize.TransformConfig(columns_per_step=256)
 # cafeq-single runs it for 180 steps with less momentum at twice the peak learning
 # rate, warmed up over the first tenth, evaluating the last iterate only (the ablation's
-# row dense-180-b0.5-lr4e-2-wu0.1): lower on the proxy for every matrix type than 300 steps
-# of Adam's defaults (row dense-300, the preset of the last release), in less time.
+# row dense-180-b0.5-lr4e-2-wu0.1): at w3 g128 lower on the proxy for every matrix type
+# than 300 steps of Adam's defaults (row dense-300, the preset of the last release), in
+# less time (at w4 per-channel slightly higher: README).
 _LEARNED = Learned(
   config=dataclasses.replace(
     _DENSE, steps=180, learning_rate=4e-2, b1=0.5, b2=0.95, warmup_fraction=0.1, eval_every=None

@@ -73,6 +73,12 @@ CASES = [
   ),
   ('Learned.config.b1', _LEARNED, _LEARNED.replace(transform=_learned(b1=0.5)), None),
   ('Learned.config.b2', _LEARNED, _LEARNED.replace(transform=_learned(b2=0.9)), None),
+  (
+    'Learned.config.warmup_fraction',
+    _LEARNED,
+    _LEARNED.replace(transform=_learned(warmup_fraction=0.5)),
+    None,
+  ),
   ('GPTQ.damp/Frobenius', _LEARNED, _LEARNED.replace(rounding=R.GPTQ(damp=0.5)), None),
   ('GPTQ.act_order/Frobenius', _LEARNED, _LEARNED.replace(rounding=R.GPTQ(act_order=True)), None),
   (
