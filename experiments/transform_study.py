@@ -11,7 +11,11 @@ the model with ``cafeq-single`` under that transform and records
     ``cond(M_b)``) and the bf16 error of the online ``x M⁻¹``: max over matrices of
     ``||bf16(x) bf16(M⁻¹) - x M⁻¹|| / ||x M⁻¹||`` on Gaussian ``x``;
   * the quantize wall time;
-  * perplexity / KLD against fp on every evaluation text.
+  * perplexity / KLD against fp on every evaluation text;
+  * with ``--config.export_check``: the perplexity of the row's HF export
+    (``hf.save_hf``, what the main job's ``--config.export_hf`` writes) read back by
+    transformers on the same windows (``experiments.hf_readback``), and the largest
+    logit difference between that independent forward and ours.
 
 python -m experiments.transform_study  (writes output_dir/results.json and table.md)
 
@@ -38,8 +42,10 @@ from cafeq_jax import quantizer
 from cafeq_jax import recipes
 from cafeq_jax.core import transforms
 from cafeq_jax.eval import data as eval_data
+from cafeq_jax.loading import hf
 from cafeq_jax.models import QuantizedLinear
 from experiments import cli
+from experiments import hf_readback
 from experiments import quantize_lib
 from experiments.configs import transform_study as study_config
 
@@ -56,13 +62,16 @@ def split_row(row: str) -> tuple[str, int | None]:
 
 
 def recipe_for(variant: str, spec) -> recipes.Recipe:
-  """``rtn``, ``cafeq-single`` with the variant's fields of the study's ``BASE``, or a
-  whole recipe of ``RECIPES``, under the quantizer ``spec``."""
+  """``rtn``, ``cafeq-single`` with the variant's fields of the study's ``BASE``, a
+  whole recipe of ``RECIPES``, or else a preset of ``recipes.PRESETS``, under the
+  quantizer ``spec``."""
   variant, _ = split_row(variant)
   if variant in study_config.RECIPES:
     return study_config.RECIPES[variant].replace(name=variant, spec=spec)
+  if variant not in study_config.VARIANTS and variant in recipes.PRESETS:
+    return recipes.get(variant, spec=spec)
   if variant not in study_config.VARIANTS:
-    known = list(study_config.VARIANTS) + list(study_config.RECIPES)
+    known = list(study_config.VARIANTS) + list(study_config.RECIPES) + list(recipes.PRESETS)
     raise ValueError(f'variant {variant!r} is unknown; expected one of {known}.')
   fields = study_config.VARIANTS[variant]
   if fields is None:
@@ -138,6 +147,8 @@ def run(config) -> dict:
     'seed': config.seed,
     'windows': {t: quantize_lib.tokens_fingerprint(w) for t, w in windows.items()},
   }
+  if config.export_check:  # rows checked without it lack the read-back figures
+    inputs['export_check'] = True
   if config.matrix:
     return _proxy_only(config, model, spec, variants, results, path, inputs)
   if 'fp' not in results or results['fp'].get('hash') != quantize_lib.content_hash(inputs):
@@ -145,6 +156,8 @@ def run(config) -> dict:
     for t, toks in windows.items():
       m = eval_lib.evaluate(apply_fn, model.params, toks, {}, batch_size=config.eval_batch_size)
       fp[f'ppl_{t}'] = m['fp']['ppl']
+    if config.export_check:
+      fp.update(_export_check(config, model, model.params, windows, apply_fn))
     results['fp'] = {'hash': quantize_lib.content_hash(inputs), **fp}
   for v in variants:
     recipe = recipe_for(v, spec)
@@ -182,6 +195,8 @@ def run(config) -> dict:
         apply_fn, model.params, toks, {v: qparams}, batch_size=config.eval_batch_size
       )
       row[f'ppl_{t}'], row[f'kld_{t}'], row[f'top1_{t}'] = (m[v][k] for k in ('ppl', 'kld', 'top1'))
+    if config.export_check:
+      row.update(_export_check(config, model, qparams, windows, apply_fn))
     results['rows'][v] = row
     atomic.write_json(path, results)
     logging.info('%s: %s', v, row)
@@ -189,6 +204,25 @@ def run(config) -> dict:
   atomic.write_text(os.path.join(out, 'table.md'), table)
   print(table)
   return results
+
+
+def _export_check(config, model, params, windows, apply_fn) -> dict[str, float]:
+  """``params`` exported with ``hf.save_hf`` (to a temporary directory beside the
+  results) and read back by transformers: ``ppl_hf_<text>`` on every text's windows,
+  and ``hf_logit_diff_max``, the largest ``|logit|`` difference from our forward on
+  each text's first window."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  out, diff = {}, 0.0
+  with tempfile.TemporaryDirectory(dir=config.output_dir, prefix='.hf_check_') as tmp:
+    path = hf.save_hf(params, model.config, os.path.join(tmp, 'hf'))
+    for t, toks in windows.items():
+      r = hf_readback.readback(path, toks, batch_size=config.eval_batch_size)
+      ours = np.asarray(apply_fn(params, jnp.asarray(toks[:1], jnp.int32)))[0]
+      out[f'ppl_hf_{t}'] = r['ppl']
+      diff = max(diff, float(np.abs(ours - r['first_logits']).max()))
+  out['hf_logit_diff_max'] = diff
+  return out
 
 
 def _proxy_only(config, model, spec, variants, results, path, inputs) -> dict:
@@ -234,11 +268,15 @@ def format_table(results: dict, variants: list[str], texts: list[str]) -> str:
   and ``n`` the number of seeds."""
   head = ['variant', 'n'] + list(MATRICES) + ['total', 'sg loss', 'cond max', 'bf16 err']
   head += ['quantize s'] + [f'ppl {t}' for t in texts]
-  lines = ['| ' + ' | '.join(head) + ' |', '|---|' + '---:|' * (len(head) - 1)]
   fp = results['fp']
-  lines.append(
-    '| fp |' + ' |' * (len(MATRICES) + 6) + ''.join(f' {fp[f"ppl_{t}"]:.2f} |' for t in texts)
-  )
+  hf_cols = all(f'ppl_hf_{t}' in fp for t in texts)  # --config.export_check
+  if hf_cols:
+    head += [f'ppl {t} (HF export)' for t in texts] + ['max Δlogit']
+  lines = ['| ' + ' | '.join(head) + ' |', '|---|' + '---:|' * (len(head) - 1)]
+  fp_cells = [f'{fp[f"ppl_{t}"]:.2f}' for t in texts]
+  if hf_cols:
+    fp_cells += [f'{fp[f"ppl_hf_{t}"]:.2f}' for t in texts] + [f'{fp["hf_logit_diff_max"]:.1e}']
+  lines.append('| fp |' + ' |' * (len(MATRICES) + 6) + ''.join(f' {c} |' for c in fp_cells))
   groups: dict[str, list[dict]] = {}
   for v in variants:
     if v in results['rows']:
@@ -256,6 +294,9 @@ def format_table(results: dict, variants: list[str], texts: list[str]) -> str:
     cells += [f'{max(x["bf16_rel_err_max"] for x in rs):.4f}' if 'bf16_rel_err_max' in r else '-']
     cells += [_mean_std([x['quantize_seconds'] for x in rs], '.0f')]
     cells += [_mean_std([x[f'ppl_{t}'] for x in rs], '.2f') for t in texts]
+    if hf_cols:
+      cells += [_mean_std([x[f'ppl_hf_{t}'] for x in rs], '.2f') for t in texts]
+      cells += [f'{max(x["hf_logit_diff_max"] for x in rs):.1e}']
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 

@@ -135,5 +135,8 @@ def get_config() -> ml_collections.ConfigDict:
   # A matrix name (q, k, v, o, gate, up, down): optimise only that matrix of every
   # layer and record the proxy and time, no perplexity (quick optimiser studies).
   c.matrix = ''
+  # Also export every row (and fp) as HF safetensors, as --config.export_hf does, and
+  # read it back with transformers (needs the test extra): ppl on the same windows.
+  c.export_check = False
   c.output_dir = 'outputs/transform_study'  # results.json (resumable) and table.md
   return c

@@ -106,3 +106,32 @@ def test_study_rows_are_anchored_to_the_presets_they_measured():
   )
   assert study_config.RECIPES['cafeq-learned'].transform.config == base
   assert study_config.BASE.steps == 150
+
+
+def test_export_check_reads_every_row_back_with_transformers_at_its_own_quality(tmp_path):
+  """``--config.export_check``: the HF export of each row (fp too), scored by
+  transformers on the same windows, gives the perplexity our forward gives the
+  quantized params (online transforms applied at run time)."""
+  pytest.importorskip('torch')
+  pytest.importorskip('transformers')
+  c = _config(tmp_path)
+  c.variants = 'rtn,dense'
+  c.export_check = True
+  results = transform_study.run(c)
+  # float32 on both sides: observed |Δlogit| <= 1.5e-7 (the tiny model's quantized
+  # logits differ from its fp ones by about 3.5e-3, so exporting the wrong weights fails).
+  for r in (results['fp'], *results['rows'].values()):
+    assert r['ppl_hf_pydoc'] == pytest.approx(r['ppl_pydoc'], rel=1e-5)
+    assert r['hf_logit_diff_max'] < 1e-5
+  assert results['rows']['dense']['ppl_pydoc'] != results['rows']['rtn']['ppl_pydoc']
+  assert not [n for n in os.listdir(tmp_path) if n.startswith('.hf_check_')]  # removed
+  table = open(os.path.join(tmp_path, 'table.md')).read()
+  assert 'ppl pydoc (HF export)' in table
+  dense = next(x for x in table.splitlines() if x.startswith('| dense |'))
+  assert f'{results["rows"]["dense"]["ppl_hf_pydoc"]:.2f} |' in dense
+
+
+def test_a_preset_name_is_a_row_of_its_own():
+  spec = recipes.get('rtn').spec
+  assert transform_study.recipe_for('cafeq-paper', spec) == recipes.get('cafeq-paper', spec=spec)
+  assert transform_study.recipe_for('cafeq-single', spec) == recipes.get('cafeq-single', spec=spec)
