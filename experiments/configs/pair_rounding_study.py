@@ -1,0 +1,20 @@
+"""Config of ``python -m experiments.pair_rounding_study``."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = 'smollm2_135m'
+  # Presets whose effective v / o are compared with the fp product (the first: the base).
+  c.methods = 'rtn,cafeq-pairs,cafeq-pairs-ar,cafeq-single,cafeq-paper'
+  c.column = 'w3g128'
+  c.texts = 'pydoc,speeches'  # Σ on each text's evaluation windows (and self-generated)
+  c.eval_num_seqs = 8
+  c.eval_seq_len = 512
+  c.eval_batch_size = 2
+  c.selfgen_num_seqs = 32  # the model's own sample (as recipes.SelfGenerated samples)
+  c.selfgen_seq_len = 256
+  c.seed = 0  # every method's key and the self-generated sample's
+  c.output_dir = 'outputs/pair_rounding_study'
+  return c
