@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 import time
 
 from absl import logging
@@ -211,8 +212,6 @@ def _export_check(config, model, params, windows, apply_fn) -> dict[str, float]:
   results) and read back by transformers: ``ppl_hf_<text>`` on every text's windows,
   and ``hf_logit_diff_max``, the largest ``|logit|`` difference from our forward on
   each text's first window."""
-  import tempfile  # pylint: disable=g-import-not-at-top
-
   out, diff = {}, 0.0
   with tempfile.TemporaryDirectory(dir=config.output_dir, prefix='.hf_check_') as tmp:
     path = hf.save_hf(params, model.config, os.path.join(tmp, 'hf'))
