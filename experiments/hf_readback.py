@@ -12,6 +12,8 @@ Needs the test extra (``pip install -e '.[test]'``: torch, transformers).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 
@@ -26,31 +28,38 @@ def _import_torch():
   return torch, transformers
 
 
-def readback(model_dir: str, windows: np.ndarray, *, batch_size: int = 2) -> dict[str, object]:
-  """Perplexity of the HF model in ``model_dir`` on ``windows`` and its logits on the first.
+def readback(
+  model_dir: str, windows: Mapping[str, np.ndarray], *, batch_size: int = 2
+) -> dict[str, dict[str, object]]:
+  """Perplexity of the HF model in ``model_dir`` on each text's windows, and its logits
+  on the first window (the model is loaded once).
 
   Args:
     model_dir: a directory ``transformers`` loads (``save_hf``'s output).
-    windows: ``(N, T)`` int token windows (``cafeq_jax.eval.make_windows``).
+    windows: text name -> ``(N, T)`` int token windows (``cafeq_jax.eval.make_windows``).
     batch_size: windows per forward pass.
 
   Returns:
-    ``{'ppl': float, 'nll': float, 'first_logits': (T, V) float32}``.
+    text name -> ``{'ppl': float, 'nll': float, 'first_logits': (T, V) float32}``.
   """
   torch, transformers = _import_torch()
-  windows = np.asarray(windows)
-  if windows.ndim != 2 or windows.shape[1] < 2:
-    raise ValueError(f'windows must be (N, T) with T >= 2; got shape {windows.shape}.')
+  windows = {t: np.asarray(w) for t, w in windows.items()}
+  for t, w in windows.items():
+    if w.ndim != 2 or w.shape[1] < 2:
+      raise ValueError(f'windows of {t!r} must be (N, T) with T >= 2; got shape {w.shape}.')
   model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-  total, first = 0.0, None
-  with torch.no_grad():
-    for s in range(0, len(windows), batch_size):
-      batch = torch.from_numpy(windows[s : s + batch_size].astype(np.int64))
-      logits = model(batch).logits.float()
-      if first is None:
-        first = logits[0].numpy()
-      lp = torch.log_softmax(logits[:, :-1], dim=-1)
-      nll = -torch.gather(lp, -1, batch[:, 1:, None])[..., 0]
-      total += float(nll.double().sum())
-  nll = total / (windows.shape[0] * (windows.shape[1] - 1))
-  return {'ppl': float(np.exp(nll)), 'nll': nll, 'first_logits': first}
+  out = {}
+  for t, w in windows.items():
+    total, first = 0.0, None
+    with torch.no_grad():
+      for s in range(0, len(w), batch_size):
+        batch = torch.from_numpy(w[s : s + batch_size].astype(np.int64))
+        logits = model(batch).logits.float()
+        if first is None:
+          first = logits[0].numpy()
+        lp = torch.log_softmax(logits[:, :-1], dim=-1)
+        nll = -torch.gather(lp, -1, batch[:, 1:, None])[..., 0]
+        total += float(nll.double().sum())
+    nll = total / (w.shape[0] * (w.shape[1] - 1))
+    out[t] = {'ppl': float(np.exp(nll)), 'nll': nll, 'first_logits': first}
+  return out

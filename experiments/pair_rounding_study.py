@@ -48,16 +48,15 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'pair_round
 SELF = 'self-generated'
 
 
-def weighted_pair_error(w1, w2, w1_hat, w2_hat, sigma, *, n1: int, n2: int) -> jax.Array:
+def weighted_pair_error(w1, w2, w1_hat, w2_hat, c_t, *, n1: int, n2: int) -> jax.Array:
   """``Σ_h tr(E_hᵀ Σ E_h)``, ``E_h = W1_h W2_h - Ŵ1_h Ŵ2_h`` (``rounding.pair_product_error``'s
-  blocks): with ``Σ = C Cᵀ`` it is the plain product error of ``(Cᵀ W1, W2)``.
+  blocks), given ``Cᵀ`` with ``Σ = C Cᵀ``: the plain product error of ``(Cᵀ W1, W2)``.
 
   Args:
     w1, w1_hat: ``(d, n1*b)``; w2, w2_hat: ``(n2*b, c)``.
-    sigma: ``(d, d)`` symmetric positive definite, or None for ``Σ = I``.
+    c_t: ``(d, d)`` transposed Cholesky factor of ``Σ``, or None for ``Σ = I``.
   """
-  if sigma is not None:
-    c_t = jnp.linalg.cholesky(sigma).T
+  if c_t is not None:
     w1, w1_hat = c_t @ w1, c_t @ w1_hat
   return rounding.pair_product_error(w1, w2, w1_hat, w2_hat, n1=n1, n2=n2)
 
@@ -65,13 +64,15 @@ def weighted_pair_error(w1, w2, w1_hat, w2_hat, sigma, *, n1: int, n2: int) -> j
 _weighted_pair_error = jax.jit(weighted_pair_error, static_argnames=('n1', 'n2'))
 
 
-def value_input_moments(params, cfg, tokens, batch_size: int) -> jax.Array:
-  """``E[x xᵀ]`` of the value projection's input per layer: ``(L, D, D)`` float32,
-  with ``1e-6`` of its mean diagonal added (Cholesky of a rank-deficient estimate)."""
+def value_input_factors(params, cfg, tokens, batch_size: int) -> jax.Array:
+  """``Cᵀ`` per layer, ``C Cᵀ = E[x xᵀ] + εI`` for the value projection's input ``x``:
+  ``(L, D, D)`` float32 (``ε``: ``1e-6`` of the mean diagonal, for a rank-deficient
+  estimate)."""
   h = sequential.input_second_moments(params, cfg, tokens, batch_size=batch_size, matrices=('v',))
   h = h['v']
   eps = 1e-6 * jnp.mean(jnp.diagonal(h, axis1=-2, axis2=-1), axis=-1)
-  return h + eps[:, None, None] * jnp.eye(h.shape[-1], dtype=h.dtype)
+  h = h + eps[:, None, None] * jnp.eye(h.shape[-1], dtype=h.dtype)
+  return jnp.swapaxes(jnp.linalg.cholesky(h), -1, -2)
 
 
 def run(config) -> dict:
@@ -94,10 +95,10 @@ def run(config) -> dict:
   key = jax.random.PRNGKey(config.seed)
   stage = recipes.SelfGenerated(num_seqs=config.selfgen_num_seqs, seq_len=config.selfgen_seq_len)
   tokens[SELF] = selfgen.sample_tokens(model.params, cfg, stage, key)
-  sigmas = {'frobenius': None}
-  sigmas.update(
+  factors = {'frobenius': None}  # weighting -> Cᵀ per layer (None: Σ = I)
+  factors.update(
     {
-      t: value_input_moments(model.params, cfg, x, config.eval_batch_size)
+      t: value_input_factors(model.params, cfg, x, config.eval_batch_size)
       for t, x in tokens.items()
     }
   )
@@ -106,12 +107,14 @@ def run(config) -> dict:
   for m, recipe in chosen.items():
     qparams, _ = cafeq_jax.quantize(model.params, cfg, recipe, key)
     eff = linears.get_linears(linears.dequantize_params(qparams, cfg), cfg)
-    errors[m] = {w: [] for w in sigmas}
+    errors[m] = {w: [] for w in factors}
     for l in range(cfg.num_layers):
       v, o = (jnp.asarray(fp[n][l], jnp.float32) for n in ('v', 'o'))
       v_hat, o_hat = (jnp.asarray(eff[n][l], jnp.float32) for n in ('v', 'o'))
-      for w, s in sigmas.items():
-        err = _weighted_pair_error(v, o, v_hat, o_hat, None if s is None else s[l], n1=n1, n2=n2)
+      for w, c_t in factors.items():
+        err = _weighted_pair_error(
+          v, o, v_hat, o_hat, None if c_t is None else c_t[l], n1=n1, n2=n2
+        )
         errors[m][w].append(float(err))
     logging.info('%s: %s', m, {w: sum(e) for w, e in errors[m].items()})
   results = {'column': config.column, 'seed': config.seed, 'per_layer': errors}

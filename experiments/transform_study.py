@@ -69,9 +69,9 @@ def recipe_for(variant: str, spec) -> recipes.Recipe:
   variant, _ = split_row(variant)
   if variant in study_config.RECIPES:
     return study_config.RECIPES[variant].replace(name=variant, spec=spec)
-  if variant not in study_config.VARIANTS and variant in recipes.PRESETS:
-    return recipes.get(variant, spec=spec)
   if variant not in study_config.VARIANTS:
+    if variant in recipes.PRESETS:
+      return recipes.get(variant, spec=spec)
     known = list(study_config.VARIANTS) + list(study_config.RECIPES) + list(recipes.PRESETS)
     raise ValueError(f'variant {variant!r} is unknown; expected one of {known}.')
   fields = study_config.VARIANTS[variant]
@@ -215,11 +215,11 @@ def _export_check(config, model, params, windows, apply_fn) -> dict[str, float]:
   out, diff = {}, 0.0
   with tempfile.TemporaryDirectory(dir=config.output_dir, prefix='.hf_check_') as tmp:
     path = hf.save_hf(params, model.config, os.path.join(tmp, 'hf'))
-    for t, toks in windows.items():
-      r = hf_readback.readback(path, toks, batch_size=config.eval_batch_size)
-      ours = np.asarray(apply_fn(params, jnp.asarray(toks[:1], jnp.int32)))[0]
-      out[f'ppl_hf_{t}'] = r['ppl']
-      diff = max(diff, float(np.abs(ours - r['first_logits']).max()))
+    theirs = hf_readback.readback(path, windows, batch_size=config.eval_batch_size)
+  for t, toks in windows.items():
+    ours = np.asarray(apply_fn(params, jnp.asarray(toks[:1], jnp.int32)))[0]
+    out[f'ppl_hf_{t}'] = theirs[t]['ppl']
+    diff = max(diff, float(np.abs(ours - theirs[t]['first_logits']).max()))
   out['hf_logit_diff_max'] = diff
   return out
 

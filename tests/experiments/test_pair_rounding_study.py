@@ -36,7 +36,8 @@ def test_weighted_pair_error_is_the_sigma_weighted_error_of_every_head_product(n
   x = rng.normal(size=(50, d)) * np.linspace(0.2, 3.0, d)  # anisotropic inputs
   sigma = x.T @ x / len(x)
   args = [a.astype(np.float32) for a in (w1, w2, w1_hat, w2_hat)]
-  got = pair_rounding_study.weighted_pair_error(*args, sigma.astype(np.float32), n1=n1, n2=n2)
+  c_t = np.linalg.cholesky(sigma).T.astype(np.float32)
+  got = pair_rounding_study.weighted_pair_error(*args, c_t, n1=n1, n2=n2)
   want = _numpy_weighted_error(w1, w2, w1_hat, w2_hat, sigma, n1, n2)
   np.testing.assert_allclose(float(got), want, rtol=1e-4)
   plain = pair_rounding_study.weighted_pair_error(*args, None, n1=n1, n2=n2)
