@@ -1,4 +1,4 @@
-"""The value/output products of each recipe: pair adaptive rounding against the rest.
+"""Each recipe's pairs against the fp model's: the v/o product, and every pair in its sub-layer.
 
 Pair adaptive rounding (``recipes.PairAdaptive``) rounds each layer's value/output
 pair for the product: it keeps, per layer, the candidate (RTN first) with the
@@ -19,11 +19,21 @@ sample: reads no data). Prints, summed over layers, each method's error over the
 first method's (RTN by default) under each weighting, and in how many layers it is
 below it.
 
+Neither weighting sees what the attention does with the values: every token's output
+mixes the values of earlier tokens by the attention's weights, and the errors of all
+query heads add up in one output. The study therefore also measures each
+pair where it acts: per layer, the sub-layer that holds the pair (attention for v/o and q/k,
+the MLP for up/down) runs on the fp model's own hidden states of each text's
+windows (and of the self-generated sample), once with the fp weights and once with
+only that pair's two matrices replaced by the method's effective ones, and the mean
+over tokens of the squared output difference is recorded (``sublayer_errors``).
+
 python -m experiments.pair_rounding_study  (writes output_dir/results.json, table.md)
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 from absl import logging
@@ -36,13 +46,17 @@ from cafeq_jax import atomic
 from cafeq_jax import eval as eval_lib
 from cafeq_jax import quantizer
 from cafeq_jax import recipes
+from cafeq_jax.core import pairs as pairs_lib
 from cafeq_jax.core import rounding
 from cafeq_jax.eval import data as eval_data
+from cafeq_jax.methods import paired
 from cafeq_jax.methods import selfgen
 from cafeq_jax.methods import sequential
+from cafeq_jax.models import decoder
 from cafeq_jax.models import linears
 from experiments import cli
 from experiments import quantize_lib
+from experiments import transform_study
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'pair_rounding_study.py')
 SELF = 'self-generated'
@@ -75,12 +89,77 @@ def value_input_factors(params, cfg, tokens, batch_size: int) -> jax.Array:
   return jnp.swapaxes(jnp.linalg.cholesky(h), -1, -2)
 
 
+# The sub-layer that holds each pair (Block method names).
+_SUBLAYER = {
+  pairs_lib.PairKind.VO: 'attend',
+  pairs_lib.PairKind.QK: 'attend',
+  pairs_lib.PairKind.UPDOWN: 'feed_forward',
+}
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'attn_type', 'method'))
+def _sublayer(layer, x, cfg, attn_type: str, method: str) -> jax.Array:
+  """``Block.attend`` or ``Block.feed_forward`` of one block (with its residual):
+  ``x`` ``(B, S, D)`` -> ``(B, S, D)``."""
+  block = decoder.Block(cfg, attn_type)
+  if method == 'attend':
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+    return block.apply({'params': layer}, x, positions, method=decoder.Block.attend)[0]
+  return block.apply({'params': layer}, x, method=decoder.Block.feed_forward)
+
+
+def sublayer_errors(params, cfg, tokens, effective: dict, batch_size: int) -> dict:
+  """Each pair's error where it acts, on the fp model's hidden states of ``tokens``.
+
+  Per layer and pair kind, the sub-layer that holds the pair (``Block.attend`` for
+  v/o and q/k, ``Block.feed_forward`` for up/down) runs on the fp model's input to
+  it, with the fp weights and with only the pair's two matrices taken from
+  ``effective``; the squared difference of the outputs, summed over ``D`` and
+  averaged over the ``N*S`` tokens, is the pair's error in that layer.
+
+  Args:
+    params, cfg: the fp model.
+    tokens: ``(N, S)`` int token windows.
+    effective: ``{method: {name: (L, d_in, d_out)}}`` effective float weights of
+      (at least) every pair's matrices.
+    batch_size: windows per forward.
+
+  Returns:
+    ``{method: {kind: [error per layer]}}`` (floats, kinds as ``PairKind`` values).
+  """
+  table = params['embedder']['input_embedding']
+  tokens = jnp.asarray(tokens, jnp.int32)
+  xs = [
+    decoder.embed_tokens(table, tokens[i : i + batch_size], cfg)
+    for i in range(0, tokens.shape[0], batch_size)
+  ]
+  out = {m: {str(k): [] for k in pairs_lib.PairKind} for m in effective}
+  for l, attn_type in enumerate(cfg.attention_types):
+    layer = params[f'layer_{l}']
+    fp_mats = linears.layer_matrices(layer, cfg)
+    mids = [_sublayer(layer, x, cfg, attn_type, 'attend') for x in xs]
+    ys = [_sublayer(layer, mid, cfg, attn_type, 'feed_forward') for mid in mids]
+    for m, eff in effective.items():
+      for kind, method in _SUBLAYER.items():
+        mats = {**fp_mats, **{n: eff[n][l] for n in paired.PAIR_MATRICES[kind]}}
+        q_layer = linears.set_layer_matrices(layer, cfg, mats)
+        ins, refs = (xs, mids) if method == 'attend' else (mids, ys)
+        err = sum(
+          float(jnp.sum(jnp.square(_sublayer(q_layer, x, cfg, attn_type, method) - r)))
+          for x, r in zip(ins, refs)
+        )
+        out[m][str(kind)].append(err / tokens.size)
+    xs = ys
+  return out
+
+
 def run(config) -> dict:
   spec = quantize_lib.parse_column(config.column)
   if not isinstance(spec, quantizer.QuantSpec):
     raise ValueError(f'config.column={config.column!r}: the study takes a uniform column.')
   methods = cli.split_names(config.methods)
-  chosen = {m: recipes.get(m, spec=spec) for m in methods}  # checked before the model loads
+  # Presets and the transform study's rows (e.g. pairs-vo), checked before the model loads.
+  chosen = {m: transform_study.recipe_for(m, spec) for m in methods}
   for m, r in chosen.items():
     if not {'v', 'o'} <= set(r.matrices):
       raise ValueError(f'method {m!r} does not quantize both v and o.')
@@ -103,10 +182,12 @@ def run(config) -> dict:
     }
   )
   n1, n2 = cfg.num_kv_heads, cfg.num_heads
-  errors = {}
+  pair_names = sorted({n for names in paired.PAIR_MATRICES.values() for n in names})
+  errors, effective = {}, {}
   for m, recipe in chosen.items():
     qparams, _ = cafeq_jax.quantize(model.params, cfg, recipe, key)
     eff = linears.get_linears(linears.dequantize_params(qparams, cfg), cfg)
+    effective[m] = {n: eff[n] for n in pair_names}
     errors[m] = {w: [] for w in factors}
     for l in range(cfg.num_layers):
       v, o = (jnp.asarray(fp[n][l], jnp.float32) for n in ('v', 'o'))
@@ -117,11 +198,23 @@ def run(config) -> dict:
         )
         errors[m][w].append(float(err))
     logging.info('%s: %s', m, {w: sum(e) for w, e in errors[m].items()})
-  results = {'column': config.column, 'seed': config.seed, 'per_layer': errors}
+  sub = {m: {str(k): {} for k in pairs_lib.PairKind} for m in chosen}  # method, kind, text
+  for t, x in tokens.items():
+    for m, by_kind in sublayer_errors(
+      model.params, cfg, x, effective, config.eval_batch_size
+    ).items():
+      for k, per_layer in by_kind.items():
+        sub[m][k][t] = per_layer
+  results = {
+    'column': config.column,
+    'seed': config.seed,
+    'per_layer': errors,
+    'sublayer_per_layer': sub,
+  }
   out = config.output_dir
   os.makedirs(out, exist_ok=True)
   atomic.write_json(os.path.join(out, 'results.json'), results)
-  table = format_table(errors)
+  table = format_table(errors) + '\n' + format_sublayer_table(sub)
   atomic.write_text(os.path.join(out, 'table.md'), table)
   print(table)
   return results
@@ -144,6 +237,37 @@ def format_table(errors: dict) -> str:
     for w in weights:
       below = sum(e < b for e, b in zip(errors[m][w], errors[base][w]))
       cells.append(f'{below} of {len(errors[m][w])}')
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def format_sublayer_table(sub: dict) -> str:
+  """Markdown: per method and pair kind, over the first method's on each text (``a,
+  b, c`` in the texts' order): the sub-layer output error summed over layers (the
+  last layers' errors are the largest, so they dominate it), the geometric mean of
+  the per-layer ratios, and the layers where it is below the first method's."""
+  methods = list(sub)
+  base = methods[0]
+  kinds = list(sub[base])
+  texts = list(sub[base][kinds[0]])
+  where = {str(k): 'attention' if v == 'attend' else 'MLP' for k, v in _SUBLAYER.items()}
+  head = ['method'] + [f'{k}: {where[k]} output / {base}' for k in kinds]
+  head += [f'{k}: per-layer geometric mean' for k in kinds]
+  head += [f'{k}: layers below {base}' for k in kinds]
+  lines = [f'Texts in each cell: {", ".join(texts)}.', '']
+  lines += ['| ' + ' | '.join(head) + ' |', '|---|' + '---:|' * (len(head) - 1)]
+  for m in methods:
+    ratios = {
+      (k, t): np.asarray(sub[m][k][t]) / np.asarray(sub[base][k][t]) for k in kinds for t in texts
+    }
+    cells = [m]
+    for k in kinds:
+      cells.append(', '.join(f'{sum(sub[m][k][t]) / sum(sub[base][k][t]):.3f}' for t in texts))
+    for k in kinds:
+      cells.append(', '.join(f'{np.exp(np.mean(np.log(ratios[k, t]))):.3f}' for t in texts))
+    for k in kinds:
+      below = [int(np.sum(ratios[k, t] < 1)) for t in texts]
+      cells.append(', '.join(map(str, below)) + f' of {len(sub[m][k][texts[0]])}')
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 

@@ -6,8 +6,10 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = 'smollm2_135m'
-  # Presets whose effective v / o are compared with the fp product (the first: the base).
-  c.methods = 'rtn,cafeq-pairs,cafeq-pairs-ar,cafeq-single,cafeq-paper'
+  # Presets, or rows of the transform study (experiments/configs/transform_study.py:
+  # pairs-100 is cafeq-pairs at the quality table's 100 steps), whose effective pairs
+  # are compared with the fp model's (the first: the base).
+  c.methods = 'rtn,cafeq-pairs,pairs-100,cafeq-pairs-ar,cafeq-single,cafeq-paper'
   c.column = 'w3g128'
   c.texts = 'pydoc,speeches'  # Σ on each text's evaluation windows (and self-generated)
   c.eval_num_seqs = 8

@@ -67,6 +67,7 @@ VARIANTS = {
 # stage of the self-generated recipes (issue 13, item 4), against today's fixed
 # Hadamard. Names not in VARIANTS.
 _SG = recipes.PRESETS['cafeq-sg']
+_PAIRS = recipes.PRESETS['cafeq-pairs'].pairs
 
 
 def _learned(loss: str, **fields) -> recipes.Learned:
@@ -77,6 +78,12 @@ def _sampled(name: str, **fields) -> recipes.Recipe:
   """cafeq-sg with ``fields`` of its ``SelfGenerated`` statistics changed."""
   stats = dataclasses.replace(_SG.rounding.statistics, **fields)
   return _SG.replace(name=name, rounding=dataclasses.replace(_SG.rounding, statistics=stats))
+
+
+def _pairs(name: str, kinds=tuple(recipes.PairKind), **opt) -> recipes.Recipe:
+  """cafeq-pairs with only ``kinds`` folded and ``opt`` fields of their optimisation."""
+  stage = recipes.PairTransforms(kinds=kinds, opt=dataclasses.replace(_PAIRS.opt, **opt))
+  return recipes.PRESETS['cafeq-pairs'].replace(name=name, pairs=stage)
 
 
 RECIPES = {
@@ -118,6 +125,11 @@ RECIPES = {
   'sg-t0.7': _sampled('sg-t0.7', temperature=0.7),
   'sg-t1.3': _sampled('sg-t1.3', temperature=1.3),
   'sg-uniform': _sampled('sg-uniform', first='uniform'),
+  # The pair transforms one kind at a time, RTN rounding (cafeq-pairs folds all three;
+  # experiments/configs/pair_kinds.py) ...
+  **{f'pairs-{k}': _pairs(f'pairs-{k}', kinds=(k,)) for k in recipes.PairKind},
+  # ... and all three at the quality table's 100 steps (experiments/configs/quality_table.py).
+  'pairs-100': _pairs('pairs-100', steps=100),
 }
 
 

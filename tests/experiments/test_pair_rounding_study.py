@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
+from cafeq_jax import models
+from cafeq_jax.models import linears
 from experiments import pair_rounding_study
 from experiments.configs import pair_rounding_study as study_config
 
@@ -65,8 +68,21 @@ def test_tiny_study_adaptive_rounding_never_loses_to_its_start_on_its_objective(
   assert sum(ar) < sum(start)
   assert all(x > 0 for e in errors.values() for w in e.values() for x in w)
   assert json.load(open(os.path.join(tmp_path, 'results.json')))['per_layer'] == errors
+  sub = results['sublayer_per_layer']
+  assert list(sub) == list(errors) and set(sub['rtn']) == {'vo', 'qk', 'updown'}
+  texts = ['pydoc', pair_rounding_study.SELF]
+  assert all(list(by_text) == texts for m in sub.values() for by_text in m.values())
+  assert all(
+    len(e) == 2 and min(e) > 0 for m in sub.values() for k in m.values() for e in k.values()
+  )
+  # cafeq-pairs-ar differs from cafeq-pairs in the v/o codes only.
+  for kind in ('qk', 'updown'):
+    assert sub['cafeq-pairs-ar'][kind] == sub['cafeq-pairs'][kind]
+  assert json.load(open(os.path.join(tmp_path, 'results.json')))['sublayer_per_layer'] == sub
   table = open(os.path.join(tmp_path, 'table.md')).read()
   assert '| rtn | 1.000 |' in table and 'Σ pydoc: / rtn' in table
+  assert '| rtn |' + ' 1.000, 1.000 |' * 6 + ' 0, 0 of 2 |' * 3 in table
+  assert 'vo: attention output / rtn' in table and 'updown: MLP output / rtn' in table
 
 
 def test_unknown_method_is_refused_before_the_model_loads(tmp_path):
@@ -74,5 +90,65 @@ def test_unknown_method_is_refused_before_the_model_loads(tmp_path):
   c.methods = 'rtn,cafeq-nope'
   c.model = 'no-such-model'
   c.output_dir = str(tmp_path)
-  with pytest.raises(ValueError, match="recipe 'cafeq-nope' is unknown"):
+  with pytest.raises(ValueError, match="variant 'cafeq-nope' is unknown"):
     pair_rounding_study.run(c)
+
+
+def _np_llama_sublayers(layer, cfg, x, mats):
+  """A Llama block in float64 numpy: ``(x + attention(x), mid + mlp(mid))`` for
+  ``x`` ``(B, S, D)`` and the seven ``(d_in, d_out)`` matrices ``mats``."""
+  H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  m = {n: np.asarray(w, np.float64) for n, w in mats.items()}
+
+  def rms(a, scale):
+    return a / np.sqrt(np.mean(a * a, -1, keepdims=True) + cfg.norm_eps) * np.asarray(scale)
+
+  def rope(a):  # (B, S, N, hd), half-split pairs (i, i + hd/2)
+    inv = 1.0 / cfg.rope_base ** (np.arange(0, hd, 2) / hd)
+    ang = np.arange(a.shape[1])[:, None] * inv  # (S, hd/2)
+    cos, sin = np.cos(ang)[None, :, None], np.sin(ang)[None, :, None]
+    a1, a2 = a[..., : hd // 2], a[..., hd // 2 :]
+    return np.concatenate([a1 * cos - a2 * sin, a2 * cos + a1 * sin], -1)
+
+  B, S, _ = x.shape
+  h = rms(x, layer['pre_attention_norm']['scale'])
+  q = rope((h @ m['q']).reshape(B, S, H, hd)) * cfg.query_scale
+  k = rope((h @ m['k']).reshape(B, S, K, hd))
+  v = (h @ m['v']).reshape(B, S, K, hd)
+  kv_head = np.arange(H) // (H // K)
+  logits = np.einsum('bshd,bthd->bhst', q, k[:, :, kv_head])
+  logits = np.where(np.tril(np.ones((S, S), bool)), logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  att = np.einsum('bhst,bthd->bshd', probs, v[:, :, kv_head]).reshape(B, S, H * hd)
+  mid = x + att @ m['o']
+  g = rms(mid, layer['pre_ffw_norm']['scale'])
+  gate = g @ m['gate']
+  return mid, mid + (gate / (1 + np.exp(-gate)) * (g @ m['up'])) @ m['down']
+
+
+def test_sublayer_errors_match_a_numpy_llama_block_on_the_fp_hidden_states():
+  cfg = models.PRESETS['tiny_llama']
+  params = models.init_params(cfg, jax.random.PRNGKey(0))
+  fp = {n: np.asarray(w, np.float64) for n, w in linears.get_linears(params, cfg).items()}
+  rng = np.random.default_rng(0)
+  noisy = {n: (w + 0.3 * w.std() * rng.normal(size=w.shape)) for n, w in fp.items()}
+  tokens = rng.integers(0, cfg.vocab_size, size=(3, 12))
+  effective = {'fp': fp, 'noisy': {n: w.astype(np.float32) for n, w in noisy.items()}}
+  got = pair_rounding_study.sublayer_errors(params, cfg, tokens, effective, batch_size=2)
+
+  x = np.asarray(params['embedder']['input_embedding'], np.float64)[tokens]
+  for l in range(cfg.num_layers):
+    layer = jax.tree.map(np.asarray, params[f'layer_{l}'])
+    fp_l = {n: w[l] for n, w in fp.items()}
+    mid, y = _np_llama_sublayers(layer, cfg, x, fp_l)
+    for kind, names in (('vo', ('v', 'o')), ('qk', ('q', 'k')), ('updown', ('up', 'down'))):
+      mats = {**fp_l, **{n: noisy[n][l] for n in names}}
+      q_mid, q_y = _np_llama_sublayers(layer, cfg, x, mats)
+      # Attention pairs: the attention's output; up/down: the MLP's, on the fp mid state
+      # (q_mid == mid there, as the attention's matrices are fp).
+      err = np.sum((q_y - y) ** 2) if kind == 'updown' else np.sum((q_mid - mid) ** 2)
+      want = err / tokens.size
+      assert got['noisy'][kind][l] == pytest.approx(want, rel=2e-4), (kind, l)
+      assert got['fp'][kind][l] < 1e-6 * want  # the fp weights give no error
+    x = y

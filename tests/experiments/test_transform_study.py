@@ -108,6 +108,25 @@ def test_study_rows_are_anchored_to_the_presets_they_measured():
   assert study_config.BASE.steps == 150
 
 
+def test_pair_kind_rows_are_cafeq_pairs_with_one_kind_and_the_tables_steps():
+  from experiments import quantize_lib  # pylint: disable=g-import-not-at-top
+  from experiments.configs import pair_kinds
+  from experiments.configs import quality_table
+
+  spec = recipes.get('rtn').spec
+  preset = recipes.get('cafeq-pairs', spec=spec)
+  for kind in recipes.PairKind:
+    row = transform_study.recipe_for(f'pairs-{kind}', spec)
+    assert row.pairs.kinds == (kind,) and row.pairs.opt == preset.pairs.opt
+    assert row.replace(name='cafeq-pairs', pairs=preset.pairs) == preset
+  # pairs-100 is the quality table's cafeq-pairs row (its stage override applied).
+  table = quantize_lib.recipe_for('cafeq-pairs', spec, quality_table.get_config())
+  assert transform_study.recipe_for('pairs-100', spec).replace(name='cafeq-pairs') == table
+  assert table.pairs.opt.steps == 100 != preset.pairs.opt.steps
+  for row in transform_study.rows_of(pair_kinds.get_config()):
+    transform_study.recipe_for(row, spec)
+
+
 def test_export_check_reads_every_row_back_with_transformers_at_its_own_quality(tmp_path):
   """``--config.export_check``: the HF export of each row (fp too), scored by
   transformers on the same windows, gives the perplexity our forward gives the
