@@ -28,6 +28,11 @@ windows (and of the self-generated sample), once with the fp weights and once wi
 only that pair's two matrices replaced by the method's effective ones, and the mean
 over tokens of the squared output difference is recorded (``sublayer_errors``).
 
+``--config.swaps`` locates a recipe's perplexity loss by layers: each swap
+``<method>:<kind>:<layers>`` is the first method's model (RTN by default) with that
+pair kind's two matrices taken from ``<method>`` in those layers only (``0-23``,
+``27``, ranges joined by ``+``), evaluated on every text (ppl, KLD vs fp).
+
 python -m experiments.pair_rounding_study  (writes output_dir/results.json, table.md)
 """
 
@@ -43,6 +48,7 @@ import numpy as np
 
 import cafeq_jax
 from cafeq_jax import atomic
+from cafeq_jax import enums
 from cafeq_jax import eval as eval_lib
 from cafeq_jax import quantizer
 from cafeq_jax import recipes
@@ -153,6 +159,39 @@ def sublayer_errors(params, cfg, tokens, effective: dict, batch_size: int) -> di
   return out
 
 
+def parse_swap(text: str) -> tuple[str, pairs_lib.PairKind, tuple[int, ...]]:
+  """``'<method>:<kind>:<layers>'`` -> (method, kind, sorted layers); layers are ints
+  or inclusive ranges ``a-b`` joined by ``+`` (``'0-23+27'``)."""
+  parts = text.split(':')
+  if len(parts) != 3:
+    raise ValueError(f'swap {text!r} must be <method>:<kind>:<layers>, e.g. cafeq-pairs:vo:0-23.')
+  method, kind, spans = parts
+  kind = enums.coerce(pairs_lib.PairKind, kind, f'swap {text!r}: kind')
+  layers = set()
+  for span in spans.split('+'):
+    lo, _, hi = span.partition('-')
+    try:
+      lo, hi = int(lo), int(hi or lo)
+    except ValueError:
+      raise ValueError(f'swap {text!r}: layers {spans!r} must be like 0-23+27.') from None
+    if lo < 0 or hi < lo:
+      raise ValueError(f'swap {text!r}: layer range {span!r} is empty or negative.')
+    layers.update(range(lo, hi + 1))
+  return method, kind, tuple(sorted(layers))
+
+
+def swapped_params(base: dict, cfg, effective: dict, kind, layers) -> dict:
+  """``base`` (float params) with ``kind``'s two matrices from ``effective``
+  (``{name: (L, d_in, d_out)}``) in ``layers``; every other leaf is ``base``'s."""
+  out = dict(base)
+  names = paired.PAIR_MATRICES[kind]
+  for l in layers:
+    layer = base[f'layer_{l}']
+    mats = {**linears.layer_matrices(layer, cfg), **{n: effective[n][l] for n in names}}
+    out[f'layer_{l}'] = linears.set_layer_matrices(layer, cfg, mats)
+  return out
+
+
 def run(config) -> dict:
   spec = quantize_lib.parse_column(config.column)
   if not isinstance(spec, quantizer.QuantSpec):
@@ -163,9 +202,16 @@ def run(config) -> dict:
   for m, r in chosen.items():
     if not {'v', 'o'} <= set(r.matrices):
       raise ValueError(f'method {m!r} does not quantize both v and o.')
+  swaps = {s: parse_swap(s) for s in cli.split_names(config.swaps)}
+  for s, (m, _, _) in swaps.items():
+    if m not in chosen:
+      raise ValueError(f'swap {s!r}: method {m!r} is not one of config.methods={methods}.')
   texts = {t: eval_data.load_named_text(t) for t in cli.split_names(config.texts)}
   model = quantize_lib.load_model(config.model, config.seed)
   cfg = model.config
+  for s, (_, _, layers) in swaps.items():
+    if layers[-1] >= cfg.num_layers:
+      raise ValueError(f'swap {s!r}: the model has layers 0-{cfg.num_layers - 1}.')
   fp = linears.get_linears(model.params, cfg)
   tokens = {
     t: eval_lib.make_windows(model.encode(x), config.eval_num_seqs, config.eval_seq_len)
@@ -184,9 +230,12 @@ def run(config) -> dict:
   n1, n2 = cfg.num_kv_heads, cfg.num_heads
   pair_names = sorted({n for names in paired.PAIR_MATRICES.values() for n in names})
   errors, effective = {}, {}
+  base = None  # the first method's float params (the swaps' base)
   for m, recipe in chosen.items():
     qparams, _ = cafeq_jax.quantize(model.params, cfg, recipe, key)
-    eff = linears.get_linears(linears.dequantize_params(qparams, cfg), cfg)
+    dequantized = linears.dequantize_params(qparams, cfg)
+    base = dequantized if base is None else base
+    eff = linears.get_linears(dequantized, cfg)
     effective[m] = {n: eff[n] for n in pair_names}
     errors[m] = {w: [] for w in factors}
     for l in range(cfg.num_layers):
@@ -211,10 +260,25 @@ def run(config) -> dict:
     'per_layer': errors,
     'sublayer_per_layer': sub,
   }
+  if swaps:
+    models = {methods[0]: base}
+    models.update(
+      {s: swapped_params(base, cfg, effective[m], k, layers) for s, (m, k, layers) in swaps.items()}
+    )
+    apply_fn = eval_lib.model_apply_fn(cfg)
+    results['swaps'] = {name: {} for name in models}
+    for t in texts:
+      res = eval_lib.evaluate(
+        apply_fn, model.params, tokens[t], models, batch_size=config.eval_batch_size
+      )
+      for name in models:
+        results['swaps'][name].update({f'ppl_{t}': res[name]['ppl'], f'kld_{t}': res[name]['kld']})
   out = config.output_dir
   os.makedirs(out, exist_ok=True)
   atomic.write_json(os.path.join(out, 'results.json'), results)
   table = format_table(errors) + '\n' + format_sublayer_table(sub)
+  if swaps:
+    table += '\n' + format_swap_table(results['swaps'], list(texts))
   atomic.write_text(os.path.join(out, 'table.md'), table)
   print(table)
   return results
@@ -269,6 +333,16 @@ def format_sublayer_table(sub: dict) -> str:
       below = [int(np.sum(ratios[k, t] < 1)) for t in texts]
       cells.append(', '.join(map(str, below)) + f' of {len(sub[m][k][texts[0]])}')
     lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def format_swap_table(swaps: dict, texts: list[str]) -> str:
+  """Markdown: ppl and KLD on each text of the base model and of each swap."""
+  head = ['model'] + [f'ppl {t}' for t in texts] + [f'KLD {t}' for t in texts]
+  lines = ['| ' + ' | '.join(head) + ' |', '|---|' + '---:|' * (len(head) - 1)]
+  for name, r in swaps.items():
+    cells = [f'{r[f"ppl_{t}"]:.2f}' for t in texts] + [f'{r[f"kld_{t}"]:.3f}' for t in texts]
+    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
 

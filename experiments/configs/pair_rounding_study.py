@@ -18,5 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.selfgen_num_seqs = 32  # the model's own sample (as recipes.SelfGenerated samples)
   c.selfgen_seq_len = 256
   c.seed = 0  # every method's key and the self-generated sample's
+  # Swaps '<method>:<kind>:<layers>' (comma list; '' = none): the first method's model
+  # with that pair kind from <method> in those layers only (e.g. cafeq-pairs:vo:0-23).
+  c.swaps = ''
   c.output_dir = 'outputs/pair_rounding_study'
   return c

@@ -10,10 +10,29 @@ import jax
 import numpy as np
 import pytest
 
+import cafeq_jax
+from cafeq_jax import eval as eval_lib
 from cafeq_jax import models
+from cafeq_jax.eval import data as eval_data
 from cafeq_jax.models import linears
 from experiments import pair_rounding_study
+from experiments import quantize_lib
+from experiments import transform_study
 from experiments.configs import pair_rounding_study as study_config
+
+
+def _tiny_config(out, methods: str, swaps: str = ''):
+  """The study on the tiny Llama: w3 g32, pydoc, 2 x 16 tokens (and self-generated)."""
+  c = study_config.get_config()
+  c.model = 'tiny_llama'
+  c.methods = methods
+  c.swaps = swaps
+  c.column = 'w3g32'
+  c.texts = 'pydoc'
+  c.eval_num_seqs, c.eval_seq_len = 2, 16
+  c.selfgen_num_seqs, c.selfgen_seq_len = 2, 16
+  c.output_dir = str(out)
+  return c
 
 
 def _numpy_weighted_error(w1, w2, w1_hat, w2_hat, sigma, n1, n2):
@@ -49,15 +68,7 @@ def test_weighted_pair_error_is_the_sigma_weighted_error_of_every_head_product(n
 
 
 def test_tiny_study_adaptive_rounding_never_loses_to_its_start_on_its_objective(tmp_path):
-  c = study_config.get_config()
-  c.model = 'tiny_llama'
-  c.methods = 'rtn,cafeq-pairs,cafeq-pairs-ar'
-  c.column = 'w3g32'
-  c.texts = 'pydoc'
-  c.eval_num_seqs, c.eval_seq_len = 2, 16
-  c.selfgen_num_seqs, c.selfgen_seq_len = 2, 16
-  c.output_dir = str(tmp_path)
-  results = pair_rounding_study.run(c)
+  results = pair_rounding_study.run(_tiny_config(tmp_path, 'rtn,cafeq-pairs,cafeq-pairs-ar'))
   errors = results['per_layer']
   assert list(errors) == ['rtn', 'cafeq-pairs', 'cafeq-pairs-ar']
   assert all(set(e) == {'frobenius', 'pydoc', pair_rounding_study.SELF} for e in errors.values())
@@ -152,3 +163,61 @@ def test_sublayer_errors_match_a_numpy_llama_block_on_the_fp_hidden_states():
       assert got['noisy'][kind][l] == pytest.approx(want, rel=2e-4), (kind, l)
       assert got['fp'][kind][l] < 1e-6 * want  # the fp weights give no error
     x = y
+
+
+def test_swaps_assemble_the_one_kind_recipes_model_and_locate_by_layers(tmp_path):
+  """Swapping cafeq-pairs' v/o into RTN's model in every layer gives the pairs-vo
+  recipe's quantized model (same perplexity, quantized through its own pipeline)."""
+  c = _tiny_config(
+    tmp_path, 'rtn,cafeq-pairs', 'cafeq-pairs:vo:0-1,cafeq-pairs:vo:1,cafeq-pairs:updown:0+1'
+  )
+  swaps = pair_rounding_study.run(c)['swaps']
+  assert list(swaps) == ['rtn', *c.swaps.split(',')]
+
+  model = quantize_lib.load_model('tiny_llama', 0)
+  toks = eval_lib.make_windows(model.encode(eval_data.load_named_text('pydoc')), 2, 16)
+  spec = quantize_lib.parse_column('w3g32')
+  candidates = {
+    name: cafeq_jax.quantize(
+      model.params, model.config, transform_study.recipe_for(name, spec), jax.random.PRNGKey(0)
+    )[0]
+    for name in ('rtn', 'pairs-vo', 'pairs-updown')
+  }
+  apply_fn = eval_lib.model_apply_fn(model.config)
+  want = eval_lib.evaluate(apply_fn, model.params, toks, candidates, progress=False)
+  assert swaps['rtn']['ppl_pydoc'] == pytest.approx(want['rtn']['ppl'], rel=1e-5)
+  assert swaps['cafeq-pairs:vo:0-1']['ppl_pydoc'] == pytest.approx(
+    want['pairs-vo']['ppl'], rel=1e-5
+  )
+  assert swaps['cafeq-pairs:updown:0+1']['ppl_pydoc'] == pytest.approx(
+    want['pairs-updown']['ppl'], rel=1e-5
+  )
+  one = swaps['cafeq-pairs:vo:1']['ppl_pydoc']
+  assert one not in (swaps['rtn']['ppl_pydoc'], swaps['cafeq-pairs:vo:0-1']['ppl_pydoc'])
+  assert '| cafeq-pairs:vo:1 |' in open(os.path.join(tmp_path, 'table.md')).read()
+
+
+@pytest.mark.parametrize(
+  'swap, match',
+  [
+    ('cafeq-pairs:vo', 'must be <method>:<kind>:<layers>'),
+    ('cafeq-pairs:xy:0', "kind='xy' is not supported"),
+    ('cafeq-pairs:vo:a-b', 'must be like 0-23\\+27'),
+    ('cafeq-pairs:vo:3-1', 'empty or negative'),
+    ('cafeq-single:vo:0', "method 'cafeq-single' is not one of"),
+  ],
+)
+def test_bad_swaps_are_refused_before_the_model_loads(tmp_path, swap, match):
+  c = study_config.get_config()
+  c.methods = 'rtn,cafeq-pairs'
+  c.swaps = swap
+  c.model = 'no-such-model'
+  c.output_dir = str(tmp_path)
+  with pytest.raises(ValueError, match=match):
+    pair_rounding_study.run(c)
+
+
+def test_a_swap_past_the_last_layer_is_refused_before_quantizing(tmp_path):
+  c = _tiny_config(tmp_path, 'rtn,cafeq-pairs', 'cafeq-pairs:vo:0-2')
+  with pytest.raises(ValueError, match='the model has layers 0-1'):
+    pair_rounding_study.run(c)
