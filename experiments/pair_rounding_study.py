@@ -21,12 +21,12 @@ below it.
 
 Neither weighting sees what the attention does with the values: every token's output
 mixes the values of earlier tokens by the attention's weights, and the errors of all
-query heads add up in one output. The study therefore also measures each
-pair where it acts: per layer, the sub-layer that holds the pair (attention for v/o and q/k,
-the MLP for up/down) runs on the fp model's own hidden states of each text's
-windows (and of the self-generated sample), once with the fp weights and once with
-only that pair's two matrices replaced by the method's effective ones, and the mean
-over tokens of the squared output difference is recorded (``sublayer_errors``).
+query heads add up in one output. The study therefore also measures each pair where
+it acts: per layer, the sub-layer that holds the pair (attention for v/o and q/k, the
+MLP for up/down) runs on the fp model's own hidden states of each text's windows (and
+of the self-generated sample), once with the fp weights and once with only that pair's
+two matrices replaced by the method's effective ones, and the mean over tokens of the
+squared output difference is recorded (``sublayer_errors``).
 
 ``--config.swaps`` locates a recipe's perplexity loss by layers: each swap
 ``<method>:<kind>:<layers>`` is the first method's model (RTN by default) with that
