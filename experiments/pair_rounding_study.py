@@ -38,7 +38,6 @@ python -m experiments.pair_rounding_study  (writes output_dir/results.json, tabl
 
 from __future__ import annotations
 
-import functools
 import os
 
 from absl import logging
@@ -95,23 +94,12 @@ def value_input_factors(params, cfg, tokens, batch_size: int) -> jax.Array:
   return jnp.swapaxes(jnp.linalg.cholesky(h), -1, -2)
 
 
-# The sub-layer that holds each pair (Block method names).
+# The sub-layer that holds each pair.
 _SUBLAYER = {
-  pairs_lib.PairKind.VO: 'attend',
-  pairs_lib.PairKind.QK: 'attend',
-  pairs_lib.PairKind.UPDOWN: 'feed_forward',
+  pairs_lib.PairKind.VO: decoder.Block.attend,
+  pairs_lib.PairKind.QK: decoder.Block.attend,
+  pairs_lib.PairKind.UPDOWN: decoder.Block.feed_forward,
 }
-
-
-@functools.partial(jax.jit, static_argnames=('cfg', 'attn_type', 'method'))
-def _sublayer(layer, x, cfg, attn_type: str, method: str) -> jax.Array:
-  """``Block.attend`` or ``Block.feed_forward`` of one block (with its residual):
-  ``x`` ``(B, S, D)`` -> ``(B, S, D)``."""
-  block = decoder.Block(cfg, attn_type)
-  if method == 'attend':
-    positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-    return block.apply({'params': layer}, x, positions, method=decoder.Block.attend)[0]
-  return block.apply({'params': layer}, x, method=decoder.Block.feed_forward)
 
 
 def sublayer_errors(params, cfg, tokens, effective: dict, batch_size: int) -> dict:
@@ -143,15 +131,15 @@ def sublayer_errors(params, cfg, tokens, effective: dict, batch_size: int) -> di
   for l, attn_type in enumerate(cfg.attention_types):
     layer = params[f'layer_{l}']
     fp_mats = linears.layer_matrices(layer, cfg)
-    mids = [_sublayer(layer, x, cfg, attn_type, 'attend') for x in xs]
-    ys = [_sublayer(layer, mid, cfg, attn_type, 'feed_forward') for mid in mids]
+    mids = [sequential.sublayer(layer, x, cfg, attn_type, decoder.Block.attend) for x in xs]
+    ys = [sequential.sublayer(layer, m, cfg, attn_type, decoder.Block.feed_forward) for m in mids]
     for m, eff in effective.items():
       for kind, method in _SUBLAYER.items():
         mats = {**fp_mats, **{n: eff[n][l] for n in paired.PAIR_MATRICES[kind]}}
         q_layer = linears.set_layer_matrices(layer, cfg, mats)
-        ins, refs = (xs, mids) if method == 'attend' else (mids, ys)
+        ins, refs = (xs, mids) if method is decoder.Block.attend else (mids, ys)
         err = sum(
-          float(jnp.sum(jnp.square(_sublayer(q_layer, x, cfg, attn_type, method) - r)))
+          float(jnp.sum(jnp.square(sequential.sublayer(q_layer, x, cfg, attn_type, method) - r)))
           for x, r in zip(ins, refs)
         )
         out[m][str(kind)].append(err / tokens.size)
@@ -314,7 +302,9 @@ def format_sublayer_table(sub: dict) -> str:
   base = methods[0]
   kinds = list(sub[base])
   texts = list(sub[base][kinds[0]])
-  where = {str(k): 'attention' if v == 'attend' else 'MLP' for k, v in _SUBLAYER.items()}
+  where = {
+    str(k): 'attention' if v is decoder.Block.attend else 'MLP' for k, v in _SUBLAYER.items()
+  }
   head = ['method'] + [f'{k}: {where[k]} output / {base}' for k in kinds]
   head += [f'{k}: per-layer geometric mean' for k in kinds]
   head += [f'{k}: layers below {base}' for k in kinds]

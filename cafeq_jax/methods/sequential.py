@@ -67,14 +67,25 @@ def _positions(x):
   return jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
 
 
+def _sublayer_args(x, method) -> tuple:
+  return (x, _positions(x)) if method is Block.attend else (x,)
+
+
 @functools.partial(jax.jit, static_argnames=('cfg', 'attn_type', 'method'))
 def _run(layer, x, cfg, attn_type, method):
   """A sub-layer method of one block: ``(output, sown intermediates)``."""
-  args = (x, _positions(x)) if method is Block.attend else (x,)
   out, state = Block(cfg, attn_type).apply(
-    {'params': layer}, *args, method=method, mutable=['intermediates']
+    {'params': layer}, *_sublayer_args(x, method), method=method, mutable=['intermediates']
   )
   return (out[0] if method is Block.attend else out), state.get('intermediates', {})
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'attn_type', 'method'))
+def sublayer(layer, x, cfg, attn_type: str, method) -> jax.Array:
+  """One block's sub-layer with its residual, ``Block.attend`` (positions ``0..S-1``,
+  no cache) or ``Block.feed_forward``: ``x`` ``(B, S, D)`` -> ``(B, S, D)``."""
+  out = Block(cfg, attn_type).apply({'params': layer}, *_sublayer_args(x, method), method=method)
+  return out[0] if method is Block.attend else out
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'attn_type', 'method'))
