@@ -21,10 +21,11 @@ from cafeq_jax.core import optimize
 # The base of every row, fixed here so that the rows keep their meaning when a
 # preset changes: dense blocks from the identity, Adam, peak lr 2e-2 with cosine
 # decay, 150 steps, 256 random output columns per step, k = 64, 'round' STE. It was
-# the cafeq-single preset until the ablation chose 300 steps (row dense-300, the
-# preset now); cafeq's learned transform is still this one, one per param leaf (it
-# evaluates only its last iterate for keep-best, where BASE evaluates every 10 steps:
-# the same quantized SmolLM2 at seeds 0-2, recipes._SHARED_LEARNED).
+# the cafeq-single preset until the ablation chose 300 steps (row dense-300), then
+# dense-180-b0.5-lr4e-2-wu0.1 (the preset now). cafeq's learned transform was this
+# one, one per param leaf, evaluating only its last iterate for keep-best (the row
+# cafeq-150 below), until it took cafeq-single's optimiser at 150 steps (row
+# sg-learned-150).
 BASE = optimize.TransformConfig(columns_per_step=256)
 
 # Rows of the ablation: name -> fields changed from BASE; None: plain RTN. The
@@ -108,6 +109,20 @@ RECIPES = {
   'sg-learned-input-hadamard': _SG.replace(
     name='sg-learned-input-hadamard', transform=_learned('input', init='hadamard')
   ),
+  # ... optimised as cafeq-single's is (the ablation's dense-180-b0.5-lr4e-2-wu0.1:
+  # 180 steps, less momentum, peak lr 4e-2, warmed up) ...
+  'sg-learned-180': _SG.replace(
+    name='sg-learned-180',
+    transform=_learned('frobenius', **VARIANTS['dense-180-b0.5-lr4e-2-wu0.1']),
+  ),
+  # ... the same optimiser at BASE's 150 steps (quantize time; the cafeq preset now) ...
+  'sg-learned-150': _SG.replace(
+    name='sg-learned-150',
+    transform=_learned('frobenius', **{**VARIANTS['dense-180-b0.5-lr4e-2-wu0.1'], 'steps': 150}),
+  ),
+  # ... and the cafeq preset of the last release: BASE's 150 steps, its last iterate
+  # evaluated only.
+  'cafeq-150': _SG.replace(name='cafeq-150', transform=_learned('frobenius', eval_every=None)),
   # A third of the steps (quantize time).
   'sg-learned-50': _SG.replace(name='sg-learned-50', transform=_learned('frobenius', steps=50)),
   # With the pair transforms folded first (and evaluated every 10 steps, as measured).

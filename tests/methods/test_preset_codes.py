@@ -25,7 +25,9 @@ rounding tie. ``data/preset_codes_variants.json`` holds, per case, the digests s
 a machine gives (``python -m tests.methods.preset_codes --variant
 tests/methods/data/preset_codes_variants.json CASE ...`` adds this machine's); a
 case passes when it matches the record or one of them. An intended change of the
-codes regenerates the record and empties the variants file.
+codes regenerates the record and empties the variants file; a change of one preset
+may regenerate that preset's cases only (``cafeq``'s were, on that AMD EPYC, when it
+took ``cafeq-single``'s transform).
 """
 
 from __future__ import annotations
