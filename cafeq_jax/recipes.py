@@ -626,9 +626,9 @@ _SHARED_HADAMARD = Hadamard(block_size=64, share=True)
 # up) at 150 steps, one per param leaf (k/v and gate/up read one input). Inside cafeq
 # it is lower on the proxy for every matrix type than the 150-step transform at Adam's
 # defaults that cafeq was first measured with (the study's row cafeq-150), and no
-# worse on cafeq's own objective, the self-generated layer loss, over seeds 0-2, in
-# the same time (experiments/configs/selfgen_study.py, README). cafeq-single's 180
-# steps (row sg-learned-180) cost about 20 s more, past the 3-minute target on 2
+# worse on cafeq's own objective, the self-generated layer loss, over seeds 0-2, at
+# about 5% more time (experiments/configs/selfgen_study.py, README). cafeq-single's
+# 180 steps (row sg-learned-180) cost about 20 s more, past the 3-minute target on 2
 # cores. Optimising further (every column, 300 steps: sg-learned-all-300) gained
 # nothing beyond the seed spread; learned on the input-weighted loss instead, it tied
 # on the layer loss and was worse on pydoc; pair transforms folded first changed the
