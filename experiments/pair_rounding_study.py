@@ -102,6 +102,14 @@ _SUBLAYER = {
 }
 
 
+def with_pair(layer: dict, cfg, effective: dict, kind, l: int) -> dict:
+  """Layer ``l``'s params ``layer`` with ``kind``'s two matrices taken from
+  ``effective`` (``{name: (L, d_in, d_out)}``); its other matrices kept."""
+  mats = linears.layer_matrices(layer, cfg)
+  mats.update({n: effective[n][l] for n in paired.PAIR_MATRICES[kind]})
+  return linears.set_layer_matrices(layer, cfg, mats)
+
+
 def sublayer_errors(params, cfg, tokens, effective: dict, batch_size: int) -> dict:
   """Each pair's error where it acts, on the fp model's hidden states of ``tokens``.
 
@@ -130,13 +138,11 @@ def sublayer_errors(params, cfg, tokens, effective: dict, batch_size: int) -> di
   out = {m: {str(k): [] for k in pairs_lib.PairKind} for m in effective}
   for l, attn_type in enumerate(cfg.attention_types):
     layer = params[f'layer_{l}']
-    fp_mats = linears.layer_matrices(layer, cfg)
     mids = [sequential.sublayer(layer, x, cfg, attn_type, decoder.Block.attend) for x in xs]
     ys = [sequential.sublayer(layer, m, cfg, attn_type, decoder.Block.feed_forward) for m in mids]
     for m, eff in effective.items():
       for kind, method in _SUBLAYER.items():
-        mats = {**fp_mats, **{n: eff[n][l] for n in paired.PAIR_MATRICES[kind]}}
-        q_layer = linears.set_layer_matrices(layer, cfg, mats)
+        q_layer = with_pair(layer, cfg, eff, kind, l)
         ins, refs = (xs, mids) if method is decoder.Block.attend else (mids, ys)
         err = sum(
           float(jnp.sum(jnp.square(sequential.sublayer(q_layer, x, cfg, attn_type, method) - r)))
@@ -172,11 +178,8 @@ def swapped_params(base: dict, cfg, effective: dict, kind, layers) -> dict:
   """``base`` (float params) with ``kind``'s two matrices from ``effective``
   (``{name: (L, d_in, d_out)}``) in ``layers``; every other leaf is ``base``'s."""
   out = dict(base)
-  names = paired.PAIR_MATRICES[kind]
   for l in layers:
-    layer = base[f'layer_{l}']
-    mats = {**linears.layer_matrices(layer, cfg), **{n: effective[n][l] for n in names}}
-    out[f'layer_{l}'] = linears.set_layer_matrices(layer, cfg, mats)
+    out[f'layer_{l}'] = with_pair(base[f'layer_{l}'], cfg, effective, kind, l)
   return out
 
 
