@@ -320,9 +320,10 @@ def warm_inverse(
 
   ``iterations`` Newton-Schulz steps ``X <- X + X (I - M X)`` (matmuls, quadratic
   convergence while ``||I - M X|| < 1``), then every block whose residual ``max
-  |I - M X|`` exceeds ``tol`` (or is not finite) takes ``gauss_jordan_inverse``
-  instead, computed only when some block needs it. Each block's result depends on
-  its own ``m`` and ``guess`` only, never on the other blocks of the stack.
+  |I - M X|`` exceeds ``tol`` (or is not finite) takes its Gauss-Jordan inverse
+  instead (``gauss_jordan_inverse``'s bits), eliminated only for those blocks, a
+  few at a time (``_ELIMINATION_BLOCKS``). Each block's result depends on its own ``m`` and
+  ``guess`` only, never on the other blocks of the stack.
 
   Args:
     m: ``(..., k, k)`` blocks.
@@ -338,12 +339,38 @@ def warm_inverse(
     x = x + jnp.matmul(x, eye - jnp.matmul(m, x))
   resid = jnp.max(jnp.abs(eye - jnp.matmul(m, x)), axis=(-2, -1))
   ok = resid <= tol  # False for NaN
-  x = jax.lax.cond(
-    jnp.all(ok),
-    lambda: x,
-    lambda: jnp.where(ok[..., None, None], x, gauss_jordan_inverse(m)),
-  )
-  return x, ~ok
+  return _eliminate(m, x, ~ok), ~ok
+
+
+# ``warm_inverse`` eliminates the blocks Newton-Schulz left unconverged, gathered out
+# of the stack, this many at a time (or a sixteenth of the stack, if more: a stack
+# learned whole, as on an accelerator, never takes more than 16 rounds). The
+# elimination's cost grows with the blocks it takes, and a step of cafeq's transform
+# that leaves any unconverged (about 1 in 15) leaves a few of its chunk's 18 or 48.
+# (One elimination sized to them by a ``lax.switch`` over 1, 2, 4, ... 64 blocks
+# compiled every size into each step and ran slower.)
+_ELIMINATION_BLOCKS = 4
+
+
+def _eliminate(m: jax.Array, x: jax.Array, redo: jax.Array) -> jax.Array:
+  """``x`` ``(..., k, k)`` with the blocks where ``redo`` ``(...)`` holds replaced by
+  their Gauss-Jordan inverse of ``m``, eliminated a few at a time
+  (``_ELIMINATION_BLOCKS``), none when no block needs it. Elimination is block by
+  block, so each block gets the bits ``gauss_jordan_inverse`` gives it in any stack."""
+  *lead, n, _ = m.shape
+  count = math.prod(lead)
+  mf, xf = m.reshape(count, n, n), x.reshape(count, n, n)
+  size = min(count, max(_ELIMINATION_BLOCKS, -(-count // 16)))
+
+  def body(carry):
+    xf, todo = carry
+    idx = jnp.argsort(~todo, stable=True)[:size]  # blocks still to do come first
+    take = todo[idx][:, None, None]
+    xf = xf.at[idx].set(jnp.where(take, _gauss_jordan(mf[idx]), xf[idx]))
+    return xf, todo.at[idx].set(False)
+
+  xf, _ = jax.lax.while_loop(lambda c: jnp.any(c[1]), body, (xf, redo.reshape(count)))
+  return xf.reshape(x.shape)
 
 
 @jax.custom_vjp

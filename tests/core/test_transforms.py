@@ -200,19 +200,32 @@ def test_warm_inverse_reaches_the_exact_inverse_from_the_last_steps():
   np.testing.assert_allclose(np.asarray(x), np.linalg.inv(m1.astype(np.float64)), atol=2e-5)
 
 
-def test_warm_inverse_falls_back_per_block_and_blocks_stay_independent():
-  m = jnp.asarray(_near_identity(2, (4, 32, 32), 0.1))
+@pytest.mark.parametrize(
+  'broken',
+  [
+    [(0, 2)],
+    # scattered, more than one elimination takes (_ELIMINATION_BLOCKS)
+    [(0, 0), (0, 3), (1, 1), (1, 2), (2, 0), (2, 4)],
+    [(a, b) for a in range(3) for b in range(5)],  # all of them
+  ],
+)
+def test_warm_inverse_falls_back_per_block_and_blocks_stay_independent(broken):
+  m = jnp.asarray(_near_identity(2, (3, 5, 32, 32), 0.1))
   good = jnp.asarray(np.linalg.inv(np.asarray(m)))
-  bad = good.at[2].set(0.0)  # X = 0 is a fixed point of Newton-Schulz: no convergence
-  x_good, fb_good = transforms.warm_inverse(m, good)
-  x_bad, fb_bad = transforms.warm_inverse(m, bad)
-  np.testing.assert_array_equal(np.asarray(fb_good), [False] * 4)
-  np.testing.assert_array_equal(np.asarray(fb_bad), [False, False, True, False])
-  np.testing.assert_array_equal(
-    np.asarray(x_bad[2]), np.asarray(transforms.gauss_jordan_inverse(m[2:3]))[0]
-  )
-  for b in (0, 1, 3):  # the other blocks are untouched by the fallback
-    np.testing.assert_array_equal(np.asarray(x_bad[b]), np.asarray(x_good[b]))
+  bad = good
+  for ab in broken:  # X = 0 is a fixed point of Newton-Schulz: no convergence
+    bad = bad.at[ab].set(0.0)
+  x_good, fb_good = jax.jit(transforms.warm_inverse)(m, good)
+  x_bad, fb_bad = jax.jit(transforms.warm_inverse)(m, bad)
+  assert not np.asarray(fb_good).any()
+  want = np.zeros((3, 5), bool)
+  want[tuple(zip(*broken))] = True
+  np.testing.assert_array_equal(np.asarray(fb_bad), want)
+  eliminate = jax.jit(transforms.gauss_jordan_inverse)
+  for a in range(3):
+    for b in range(5):  # a broken block gets its inverse alone; the others are untouched
+      want_ab = eliminate(m[a, b][None])[0] if want[a, b] else x_good[a, b]
+      np.testing.assert_array_equal(np.asarray(x_bad[a, b]), np.asarray(want_ab))
 
 
 def test_inverse_given_has_the_gradient_of_the_matrix_inverse():
