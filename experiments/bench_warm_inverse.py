@@ -7,7 +7,7 @@ A dense transform's step refines the last step's ``M⁻¹`` by Newton-Schulz
 * Counts, per recipe of ``--config.recipes`` (presets or rows of
   ``experiments/configs/transform_study.py``): the recipe's whole transform
   optimisation over the model's stacks, in the chunks ``cafeq_jax.quantize`` steps
-  (``RunOptions().chunks``), one chunk after the other; after every step the blocks
+  (``RunOptions().chunks``; column subsets of its own key), one chunk after the other; after every step the blocks
   that fell back (``TransformOptState.inverse_fallbacks``) and whether any did; and the
   seconds of those steps (on one thread, without ``quantize``'s other stages: the
   recipes' steps compared alone).
@@ -66,7 +66,7 @@ def _chunk_states(w, spec, cfg):
   return out
 
 
-def count_fallbacks(ws, spec, cfg) -> dict[str, dict[str, int]]:
+def count_fallbacks(ws, spec, cfg) -> dict[str, dict[str, float]]:
   """Per stack: chunks, chunk-steps, those with any fallback, blocks that fell back
   and block-steps, over ``cfg.steps`` steps of every chunk; and the seconds those
   steps took (one chunk at a time on this thread, read back after every step)."""
