@@ -626,8 +626,10 @@ _SHARED_HADAMARD = Hadamard(block_size=64, share=True)
 # up) at 150 steps, one per param leaf (k/v and gate/up read one input). Inside cafeq
 # it is lower on the proxy for every matrix type than the 150-step transform at Adam's
 # defaults that cafeq was first measured with (the study's row cafeq-150), and no
-# worse on cafeq's own objective, the self-generated layer loss, over seeds 0-2, at
-# about 5% more time (experiments/configs/selfgen_study.py, README). cafeq-single's
+# worse on cafeq's own objective, the self-generated layer loss, over seeds 0-2
+# (experiments/configs/selfgen_study.py, README). Its steps cost what the old ones did
+# (experiments/bench_warm_inverse.py); the whole run measured about 5% slower in one
+# session and level in the next (bench_quantize, README). cafeq-single's
 # 180 steps (row sg-learned-180) cost about 20 s more, past the 3-minute target on 2
 # cores. Optimising further (every column, 300 steps: sg-learned-all-300) gained
 # nothing beyond the seed spread; learned on the input-weighted loss instead, it tied

@@ -66,16 +66,24 @@ def stacks(model, recipe) -> dict[tuple[int, int, int], jax.Array]:
   }
 
 
+def chunk_states(w, spec, cfg, opts: run_options.RunOptions) -> list[tuple]:
+  """``[(state, w_chunk)]``: the initial optimiser state of every chunk of the stack
+  ``w`` under ``opts`` (the chunks ``quantize`` steps; keys of this benchmark's own)."""
+  out = []
+  for a, b in opts.chunks(len(w)):
+    state = optimize.init_state(w[a:b], spec, cfg, jax.random.PRNGKey(0))
+    out.append((state.replace(key=optimize._typed_key(state.key)), w[a:b]))  # pylint: disable=protected-access
+  return out
+
+
 def time_layout(ws, spec, cfg, chunk, threads, steps) -> float:
   """Seconds per optimiser step of every stack in ``ws`` under one layout."""
   opts = run_options.RunOptions(stack_chunk=chunk or 10**9, threads=threads)
   work = []  # [state, w, step] per chunk
   for w in ws.values():
     step = optimize.make_run_step(spec, cfg, w.shape[-1])
-    for a, b in opts.chunks(len(w)):
-      state = optimize.init_state(w[a:b], spec, cfg, jax.random.PRNGKey(0))
-      state = state.replace(key=optimize._typed_key(state.key))  # pylint: disable=protected-access
-      work.append([step(state, w[a:b]), w[a:b], step])
+    for state, wc in chunk_states(w, spec, cfg, opts):
+      work.append([step(state, wc), wc, step])
   jax.block_until_ready([s for s, _, _ in work])
 
   def run_share(share):

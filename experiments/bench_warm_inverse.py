@@ -57,15 +57,6 @@ def _dense_recipe(name: str, spec) -> recipes.Recipe:
   return recipe
 
 
-def _chunk_states(w, spec, cfg):
-  """``[(state, w_chunk)]`` at the start of every chunk ``quantize`` steps."""
-  out = []
-  for a, b in run_options.RunOptions().chunks(len(w)):
-    state = optimize.init_state(w[a:b], spec, cfg, jax.random.PRNGKey(0))
-    out.append((state.replace(key=optimize._typed_key(state.key)), w[a:b]))  # pylint: disable=protected-access
-  return out
-
-
 def count_fallbacks(ws, spec, cfg) -> dict[str, dict[str, float]]:
   """Per stack: chunks, chunk-steps, those with any fallback, blocks that fell back
   and block-steps, over ``cfg.steps`` steps of every chunk; and the seconds those
@@ -73,7 +64,7 @@ def count_fallbacks(ws, spec, cfg) -> dict[str, dict[str, float]]:
   out = {}
   for shape, w in ws.items():
     step = optimize.make_run_step(spec, cfg, w.shape[-1])
-    chunks = _chunk_states(w, spec, cfg)
+    chunks = bench_transform_step.chunk_states(w, spec, cfg, run_options.RunOptions())
     any_fell = blocks_fell = 0
     t0 = time.perf_counter()
     for state, wc in chunks:
@@ -114,7 +105,7 @@ def time_fallbacks(ws, spec, cfg, broken: list[int], reps: int) -> dict[str, dic
   whole = jax.jit(transforms.gauss_jordan_inverse)
   out = {}
   for shape, w in ws.items():
-    state, wc = _chunk_states(w, spec, cfg)[0]
+    state, wc = bench_transform_step.chunk_states(w, spec, cfg, run_options.RunOptions())[0]
     state = optimize.make_run_step(spec, cfg, w.shape[-1])(state, wc)
     m, guess = state.transform.trainable()['blocks'], state.inverse
     count = int(np.prod(m.shape[:-2]))
