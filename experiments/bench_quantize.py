@@ -2,7 +2,8 @@ r"""Benchmark: wall time of ``cafeq_jax.quantize`` per recipe on a real model.
 
 Loads the model once, then for every recipe of ``--config.methods`` runs the
 whole quantization ``--config.repeats`` times in this process and records the
-wall time (to the last quantized array ready) and the recipe's own per-stage
+wall time (to the last quantized array ready), the process's CPU time over it
+(user + system, every thread: how full the cores were) and the recipe's own per-stage
 timings (``QuantizeReport.timings``: self-generation, input statistics,
 transforms, rounding). The first run of a recipe includes its JIT compilation,
 as a user's single run does; later repeats show the compiled cost. Nothing else
@@ -87,17 +88,23 @@ def run(config) -> dict:
   }
   for m, recipe in plan.items():
     for i in range(config.repeats):
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       qparams, report = cafeq_jax.quantize(
         model.params, model.config, recipe, jax.random.PRNGKey(config.seed)
       )
       jax.block_until_ready(qparams)
-      seconds = time.perf_counter() - t0
+      seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
       out['runs'].append(
-        {'method': m, 'repeat': i, 'seconds': seconds, 'timings': dict(report.timings)}
+        {
+          'method': m,
+          'repeat': i,
+          'seconds': seconds,
+          'cpu_seconds': cpu,
+          'timings': dict(report.timings),
+        }
       )
       atomic.write_json(config.output, out)
-      print(f'{m} run {i}: {seconds:.1f} s {dict(report.timings)}', flush=True)
+      print(f'{m} run {i}: {seconds:.1f} s, CPU {cpu:.1f} s {dict(report.timings)}', flush=True)
   print(format_table(out))
   return out
 
@@ -107,10 +114,10 @@ def format_table(out: dict) -> str:
   stages = []
   for r in out['runs']:
     stages += [s for s in r['timings'] if s not in stages and s != 'total']
-  head = ['method', 'run', 'seconds'] + stages
+  head = ['method', 'run', 'seconds', 'CPU seconds'] + stages
   lines = ['| ' + ' | '.join(head) + ' |', '|---|---:|' + '---:|' * (len(head) - 2)]
   for r in out['runs']:
-    cells = [r['method'], str(r['repeat']), f'{r["seconds"]:.0f}']
+    cells = [r['method'], str(r['repeat']), f'{r["seconds"]:.0f}', f'{r["cpu_seconds"]:.0f}']
     cells += [f'{r["timings"][s]:.0f}' if s in r['timings'] else '' for s in stages]
     lines.append('| ' + ' | '.join(cells) + ' |')
   h = out['host']

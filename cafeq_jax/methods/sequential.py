@@ -80,6 +80,18 @@ def _run(layer, x, cfg, attn_type, method):
   return (out[0] if method is Block.attend else out), state.get('intermediates', {})
 
 
+@functools.partial(jax.jit, static_argnames=('cfg', 'attn_type', 'method', 'sown'))
+def _sown_input(layer, x, cfg, attn_type, method, sown):
+  """The input that a sub-layer method of one block sows for its last matrix,
+  ``sown = (module, field)`` (``decoder.LINEAR_INPUTS``), without the rest of the
+  sub-layer: XLA drops that matrix's projection and the residual, which nothing reads."""
+  _, state = Block(cfg, attn_type).apply(
+    {'params': layer}, *_sublayer_args(x, method), method=method, mutable=['intermediates']
+  )
+  module, field = sown
+  return state['intermediates'][module][field][0]
+
+
 @functools.partial(jax.jit, static_argnames=('cfg', 'attn_type', 'method'))
 def sublayer(layer, x, cfg, attn_type: str, method) -> jax.Array:
   """One block's sub-layer with its residual, ``Block.attend`` (positions ``0..S-1``,
@@ -198,18 +210,16 @@ def round_sequential(
         layer = round_into(l, layer, mats, names, h)
       # The sub-layer once, its first matrices rounded: its output, or the input of its
       # last matrix, which is then rounded and the sub-layer finished from that input.
-      runs = [_run(layer, xb, cfg, attn_type, method) for xb in batches]
       names = tuple(n for n in last if n in chosen)
       if names:
-        module, field = decoder.LINEAR_INPUTS[names[0]]
-        inputs = [sown[module][field][0] for _, sown in runs]
-        del runs
+        sown = decoder.LINEAR_INPUTS[names[0]]
+        inputs = [_sown_input(layer, xb, cfg, attn_type, method, sown) for xb in batches]
         layer = round_into(
           l, layer, mats, names, functools.reduce(operator.add, map(_gram, inputs))
         )
         outs = [_apply(layer, (xb, a), cfg, attn_type, finish) for xb, a in zip(batches, inputs)]
       else:
-        outs = [out for out, _ in runs]
+        outs = [_run(layer, xb, cfg, attn_type, method)[0] for xb in batches]
       xs = jnp.concatenate(outs)
   for n, loss, rtn in jax.device_get(losses):
     report['layer_loss'][n].append(float(loss))

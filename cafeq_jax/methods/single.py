@@ -189,6 +189,7 @@ def start_transforms(
         _shape_key(key, shape),
         fingerprint,
         run.chunks(len(w)),
+        tuple(entries),
       )
     )
   pool = _StackPool(jobs, spec, stage.config if learn else None, run, progress, by_layer)
@@ -269,6 +270,7 @@ class _Stack:
   key: jax.Array  # the shape's key (column subsets)
   fingerprint: dict | None
   chunks: list[tuple[int, int]]
+  units: tuple[tuple[tuple[str, ...], int], ...]  # (names, layer) of each of the B units
 
 
 @jax.jit
@@ -283,9 +285,10 @@ class _StackPool:
 
   Order: every stack's first chunk first (concurrent first calls of one jit would
   each compile it), then the largest chunks first, so that one stack's compilation
-  and last chunks overlap another's steps, or (``by_layer``) the chunks of the first
-  layers first. Results do not depend on the order: a chunk's units are optimised as
-  in the whole stack.
+  and last chunks overlap another's steps, or (``by_layer``) in the order a
+  sequential consumer asks for them: by the first model layer of the chunk's units,
+  then by matrix (``_chunk_position``). Results do not depend on the order: a chunk's
+  units are optimised as in the whole stack.
   """
 
   def __init__(self, jobs, spec, cfg, run, progress, by_layer):
@@ -300,7 +303,7 @@ class _StackPool:
     self._lock = threading.Lock()
     if len(self._tasks) > 1:
       if by_layer:
-        order = sorted(self._tasks, key=lambda t: (t[1] > 0, t[1], -_chunk_cost(t)))
+        order = sorted(self._tasks, key=lambda t: (t[1] > 0, _chunk_position(t), -_chunk_cost(t)))
       else:
         order = sorted(self._tasks, key=lambda t: (t[1] > 0, -_chunk_cost(t)))
       if progress:
@@ -393,6 +396,15 @@ class _StackPool:
       self._pool.shutdown(wait=False, cancel_futures=True)
     if self._bar is not None:
       self._bar.close()
+
+
+def _chunk_position(task) -> tuple[int, int]:
+  """Where sequential rounding first needs a chunk: ``(layer, matrix index)`` of its
+  first unit. Not its place in the stack: one stack can hold two matrices of every
+  layer (SmolLM2's q and o are both 576 x 576), and the later one's chunks come after
+  all of the first one's."""
+  job, a, b = task
+  return min((layer, linears.LINEAR_NAMES.index(names[0])) for names, layer in job.units[a:b])
 
 
 def _chunk_cost(task) -> int:

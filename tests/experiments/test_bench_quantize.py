@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -32,9 +33,12 @@ def test_every_run_is_recorded_with_its_stage_timings(tmp_path):
   for r in out['runs']:
     stages = sum(v for k, v in r['timings'].items() if k != 'total')
     assert 0 < stages <= r['seconds'] + 1e-6
+    # Every thread's CPU time, at most all cores for the whole wall time.
+    assert 0 < r['cpu_seconds'] <= r['seconds'] * os.cpu_count() + 0.05
   assert 'transforms' in saved['runs'][2]['timings']
   table = bench_quantize.format_table(out)
   assert table.count('\n| hadamard |') == 2 and 'transforms' in table
+  assert '| CPU seconds |' in table
 
 
 @pytest.mark.parametrize(

@@ -277,6 +277,46 @@ def test_sequential_rounding_takes_each_layers_transforms_as_they_come(monkeypat
   assert {'selfgen', 'transforms', 'rounding'} <= set(report.timings)
 
 
+def test_sequential_rounding_gets_the_chunks_in_the_order_it_asks_for_them(monkeypatch):
+  """``by_layer``: after every stack's first chunk, the chunks start by the first layer
+  of their units, then by matrix, whatever their place in the stack. q and o (one
+  shape) make one stack, q of every layer before o of any: o of layers 0-1 must still
+  come before q of layers 2-3, or rounding layer 0 waits for every q."""
+  from cafeq_jax.methods import single  # pylint: disable=g-import-not-at-top
+
+  cfg = dataclasses.replace(models.get_config('tiny_llama'), num_layers=4)
+  shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.PRNGKey(0)))
+  rng = np.random.default_rng(6)
+  params = jax.tree.map(lambda s: (0.02 * rng.laplace(size=s.shape)).astype(np.float32), shapes)
+  small = {
+    'matrices': ('q', 'o', 'down'),
+    'transform.block_size': 32,
+    'transform.steps': 2,
+    'transform.columns_per_step': None,
+    'statistics.num_seqs': 2,
+    'statistics.seq_len': 8,
+  }
+  recipe = recipes.override(recipes.get('cafeq', bits=3, group_size=32), small)
+  started = []
+  real_one = single._StackPool._one  # pylint: disable=protected-access
+
+  def one(self, job, a, b):
+    started.append(tuple((names[0], layer) for names, layer in job.units[a:b]))
+    return real_one(self, job, a, b)
+
+  monkeypatch.setattr(single._StackPool, '_one', one)  # pylint: disable=protected-access
+  opts = methods.RunOptions(stack_chunk=2, threads=1)  # one pool thread: starts in order
+  methods.quantize(params, cfg, recipe, run_options=opts)
+  assert started == [
+    (('q', 0), ('q', 1)),  # the first chunk of each stack (q+o, down) ...
+    (('down', 0), ('down', 1)),
+    (('o', 0), ('o', 1)),  # ... then as the rounding needs them
+    (('q', 2), ('q', 3)),
+    (('o', 2), ('o', 3)),
+    (('down', 2), ('down', 3)),
+  ]
+
+
 def test_chunks_follow_the_backend_and_the_loop():
   opts = methods.RunOptions()
   if jax.default_backend() == 'cpu':

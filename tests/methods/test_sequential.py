@@ -52,6 +52,7 @@ def test_sublayer_methods_chain_to_the_logits_and_second_moments_are_their_sown_
   mats = linears.get_linears(params, cfg)
   x = decoder.embed_tokens(params['embedder']['input_embedding'], tokens, cfg)
   grams = {n: [] for n in linears.LINEAR_NAMES}
+  sown_o, sown_down = decoder.LINEAR_INPUTS['o'], decoder.LINEAR_INPUTS['down']
   for l, attn_type in enumerate(cfg.attention_types):
     block, v = Block(cfg, attn_type), {'params': params[f'layer_{l}']}
     xn = block.apply(v, x, method=Block.attention_input)
@@ -63,6 +64,13 @@ def test_sublayer_methods_chain_to_the_logits_and_second_moments_are_their_sown_
       {'params': v['params']['attn']}, xn, pos, None, None, None
     )
     o_in = sown['o_input'][0]
+    # What the engine reads for o: that input, without the rest of the sub-layer.
+    np.testing.assert_allclose(
+      np.asarray(sequential._sown_input(v['params'], x, cfg, attn_type, Block.attend, sown_o)),
+      np.asarray(o_in),
+      rtol=1e-6,
+      atol=1e-7,
+    )
     np.testing.assert_allclose(
       np.asarray(o_in @ mats['o'][l]), np.asarray(attn), rtol=1e-4, atol=1e-5
     )
@@ -73,6 +81,14 @@ def test_sublayer_methods_chain_to_the_logits_and_second_moments_are_their_sown_
     # MLP output == sown down input @ down.
     mlp = decoder.MLP(cfg).apply({'params': v['params']['mlp']}, fn)
     down_in = sown_mlp['down_input'][0]
+    np.testing.assert_allclose(
+      np.asarray(
+        sequential._sown_input(v['params'], x_mid, cfg, attn_type, Block.feed_forward, sown_down)
+      ),
+      np.asarray(down_in),
+      rtol=1e-6,
+      atol=1e-7,
+    )
     np.testing.assert_allclose(
       np.asarray(down_in @ mats['down'][l]), np.asarray(mlp), rtol=1e-4, atol=1e-5
     )
