@@ -204,15 +204,34 @@ def test_sigkilled_quantize_resumes_to_the_uninterrupted_model(tmp_path):
   _assert_same_model(_model_leaves(r, 'resumed'), _model_leaves(r, 'plain'), atol=0)
 
 
+def _laplace_llama(num_layers: int, seed: int):
+  """``tiny_llama`` with ``num_layers`` layers and heavy-tailed weights: ``(cfg, params)``."""
+  cfg = dataclasses.replace(models.get_config('tiny_llama'), num_layers=num_layers)
+  shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.PRNGKey(0)))
+  rng = np.random.default_rng(seed)
+  return cfg, jax.tree.map(lambda s: (0.02 * rng.laplace(size=s.shape)).astype(np.float32), shapes)
+
+
+def _small_cafeq(matrices, *, steps: int, num_seqs: int, seq_len: int) -> recipes.Recipe:
+  """``cafeq`` at w3 g32 on ``matrices``, with a few steps on every column and a few
+  short self-generated sequences."""
+  small = {
+    'matrices': matrices,
+    'transform.block_size': 32,
+    'transform.steps': steps,
+    'transform.columns_per_step': None,
+    'statistics.num_seqs': num_seqs,
+    'statistics.seq_len': seq_len,
+  }
+  return recipes.override(recipes.get('cafeq', bits=3, group_size=32), small)
+
+
 @pytest.mark.parametrize('share', [False, True])
 def test_stacks_in_chunks_on_threads_give_the_whole_stacks_model(share):
   """``RunOptions.stack_chunk`` / ``threads``: a stack optimised as chunks (even and
   uneven, on one thread and side by side on three) gives the whole stack's codes,
   scales and transform losses bit for bit; with ``share`` a unit holds two matrices."""
-  cfg = dataclasses.replace(models.get_config('tiny_llama'), num_layers=5)
-  shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.PRNGKey(0)))
-  rng = np.random.default_rng(3)
-  params = jax.tree.map(lambda s: (0.02 * rng.laplace(size=s.shape)).astype(np.float32), shapes)
+  cfg, params = _laplace_llama(num_layers=5, seed=3)
   # Two stacks of other lengths each way: unshared, q and o (one shape) make a stack of
   # 10 units beside down's 5; shared, k+v and gate+up units make two stacks of 5.
   matrices = ('k', 'v', 'gate', 'up') if share else ('q', 'o', 'down')
@@ -238,19 +257,8 @@ def test_sequential_rounding_takes_each_layers_transforms_as_they_come(monkeypat
   whole stacks learned first on one thread, bit for bit."""
   from cafeq_jax.methods import single  # pylint: disable=g-import-not-at-top
 
-  cfg = dataclasses.replace(models.get_config('tiny_llama'), num_layers=4)
-  shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.PRNGKey(0)))
-  rng = np.random.default_rng(5)
-  params = jax.tree.map(lambda s: (0.02 * rng.laplace(size=s.shape)).astype(np.float32), shapes)
-  small = {
-    'matrices': ('k', 'v', 'down'),
-    'transform.block_size': 32,
-    'transform.steps': 4,
-    'transform.columns_per_step': None,
-    'statistics.num_seqs': 4,
-    'statistics.seq_len': 12,
-  }
-  recipe = recipes.override(recipes.get('cafeq', bits=3, group_size=32), small)
+  cfg, params = _laplace_llama(num_layers=4, seed=5)
+  recipe = _small_cafeq(('k', 'v', 'down'), steps=4, num_seqs=4, seq_len=12)
   whole, whole_report = methods.quantize(
     params, cfg, recipe, run_options=methods.RunOptions(stack_chunk=10**6, threads=1)
   )
@@ -284,19 +292,8 @@ def test_sequential_rounding_gets_the_chunks_in_the_order_it_asks_for_them(monke
   come before q of layers 2-3, or rounding layer 0 waits for every q."""
   from cafeq_jax.methods import single  # pylint: disable=g-import-not-at-top
 
-  cfg = dataclasses.replace(models.get_config('tiny_llama'), num_layers=4)
-  shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.PRNGKey(0)))
-  rng = np.random.default_rng(6)
-  params = jax.tree.map(lambda s: (0.02 * rng.laplace(size=s.shape)).astype(np.float32), shapes)
-  small = {
-    'matrices': ('q', 'o', 'down'),
-    'transform.block_size': 32,
-    'transform.steps': 2,
-    'transform.columns_per_step': None,
-    'statistics.num_seqs': 2,
-    'statistics.seq_len': 8,
-  }
-  recipe = recipes.override(recipes.get('cafeq', bits=3, group_size=32), small)
+  cfg, params = _laplace_llama(num_layers=4, seed=6)
+  recipe = _small_cafeq(('q', 'o', 'down'), steps=2, num_seqs=2, seq_len=8)
   started = []
   real_one = single._StackPool._one  # pylint: disable=protected-access
 
