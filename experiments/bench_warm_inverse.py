@@ -136,15 +136,16 @@ def run(config) -> dict:
   model = quantize_lib.load_model(config.model)
   out = {'host': bench_quantize.host(), 'model': config.model, 'column': config.column}
   out['counts'] = {}
+  first_stacks = None
   for name, recipe in found.items():
     ws = bench_transform_step.stacks(model, recipe)
+    first_stacks = ws if first_stacks is None else first_stacks
     out['counts'][name] = count_fallbacks(ws, spec, recipe.transform.config)
     atomic.write_json(config.output, out)
-  first = found[names[0]]
-  ws = bench_transform_step.stacks(model, first)
+  first = found[names[0]].transform.config
   out['costs'] = {
     'recipe': names[0],
-    'stacks': time_fallbacks(ws, spec, first.transform.config, broken, config.reps),
+    'stacks': time_fallbacks(first_stacks, spec, first, broken, config.reps),
   }
   atomic.write_json(config.output, out)
   print(format_tables(out))

@@ -85,11 +85,8 @@ def _sown_input(layer, x, cfg, attn_type, method, sown):
   """The input that a sub-layer method of one block sows for its last matrix,
   ``sown = (module, field)`` (``decoder.LINEAR_INPUTS``), without the rest of the
   sub-layer: XLA drops that matrix's projection and the residual, which nothing reads."""
-  _, state = Block(cfg, attn_type).apply(
-    {'params': layer}, *_sublayer_args(x, method), method=method, mutable=['intermediates']
-  )
   module, field = sown
-  return state['intermediates'][module][field][0]
+  return _run(layer, x, cfg, attn_type, method)[1][module][field][0]
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'attn_type', 'method'))
