@@ -94,10 +94,10 @@ def test_whole_recipe_rows_run_with_extra_seeds_and_the_table_gives_mean_and_std
 def test_study_rows_are_anchored_to_the_presets_they_measured():
   spec = recipes.get('rtn').spec
   # The preset is a row of the study (dense-180-b0.5-lr4e-2-wu0.1), and cafeq's
-  # transform is that one at 150 steps, shared per leaf (row sg-learned-150; 180 steps
-  # are row sg-learned-180); cafeq-150 is the cafeq of the last release: the base row
-  # but for its keep-best evaluation, at the end only (the same quantized SmolLM2 at
-  # seeds 0-2). The study's cafeq-learned row was measured with the base row's.
+  # transform is that one at 150 steps, shared per leaf (row sg-learned-150; 180, 120
+  # and 100 steps are rows sg-learned-180, -120 and -100); cafeq-150 is the cafeq of an
+  # earlier release: the base row but for its keep-best evaluation, at the end only (the
+  # same quantized SmolLM2 at seeds 0-2). The study's cafeq-learned row was measured with the base row's.
   single = recipes.PRESETS['cafeq-single'].transform
   assert transform_study.recipe_for('dense-180-b0.5-lr4e-2-wu0.1', spec).transform == single
   cafeq = recipes.PRESETS['cafeq']
@@ -105,6 +105,11 @@ def test_study_rows_are_anchored_to_the_presets_they_measured():
     config=dataclasses.replace(single.config, steps=150), share=True
   )
   assert study_config.RECIPES['sg-learned-150'] == cafeq.replace(name='sg-learned-150')
+  for n in (120, 100):  # fewer steps (quantize time)
+    fewer = dataclasses.replace(cafeq.transform.config, steps=n)
+    assert study_config.RECIPES[f'sg-learned-{n}'] == cafeq.replace(
+      name=f'sg-learned-{n}', transform=dataclasses.replace(cafeq.transform, config=fewer)
+    )
   assert study_config.RECIPES['sg-learned-180'] == cafeq.replace(
     name='sg-learned-180', transform=dataclasses.replace(single, share=True)
   )
