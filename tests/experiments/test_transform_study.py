@@ -95,9 +95,10 @@ def test_study_rows_are_anchored_to_the_presets_they_measured():
   spec = recipes.get('rtn').spec
   # The preset is a row of the study (dense-180-b0.5-lr4e-2-wu0.1), and cafeq's
   # transform is that one at 150 steps, shared per leaf (row sg-learned-150; 180, 120
-  # and 100 steps are rows sg-learned-180, -120 and -100); cafeq-150 is the cafeq of an
-  # earlier release: the base row but for its keep-best evaluation, at the end only (the
-  # same quantized SmolLM2 at seeds 0-2). The study's cafeq-learned row was measured with the base row's.
+  # and 100 steps are rows sg-learned-180, -120 and -100); cafeq-150 is the cafeq of the
+  # last release: the base row but for its keep-best evaluation, at the end only (the
+  # same quantized SmolLM2 at seeds 0-2). The study's cafeq-learned row was measured
+  # with the base row's.
   single = recipes.PRESETS['cafeq-single'].transform
   assert transform_study.recipe_for('dense-180-b0.5-lr4e-2-wu0.1', spec).transform == single
   cafeq = recipes.PRESETS['cafeq']
