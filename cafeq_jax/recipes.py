@@ -635,7 +635,7 @@ _SHARED_HADAMARD = Hadamard(block_size=64, share=True)
 # nothing beyond the seed spread; learned on the input-weighted loss instead, it tied
 # on the layer loss and was worse on pydoc; pair transforms folded first changed the
 # layer loss by 2% at 170 s more. Fewer steps (120, 100: study rows sg-learned-120 /
-# -100) were level on the layer loss and 16% faster at 100, but worse on pydoc, with a
+# -100) were level on the layer loss and 6-8% faster, but worse on pydoc, each with a
 # w4 g128 seed above 16.0 where every 150-step seed is below.
 _SHARED_LEARNED = Learned(config=dataclasses.replace(_LEARNED.config, steps=150), share=True)
 

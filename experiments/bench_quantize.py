@@ -11,6 +11,10 @@ should run on the machine: the figures are what this host does alone.
 
     python -m experiments.bench_quantize                      # every default recipe
     python -m experiments.bench_quantize --config.methods=cafeq --config.repeats=2
+    python -m experiments.bench_quantize --config.methods=cafeq --config.cafeq.transform.steps=100
+
+``--config.cafeq.*`` sets stage fields of the CafeQ recipes as the main job's does
+(``experiments/configs/quantize.py``); the output records the ones set.
 
 Writes ``--config.output`` (JSON, rewritten after every run, so an interrupted
 benchmark keeps its finished rows) and prints a Markdown table.
@@ -73,7 +77,18 @@ def run(config) -> dict:
   repeated = sorted({m for m in methods if methods.count(m) > 1})
   if repeated:
     raise ValueError(f'config.methods={config.methods!r} repeats {repeated} (use config.repeats).')
-  plan = {m: recipes.get(m, spec=spec) for m in methods}  # unknown names fail before loading
+  # Unknown names and stage fields fail here, before the model loads.
+  presets = {m: recipes.get(m, spec=spec) for m in methods}
+  plan = {m: quantize_lib.with_cafeq_options(m, r, config.cafeq) for m, r in presets.items()}
+  for key, value in quantize_lib.cafeq_overrides(config.cafeq).items():
+    if not any(
+      m.startswith('cafeq') and recipes.override(r, {key: value}, strict=False) != r
+      for m, r in presets.items()
+    ):
+      raise ValueError(
+        f'config.cafeq.{key}={value!r} changes none of the timed recipes {methods} '
+        '(no CafeQ recipe among them has that stage field, or it is already that value).'
+      )
   for m, r in plan.items():
     if isinstance(r.statistics, recipes.Calibration):
       raise ValueError(f'{m!r} reads calibration tokens; the benchmark times data-free recipes.')
@@ -83,6 +98,7 @@ def run(config) -> dict:
     'host': host(),
     'model': config.model,
     'column': config.column,
+    'cafeq_options': quantize_lib.cafeq_overrides(config.cafeq),
     'load_seconds': time.perf_counter() - t0,
     'runs': [],
   }
@@ -122,8 +138,10 @@ def format_table(out: dict) -> str:
     lines.append('| ' + ' | '.join(cells) + ' |')
   h = out['host']
   cpu = f' ({h["cpu"]})' if h.get('cpu') else ''
-  return f'{out["model"]} {out["column"]}, {h["cpus"]} CPUs{cpu}, {h["backend"]}:\n' + '\n'.join(
-    lines
+  opts = ''.join(f', {k}={v}' for k, v in out.get('cafeq_options', {}).items())
+  return (
+    f'{out["model"]} {out["column"]}{opts}, {h["cpus"]} CPUs{cpu}, {h["backend"]}:\n'
+    + '\n'.join(lines)
   )
 
 

@@ -208,6 +208,21 @@ def _flat(d: dict, prefix: str = '') -> dict[str, Any]:
   return out
 
 
+def cafeq_overrides(options) -> dict[str, Any]:
+  """The set fields of a ``configs.quantize.cafeq_options()`` ConfigDict, as
+  ``recipes.override`` keys (``{'transform.steps': 100}``)."""
+  return _flat(options.to_dict())
+
+
+def with_cafeq_options(name: str, recipe: recipes.Recipe, options) -> recipes.Recipe:
+  """``recipe`` (the preset ``name``) with every set field of ``options``
+  (``configs.quantize.cafeq_options()``) where its stage has that field, if it is a
+  CafeQ recipe (a name starting with 'cafeq'); any other recipe as it is."""
+  if not name.startswith('cafeq'):
+    return recipe
+  return recipes.override(recipe, cafeq_overrides(options), strict=False)
+
+
 def recipe_for(name: str, spec: specs_lib.Spec, config) -> recipes.Recipe:
   """The recipe of a table row: the preset ``name`` with the job's quantizer and options.
 
@@ -216,9 +231,7 @@ def recipe_for(name: str, spec: specs_lib.Spec, config) -> recipes.Recipe:
   whose stage has that field, and every other field keeps the preset's value; the
   self-generation and calibration sizes apply to every recipe with such statistics.
   """
-  recipe = recipes.get(name, spec=spec)
-  if name.startswith('cafeq'):
-    recipe = recipes.override(recipe, _flat(config.cafeq.to_dict()), strict=False)
+  recipe = with_cafeq_options(name, recipes.get(name, spec=spec), config.cafeq)
   sizes = {
     recipes.SelfGenerated: (config.selfgen_num_seqs, config.selfgen_seq_len),
     recipes.Calibration: (config.calib_num_seqs, config.calib_seq_len),

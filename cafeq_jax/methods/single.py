@@ -400,9 +400,9 @@ class _StackPool:
 
 def _chunk_position(task) -> tuple[int, int]:
   """Where sequential rounding first needs a chunk: the least ``(layer, matrix index)``
-  of its units (``linears.LINEAR_NAMES`` order). Not its place in the stack: one stack can hold two matrices of every
-  layer (SmolLM2's q and o are both 576 x 576), and the later one's chunks come after
-  all of the first one's."""
+  of its units (``linears.LINEAR_NAMES`` order). Not its place in the stack: one stack
+  can hold two matrices of every layer (SmolLM2's q and o are both 576 x 576), and the
+  later one's chunks come after all of the first one's."""
   job, a, b = task
   return min((layer, linears.LINEAR_NAMES.index(names[0])) for names, layer in job.units[a:b])
 

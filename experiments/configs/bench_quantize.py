@@ -6,6 +6,8 @@ python -m experiments.bench_quantize --config.methods=cafeq-single --config.repe
 
 import ml_collections
 
+from experiments.configs import quantize
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -13,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.methods = 'rtn,gptq-selfgen,cafeq-sg,cafeq-single,cafeq'  # recipe names, in order
   c.column = 'w3g128'  # the quantizer, as the main job's columns
   c.seed = 0
+  c.cafeq = quantize.cafeq_options()  # stage fields of the CafeQ recipes, as the main job's
   c.repeats = 1  # runs per method in one process (the first includes compilation)
   c.output = '/tmp/bench_quantize.json'  # every run's timings, rewritten after each
   return c

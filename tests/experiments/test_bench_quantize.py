@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from cafeq_jax import recipes
 from experiments import bench_quantize
 from experiments.configs import bench_quantize as bench_config
 
@@ -39,6 +40,35 @@ def test_every_run_is_recorded_with_its_stage_timings(tmp_path):
   table = bench_quantize.format_table(out)
   assert table.count('\n| hadamard |') == 2 and 'transforms' in table
   assert '| CPU seconds |' in table
+
+
+def test_cafeq_options_reach_the_cafeq_recipes_only_and_are_recorded(tmp_path, monkeypatch):
+  timed = {}
+  quantize = bench_quantize.cafeq_jax.quantize
+
+  def spy(params, cfg, recipe, key):
+    timed[recipe.name] = recipe
+    return quantize(params, cfg, recipe, key)
+
+  monkeypatch.setattr(bench_quantize.cafeq_jax, 'quantize', spy)
+  c = _config(tmp_path, 'hadamard,cafeq-single')
+  c.repeats = 1
+  c.cafeq.transform.steps = 3
+  c.cafeq.transform.block_size = 16
+  out = bench_quantize.run(c)
+  assert timed['cafeq-single'].transform.config.steps == 3
+  assert timed['cafeq-single'].transform.config.block_size == 16
+  assert timed['hadamard'] == recipes.get('hadamard', bits=4, group_size=32)
+  saved = json.loads((tmp_path / 'bench.json').read_text())
+  assert saved['cafeq_options'] == {'transform.block_size': 16, 'transform.steps': 3}
+  assert 'transform.steps=3' in bench_quantize.format_table(out).splitlines()[0]
+
+
+def test_a_cafeq_option_no_timed_recipe_has_fails_before_the_model_loads(tmp_path, no_model_load):
+  c = _config(tmp_path, 'cafeq-sg')
+  c.cafeq.transform.steps = 3  # cafeq-sg's transform is a fixed Hadamard
+  with pytest.raises(ValueError, match='steps'):
+    bench_quantize.run(c)
 
 
 @pytest.mark.parametrize(
