@@ -80,15 +80,7 @@ def run(config) -> dict:
   # Unknown names and stage fields fail here, before the model loads.
   presets = {m: recipes.get(m, spec=spec) for m in methods}
   plan = {m: quantize_lib.with_cafeq_options(m, r, config.cafeq) for m, r in presets.items()}
-  for key, value in quantize_lib.cafeq_overrides(config.cafeq).items():
-    if not any(
-      m.startswith('cafeq') and recipes.override(r, {key: value}, strict=False) != r
-      for m, r in presets.items()
-    ):
-      raise ValueError(
-        f'config.cafeq.{key}={value!r} changes none of the timed recipes {methods} '
-        '(no CafeQ recipe among them has that stage field, or it is already that value).'
-      )
+  quantize_lib.check_cafeq_options(methods, config.cafeq)
   for m, r in plan.items():
     if isinstance(r.statistics, recipes.Calibration):
       raise ValueError(f'{m!r} reads calibration tokens; the benchmark times data-free recipes.')

@@ -218,9 +218,26 @@ def with_cafeq_options(name: str, recipe: recipes.Recipe, options) -> recipes.Re
   """``recipe`` (the preset ``name``) with every set field of ``options``
   (``configs.quantize.cafeq_options()``) where its stage has that field, if it is a
   CafeQ recipe (a name starting with 'cafeq'); any other recipe as it is."""
+  return _with_overrides(name, recipe, cafeq_overrides(options))
+
+
+def _with_overrides(name: str, recipe: recipes.Recipe, overrides: dict[str, Any]):
   if not name.startswith('cafeq'):
     return recipe
-  return recipes.override(recipe, cafeq_overrides(options), strict=False)
+  return recipes.override(recipe, overrides, strict=False)
+
+
+def check_cafeq_options(methods: list[str], options) -> None:
+  """Refuses a set field of ``options`` that changes none of the presets ``methods``
+  (no CafeQ recipe among them has that stage field, or each has that value already):
+  applied nowhere, it would be ignored without a word. Unknown names raise too."""
+  presets = {m: recipes.get(m) for m in methods}
+  for key, value in cafeq_overrides(options).items():
+    if all(_with_overrides(m, r, {key: value}) == r for m, r in presets.items()):
+      raise ValueError(
+        f'config.cafeq.{key}={value!r} changes none of the recipes {methods} '
+        '(no CafeQ recipe among them has that stage field, or it is already that value).'
+      )
 
 
 def recipe_for(name: str, spec: specs_lib.Spec, config) -> recipes.Recipe:

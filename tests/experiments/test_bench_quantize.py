@@ -64,10 +64,14 @@ def test_cafeq_options_reach_the_cafeq_recipes_only_and_are_recorded(tmp_path, m
   assert 'transform.steps=3' in bench_quantize.format_table(out).splitlines()[0]
 
 
-def test_a_cafeq_option_no_timed_recipe_has_fails_before_the_model_loads(tmp_path, no_model_load):
-  c = _config(tmp_path, 'cafeq-sg')
-  c.cafeq.transform.steps = 3  # cafeq-sg's transform is a fixed Hadamard
-  with pytest.raises(ValueError, match='steps'):
+@pytest.mark.parametrize('methods', ['cafeq-sg', 'cafeq-single,rtn'])
+def test_a_cafeq_option_that_changes_no_timed_recipe_fails_before_the_model_loads(
+  tmp_path, methods, no_model_load
+):
+  c = _config(tmp_path, methods)
+  # cafeq-sg's transform is a fixed Hadamard; cafeq-single has these steps already.
+  c.cafeq.transform.steps = recipes.get('cafeq-single').transform.config.steps
+  with pytest.raises(ValueError, match='transform.steps=.*changes none'):
     bench_quantize.run(c)
 
 
