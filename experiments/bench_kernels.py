@@ -90,10 +90,9 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 
-from cafeq_jax import distributed
+from cafeq_jax import atomic
 from cafeq_jax import packing
 from experiments import cli
 import kernels_pallas
@@ -831,10 +830,7 @@ def decode_benchmark(
 def _write(result: dict[str, Any], output_dir: str) -> str:
   os.makedirs(output_dir, exist_ok=True)
   path = os.path.join(output_dir, 'bench_kernels.json')
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(result, f, indent=1)
-  os.replace(tmp, path)
+  atomic.write_text(path, json.dumps(result, indent=1))
   return path
 
 
@@ -924,8 +920,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
   result['partial'] = False
   path = _write(result, config.output_dir)
   table = markdown_table(result)
-  with open(os.path.join(config.output_dir, 'bench_kernels.md'), 'w') as f:
-    f.write(table)
+  atomic.write_text(os.path.join(config.output_dir, 'bench_kernels.md'), table)
   print(f'wrote {path} and bench_kernels.md')
   if config.markdown:
     print()
@@ -933,20 +928,5 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
   return result
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
-  distributed.log_processes()
-  run(_CONFIG.value)
-
-
 if __name__ == '__main__':
-  # Defined here, not at import, so importing this module (tests, notebooks, other
-  # launchers with their own --config) never collides with another --config flag.
-  _CONFIG = config_flags.DEFINE_config_file(
-    'config',
-    _DEFAULT_CONFIG,
-    'Benchmark configuration (experiments/configs/bench_kernels.py).',
-    lock_config=True,
-  )
-  app.run(main)
+  cli.launch(run, _DEFAULT_CONFIG)

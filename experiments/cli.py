@@ -28,15 +28,19 @@ def split_ints(s: Any, field: str) -> list[int]:
 
 def launch(run: Callable[[Any], Any], default_config: str) -> None:
   """Runs a launcher as a program: ``--config`` (default ``default_config``, a
-  config file), the JAX processes logged, then ``run(config)``.
+  config file; locked, so a typo in a field name fails), the JAX processes logged,
+  then ``run(config)``. A stray positional argument is a usage error, not ignored.
 
   The flag is defined here, when the launcher runs, not at import: tests,
   notebooks and other launchers import launchers that each have a ``--config``.
   """
-  flag = config_flags.DEFINE_config_file('config', default_config, 'path to config file.')
+  flag = config_flags.DEFINE_config_file(
+    'config', default_config, f'path to config file (default {default_config}).', lock_config=True
+  )
 
   def main(argv: list[str]) -> None:
-    del argv
+    if len(argv) > 1:
+      raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
     log_processes()
     run(flag.value)
 

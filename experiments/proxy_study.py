@@ -26,17 +26,15 @@ import json
 import os
 import time
 
-from absl import app
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 
-from cafeq_jax import distributed
+from cafeq_jax import atomic
+from experiments import cli
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'proxy_study.py')
-_CONFIG = None  # the --config flag, defined only when run as a program (see bottom)
 
 # Candidates of --config.methods (see the module docstring).
 CANDIDATES = (
@@ -282,24 +280,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
 def _dump(res, out):
   os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-  with open(out, 'w') as f:
-    json.dump(res, f, indent=1, default=float)
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
-  distributed.log_processes()
-  run(_CONFIG.value)
+  atomic.write_text(out, json.dumps(res, indent=1, default=float))
 
 
 if __name__ == '__main__':
-  # Defined here, not at import, so importing this module (tests, notebooks, other
-  # launchers with their own --config) never collides with another --config flag.
-  _CONFIG = config_flags.DEFINE_config_file(
-    'config',
-    _DEFAULT_CONFIG,
-    'Study configuration (experiments/configs/proxy_study.py).',
-    lock_config=True,
-  )
-  app.run(main)
+  cli.launch(run, _DEFAULT_CONFIG)

@@ -8,8 +8,6 @@ Results land in ``--config.output_dir`` (results.json, table.md, plots, models).
 """
 
 from absl import app
-from absl import flags
-import jax
 from ml_collections import config_flags
 
 from cafeq_jax import distributed

@@ -46,7 +46,6 @@ import enum
 import functools
 import math
 from typing import Any
-from typing import Callable
 
 import jax
 import jax.numpy as jnp

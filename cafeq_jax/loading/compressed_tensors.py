@@ -38,7 +38,6 @@ swap, ``.cafeq_export.json`` record, never replaces a file or a foreign director
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil

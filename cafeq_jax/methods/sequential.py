@@ -27,7 +27,6 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cafeq_jax import quantizer as qz
 from cafeq_jax import recipes

@@ -28,7 +28,6 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cafeq_jax import quantizer as qz
 from cafeq_jax import recipes

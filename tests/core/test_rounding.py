@@ -195,7 +195,6 @@ def test_adaptive_rounding_never_worse_than_rtn_and_reports_history():
   w1 = rng.normal(size=(64, 32)).astype(np.float32)
   w2 = rng.normal(size=(32, 96)).astype(np.float32)
   spec = qz.QuantSpec(bits=3, group_size=32)
-  rtn_err = None
   for mode in ('rtn', 'gptq'):
     q1, q2, hist = rounding.adaptive_round_pair(w1, w2, spec, spec, rounds=2, rounding=mode)
     p_hat = np.asarray(qz.dequantize(q1)) @ np.asarray(qz.dequantize(q2))
@@ -211,7 +210,6 @@ def test_adaptive_rounding_never_worse_than_rtn_and_reports_history():
     np.testing.assert_allclose(hist[0], rtn, rtol=1e-4)
     np.testing.assert_allclose(err, np.min(hist), rtol=1e-4)
     assert err < 0.9 * rtn, (mode, err, rtn)
-    rtn_err = rtn
   assert len(hist) == 2 + 2 * 2
 
 

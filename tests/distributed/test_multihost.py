@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -16,7 +15,6 @@ from cafeq_jax.distributed import multihost
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-import distributed_toy as toy  # pylint: disable=g-import-not-at-top,wrong-import-position
 import multihost_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 

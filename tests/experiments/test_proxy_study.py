@@ -67,3 +67,7 @@ def test_cli_overrides_reach_the_study_and_old_flags_are_gone(tmp_path):
   assert proc.returncode != 0 and 'methods' in proc.stderr
   proc = _cli('--config.no_such_field=1')
   assert proc.returncode != 0 and 'no_such_field' in proc.stderr
+  # A stray positional argument (cli.launch) is refused, not ignored.
+  proc = _cli('rtn', f'--config.out={tmp_path}/y.json')
+  assert proc.returncode != 0 and "Too many command-line arguments: ['rtn']" in proc.stderr
+  assert not os.listdir(tmp_path)
