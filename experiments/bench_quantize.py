@@ -7,7 +7,9 @@ wall time (to the last quantized array ready), the process's CPU time over it
 timings (``QuantizeReport.timings``: self-generation, input statistics,
 transforms, rounding). The first run of a recipe includes its JIT compilation,
 as a user's single run does; later repeats show the compiled cost. Nothing else
-should run on the machine: the figures are what this host does alone.
+should run on the machine: the figures are what this host does alone. With JAX's
+persistent compilation cache on (``JAX_COMPILATION_CACHE_DIR``, recorded in the
+output) a run finds the programs an earlier process compiled there.
 
     python -m experiments.bench_quantize                      # every default recipe
     python -m experiments.bench_quantize --config.methods=cafeq --config.repeats=2
@@ -64,6 +66,9 @@ def host() -> dict:
     'backend': jax.default_backend(),
     'devices': [str(d) for d in jax.devices()],
     'jax': jax.__version__,
+    # JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR): a run that finds
+    # its programs there skips their compilation.
+    'compilation_cache': jax.config.jax_compilation_cache_dir,
   }
 
 
@@ -130,6 +135,8 @@ def format_table(out: dict) -> str:
     lines.append('| ' + ' | '.join(cells) + ' |')
   h = out['host']
   cpu = f' ({h["cpu"]})' if h.get('cpu') else ''
+  cache = h.get('compilation_cache')
+  cpu += f', compilation cache {cache}' if cache else ''
   opts = ''.join(f', {k}={v}' for k, v in out.get('cafeq_options', {}).items())
   return (
     f'{out["model"]} {out["column"]}{opts}, {h["cpus"]} CPUs{cpu}, {h["backend"]}:\n'

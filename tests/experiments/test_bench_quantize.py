@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import pytest
 
 from cafeq_jax import recipes
@@ -40,6 +41,11 @@ def test_every_run_is_recorded_with_its_stage_timings(tmp_path):
   table = bench_quantize.format_table(out)
   assert table.count('\n| hadamard |') == 2 and 'transforms' in table
   assert '| CPU seconds |' in table
+  # Whether JAX's persistent compilation cache was on is recorded and shown.
+  assert saved['host']['compilation_cache'] == jax.config.jax_compilation_cache_dir
+  out['host']['compilation_cache'] = '/tmp/jax-cache'
+  header = bench_quantize.format_table(out).splitlines()[0]
+  assert header.endswith(', compilation cache /tmp/jax-cache, cpu:'), header
 
 
 def test_cafeq_options_reach_the_cafeq_recipes_only_and_are_recorded(tmp_path, monkeypatch):

@@ -151,5 +151,4 @@ if __name__ == '__main__':
   if sys.argv[1] == '--variant':  # --variant FILE CASE ...
     add_variants(sys.argv[2], sys.argv[3:])
   else:
-    with open(sys.argv[1], 'w') as f:
-      json.dump(compute(), f, indent=1, sort_keys=True)
+    atomic.write_text(sys.argv[1], json.dumps(compute(), indent=1, sort_keys=True))
