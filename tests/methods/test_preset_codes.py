@@ -25,6 +25,16 @@ rounding tie. The slow ``tiny_llama/w4pcsym/cafeq-pairs-ar`` case does the same 
 through the V/O pair's adaptive rounding: 44 and 96 codes of layer 1's o and k/v leaves
 move by one step under the pin (the record under ``SkylakeX`` or ``Prescott``, not under
 ``Sandybridge``), the alternating error feedback carrying one flip further.
+On that EPYC more slow cases flip codes under the pin: ``tiny_gemma2/w4pcsym/cafeq-pairs-ar``
+as tiny_llama's (the record under ``SkylakeX`` or ``Prescott``); ``tiny_llama/w4pcsym``
+``gptq`` and ``gptq-offdomain`` (layer 0's o leaf) under every core type tried
+(``Haswell``, ``SkylakeX``, ``Prescott``, ``Sandybridge``); and the eight ``tiny_gemma2``
+cases that round on self-generated tokens (``gptq-selfgen``, ``cafeq-sg``,
+``cafeq-sg-rounding``, ``cafeq-pairs-sg`` at both specs; 3 to 13 leaves each) under
+``Haswell``, ``SkylakeX`` and ``Prescott`` and with XLA held to AVX2 code
+(``XLA_FLAGS=--xla_cpu_max_isa=AVX2``). In each of those eight, layer 0's q and k/v
+leaves match the record, so the sampled tokens, whose Gram rounds them, are very likely
+the same: the flips come from float sums further on, not from the sampling.
 ``data/preset_codes_variants.json`` holds, per case, the digests such
 a machine gives (``python -m tests.methods.preset_codes --variant
 tests/methods/data/preset_codes_variants.json CASE ...`` adds this machine's); a
