@@ -135,11 +135,10 @@ def format_table(out: dict) -> str:
     lines.append('| ' + ' | '.join(cells) + ' |')
   h = out['host']
   cpu = f' ({h["cpu"]})' if h.get('cpu') else ''
-  cache = h.get('compilation_cache')
-  cpu += f', compilation cache {cache}' if cache else ''
+  cache = f', compilation cache {h["compilation_cache"]}' if h.get('compilation_cache') else ''
   opts = ''.join(f', {k}={v}' for k, v in out.get('cafeq_options', {}).items())
   return (
-    f'{out["model"]} {out["column"]}{opts}, {h["cpus"]} CPUs{cpu}, {h["backend"]}:\n'
+    f'{out["model"]} {out["column"]}{opts}, {h["cpus"]} CPUs{cpu}{cache}, {h["backend"]}:\n'
     + '\n'.join(lines)
   )
 

@@ -221,7 +221,7 @@ def with_cafeq_options(name: str, recipe: recipes.Recipe, options) -> recipes.Re
   return _with_overrides(name, recipe, cafeq_overrides(options))
 
 
-def _with_overrides(name: str, recipe: recipes.Recipe, overrides: dict[str, Any]):
+def _with_overrides(name: str, recipe: recipes.Recipe, overrides: dict[str, Any]) -> recipes.Recipe:
   if not name.startswith('cafeq'):
     return recipe
   return recipes.override(recipe, overrides, strict=False)
