@@ -85,7 +85,7 @@ def run(config) -> dict:
   # Unknown names and stage fields fail here, before the model loads.
   presets = {m: recipes.get(m, spec=spec) for m in methods}
   plan = {m: quantize_lib.with_cafeq_options(m, r, config.cafeq) for m, r in presets.items()}
-  quantize_lib.check_cafeq_options(methods, config.cafeq)
+  quantize_lib.check_cafeq_options(presets, config.cafeq)
   for m, r in plan.items():
     if isinstance(r.statistics, recipes.Calibration):
       raise ValueError(f'{m!r} reads calibration tokens; the benchmark times data-free recipes.')

@@ -26,6 +26,7 @@ import re
 import time
 from typing import Any
 from typing import Callable
+from typing import Mapping
 
 from absl import logging
 import jax
@@ -227,15 +228,14 @@ def _with_overrides(name: str, recipe: recipes.Recipe, overrides: dict[str, Any]
   return recipes.override(recipe, overrides, strict=False)
 
 
-def check_cafeq_options(methods: list[str], options) -> None:
-  """Refuses a set field of ``options`` that changes none of the presets ``methods``
-  (no CafeQ recipe among them has that stage field, or each has that value already):
-  applied nowhere, it would be ignored without a word. Unknown names raise too."""
-  presets = {m: recipes.get(m) for m in methods}
+def check_cafeq_options(presets: Mapping[str, recipes.Recipe], options) -> None:
+  """Refuses a set field of ``options`` that changes none of ``presets`` (name ->
+  preset recipe): no CafeQ recipe among them has that stage field, or each has that
+  value already. Applied nowhere, it would be ignored without a word."""
   for key, value in cafeq_overrides(options).items():
     if all(_with_overrides(m, r, {key: value}) == r for m, r in presets.items()):
       raise ValueError(
-        f'config.cafeq.{key}={value!r} changes none of the recipes {methods} '
+        f'config.cafeq.{key}={value!r} changes none of the recipes {list(presets)} '
         '(no CafeQ recipe among them has that stage field, or it is already that value).'
       )
 
