@@ -14,9 +14,12 @@ output) a run finds the programs an earlier process compiled there.
     python -m experiments.bench_quantize                      # every default recipe
     python -m experiments.bench_quantize --config.methods=cafeq --config.repeats=2
     python -m experiments.bench_quantize --config.methods=cafeq --config.cafeq.transform.steps=100
+    python -m experiments.bench_quantize --config.methods=cafeq --config.threads=1
 
 ``--config.cafeq.*`` sets stage fields of the CafeQ recipes as the main job's does
-(``experiments/configs/quantize.py``); the output records the ones set.
+(``experiments/configs/quantize.py``); ``--config.threads`` / ``--config.stack_chunk``
+set where the transform chunks run (``RunOptions``: what runs where, not what is
+computed). The output records the ones set.
 
 Writes ``--config.output`` (JSON, rewritten after every run, so an interrupted
 benchmark keeps its finished rows) and prints a Markdown table.
@@ -34,6 +37,7 @@ import cafeq_jax
 from cafeq_jax import atomic
 from cafeq_jax import quantizer
 from cafeq_jax import recipes
+from cafeq_jax.methods.run_options import RunOptions
 from experiments import cli
 from experiments import quantize_lib
 
@@ -86,6 +90,8 @@ def run(config) -> dict:
   presets = {m: recipes.get(m, spec=spec) for m in methods}
   plan = {m: quantize_lib.with_cafeq_options(m, r, config.cafeq) for m, r in presets.items()}
   quantize_lib.check_cafeq_options(presets, config.cafeq)
+  placement = {k: config[k] for k in ('threads', 'stack_chunk') if config[k] is not None}
+  run_options = RunOptions(**placement)  # a bad value fails here, before the model loads
   for m, r in plan.items():
     if isinstance(r.statistics, recipes.Calibration):
       raise ValueError(f'{m!r} reads calibration tokens; the benchmark times data-free recipes.')
@@ -96,6 +102,7 @@ def run(config) -> dict:
     'model': config.model,
     'column': config.column,
     'cafeq_options': quantize_lib.cafeq_overrides(config.cafeq),
+    'run_options': placement,
     'load_seconds': time.perf_counter() - t0,
     'runs': [],
   }
@@ -103,7 +110,7 @@ def run(config) -> dict:
     for i in range(config.repeats):
       t0, c0 = time.perf_counter(), time.process_time()
       qparams, report = cafeq_jax.quantize(
-        model.params, model.config, recipe, jax.random.PRNGKey(config.seed)
+        model.params, model.config, recipe, jax.random.PRNGKey(config.seed), run_options=run_options
       )
       jax.block_until_ready(qparams)
       seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -137,6 +144,7 @@ def format_table(out: dict) -> str:
   cpu = f' ({h["cpu"]})' if h.get('cpu') else ''
   cache = f', compilation cache {h["compilation_cache"]}' if h.get('compilation_cache') else ''
   opts = ''.join(f', {k}={v}' for k, v in out.get('cafeq_options', {}).items())
+  opts += ''.join(f', {k}={v}' for k, v in out.get('run_options', {}).items())
   return (
     f'{out["model"]} {out["column"]}{opts}, {h["cpus"]} CPUs{cpu}{cache}, {h["backend"]}:\n'
     + '\n'.join(lines)

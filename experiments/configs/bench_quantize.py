@@ -2,6 +2,7 @@
 
 python -m experiments.bench_quantize
 python -m experiments.bench_quantize --config.methods=cafeq-single --config.repeats=2
+python -m experiments.bench_quantize --config.methods=cafeq --config.threads=1
 """
 
 import ml_collections
@@ -17,5 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.cafeq = quantize.cafeq_options()  # stage fields of the CafeQ recipes, as the main job's
   c.repeats = 1  # runs per method in one process (the first includes compilation)
+  # Where the transform chunks run (cafeq_jax.methods.run_options.RunOptions); None: its
+  # defaults (chunks of 2 units, one thread per core on a CPU).
+  c.threads = ml_collections.config_dict.placeholder(int)
+  c.stack_chunk = ml_collections.config_dict.placeholder(int)
   c.output = '/tmp/bench_quantize.json'  # every run's timings, rewritten after each
   return c

@@ -9,6 +9,7 @@ import jax
 import pytest
 
 from cafeq_jax import recipes
+from cafeq_jax.methods.run_options import RunOptions
 from experiments import bench_quantize
 from experiments.configs import bench_quantize as bench_config
 
@@ -52,9 +53,9 @@ def test_cafeq_options_reach_the_cafeq_recipes_only_and_are_recorded(tmp_path, m
   timed = {}
   quantize = bench_quantize.cafeq_jax.quantize
 
-  def spy(params, cfg, recipe, key):
+  def spy(params, cfg, recipe, key, **kwargs):
     timed[recipe.name] = recipe
-    return quantize(params, cfg, recipe, key)
+    return quantize(params, cfg, recipe, key, **kwargs)
 
   monkeypatch.setattr(bench_quantize.cafeq_jax, 'quantize', spy)
   c = _config(tmp_path, 'hadamard,cafeq-single')
@@ -70,6 +71,31 @@ def test_cafeq_options_reach_the_cafeq_recipes_only_and_are_recorded(tmp_path, m
   assert 'transform.steps=3' in bench_quantize.format_table(out).splitlines()[0]
 
 
+def test_run_options_reach_every_run_and_are_recorded(tmp_path, monkeypatch):
+  seen = []
+  quantize = bench_quantize.cafeq_jax.quantize
+
+  def spy(params, cfg, recipe, key, *, run_options):
+    seen.append((recipe.name, run_options))
+    return quantize(params, cfg, recipe, key, run_options=run_options)
+
+  monkeypatch.setattr(bench_quantize.cafeq_jax, 'quantize', spy)
+  c = _config(tmp_path, 'rtn,cafeq-single')
+  c.repeats = 1
+  c.cafeq.transform.steps = 2
+  c.threads = 1
+  out = bench_quantize.run(c)
+  assert seen == [(m, RunOptions(threads=1)) for m in ('rtn', 'cafeq-single')]
+  saved = json.loads((tmp_path / 'bench.json').read_text())
+  assert saved['run_options'] == {'threads': 1}
+  assert ', threads=1, ' in bench_quantize.format_table(out).splitlines()[0]
+  # Unset, quantize gets RunOptions' defaults and nothing is recorded.
+  seen.clear()
+  c.threads = None
+  out = bench_quantize.run(c)
+  assert [r for _, r in seen] == [RunOptions()] * 2 and out['run_options'] == {}
+
+
 @pytest.mark.parametrize('methods', ['cafeq-sg', 'cafeq-single,rtn'])
 def test_a_cafeq_option_that_changes_no_timed_recipe_fails_before_the_model_loads(
   tmp_path, methods, no_model_load
@@ -82,9 +108,18 @@ def test_a_cafeq_option_that_changes_no_timed_recipe_fails_before_the_model_load
 
 
 @pytest.mark.parametrize(
-  'methods, match', [('gptq', 'calibration'), ('nope', 'nope'), ('rtn,rtn', 'repeats')]
+  'methods, match, fields',
+  [
+    ('gptq', 'calibration', {}),
+    ('nope', 'nope', {}),
+    ('rtn,rtn', 'repeats', {}),
+    ('rtn', 'threads=0', {'threads': 0}),
+    ('rtn', 'stack_chunk=1', {'stack_chunk': 1}),
+  ],
 )
-def test_bad_requests_fail_before_the_model_loads(tmp_path, methods, match, no_model_load):
+def test_bad_requests_fail_before_the_model_loads(tmp_path, methods, match, fields, no_model_load):
+  c = _config(tmp_path, methods)
+  c.update(fields)
   with pytest.raises(ValueError, match=match):
-    bench_quantize.run(_config(tmp_path, methods))
+    bench_quantize.run(c)
   assert not (tmp_path / 'bench.json').exists()
