@@ -37,7 +37,6 @@ import cafeq_jax
 from cafeq_jax import atomic
 from cafeq_jax import quantizer
 from cafeq_jax import recipes
-from cafeq_jax.methods.run_options import RunOptions
 from experiments import cli
 from experiments import quantize_lib
 
@@ -91,7 +90,7 @@ def run(config) -> dict:
   plan = {m: quantize_lib.with_cafeq_options(m, r, config.cafeq) for m, r in presets.items()}
   quantize_lib.check_cafeq_options(presets, config.cafeq)
   placement = {k: config[k] for k in ('threads', 'stack_chunk') if config[k] is not None}
-  run_options = RunOptions(**placement)  # a bad value fails here, before the model loads
+  run_options = cafeq_jax.RunOptions(**placement)  # a bad value fails here, before the model loads
   for m, r in plan.items():
     if isinstance(r.statistics, recipes.Calibration):
       raise ValueError(f'{m!r} reads calibration tokens; the benchmark times data-free recipes.')
